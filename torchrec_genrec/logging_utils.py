@@ -1,0 +1,21 @@
+"""One place that quiets third-party messages users cannot act on, so they see their own output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def silence_known_noise() -> None:
+    """Quiets TorchRec / torch.fx / fbgemm messages that fire on every run.
+
+    - ``is_fx_tracing will return true ...`` (torch.fx, on every KeyedJaggedTensor).
+    - DistributedModelParallel's DDP ``broadcast_buffers`` FutureWarning.
+    - ShardedTensor deprecation and fbgemm import-time deprecation messages.
+    """
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="fbgemm_gpu")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
