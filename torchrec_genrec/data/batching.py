@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from torchrec_genrec.data.errors import DataError
@@ -38,6 +38,9 @@ class SequenceBatch(Pipelineable):
         target_item (Optional[torch.Tensor]): ``(B,)`` the held-out item (VALID/TEST).
         target_action (Optional[torch.Tensor]): ``(B,)`` its action id.
         target_timestamp (Optional[torch.Tensor]): ``(B,)`` its timestamp.
+        seen_items (Optional[JaggedTensor]): every item the user had interacted with
+            before the target, untruncated (``max_seq_len`` does not apply): what
+            full-ranking evaluation excludes. Only with ``with_seen_items=True``.
 
     Example::
 
@@ -50,6 +53,7 @@ class SequenceBatch(Pipelineable):
     target_item: Optional[torch.Tensor] = None
     target_action: Optional[torch.Tensor] = None
     target_timestamp: Optional[torch.Tensor] = None
+    seen_items: Optional[JaggedTensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -62,6 +66,7 @@ class SequenceBatch(Pipelineable):
             target_item=None if self.target_item is None else fn(self.target_item),
             target_action=None if self.target_action is None else fn(self.target_action),
             target_timestamp=None if self.target_timestamp is None else fn(self.target_timestamp),
+            seen_items=None if self.seen_items is None else fn(self.seen_items),
         )
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
@@ -69,6 +74,8 @@ class SequenceBatch(Pipelineable):
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
+        if self.seen_items is not None:
+            self.seen_items.record_stream(stream)
         for t in (self.user, self.target_item, self.target_action, self.target_timestamp):
             if t is not None:
                 t.record_stream(stream)
@@ -109,6 +116,8 @@ class SequenceDataset(Dataset):
         split (Split): TRAIN, VALID or TEST.
         max_seq_len (int): histories longer than this keep their most recent events.
         protocol (LeaveOneOut): how targets are held out.
+        with_seen_items (bool): also return each user's full, untruncated history
+            items (``SequenceBatch.seen_items``), for excluding them in evaluation.
 
     Example::
 
@@ -117,7 +126,7 @@ class SequenceDataset(Dataset):
     """
 
     def __init__(self, store_path: str, split: Split, max_seq_len: int,
-                 protocol: LeaveOneOut = LeaveOneOut()) -> None:
+                 protocol: LeaveOneOut = LeaveOneOut(), with_seen_items: bool = False) -> None:
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, not {max_seq_len}")
         self.store_path = store_path
@@ -130,8 +139,10 @@ class SequenceDataset(Dataset):
         if len(self.user) == 0:
             raise DataError(f"no user has enough events for the {split.value} split "
                             f"(leave-one-out, holdout={protocol.holdout})", path=store_path)
+        self.history_start = self.start.copy()
         # Truncation keeps the most recent events.
         self.start = np.maximum(self.start, self.end - max_seq_len)
+        self.with_seen_items = with_seen_items
         self.has_action = store.action is not None
         self._store: Optional[SequenceStore] = None  # opened lazily in each worker
 
@@ -180,6 +191,12 @@ class SequenceDataset(Dataset):
             batch.target_timestamp = torch.from_numpy(np.asarray(store.timestamp[target], dtype=np.int64))
             if self.has_action:
                 batch.target_action = torch.from_numpy(store.action[target].astype(np.int64))
+        if self.with_seen_items:
+            first = self.history_start[rows]
+            batch.seen_items = JaggedTensor(
+                values=torch.from_numpy(store.item[gather_ranges(first, end)].astype(np.int64)),
+                lengths=torch.from_numpy(end - first),
+            )
         return batch
 
 

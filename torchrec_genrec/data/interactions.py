@@ -6,6 +6,7 @@ import dataclasses
 from typing import Dict, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from torchrec_genrec.data.errors import DataError
 
@@ -73,6 +74,10 @@ class Interactions:
                 raise DataError(
                     f"column {col!r} has {self.events.column(col).null_count} empty values", path=self.source
                 )
+        if self.has_action and pa.types.is_floating(self.events.schema.field(ACTION).type):
+            nan = pc.sum(pc.is_nan(self.events.column(ACTION))).as_py() or 0
+            if nan:
+                raise DataError(f"column 'action' has {nan} NaN values", path=self.source)
         for table, key in ((self.item_features, ITEM), (self.user_features, USER)):
             if table is not None and key not in table.column_names:
                 raise DataError(f"{key} feature table lacks its key column {key!r}", path=self.source)

@@ -104,9 +104,12 @@ class GlobalTimeSplit:
 
     def cutoffs(self, store: SequenceStore) -> Tuple[int, int]:
         """Returns ``(valid_start, test_start)``: events at or after a cutoff belong to that split."""
+        # Integer order statistics: float quantiles lose nanosecond timestamps (> 2**53).
         ts = np.asarray(store.timestamp)
-        q = np.quantile(ts, [1 - self.valid_fraction - self.test_fraction, 1 - self.test_fraction])
-        valid_start, test_start = int(np.ceil(q[0])), int(np.ceil(q[1]))
+        n = len(ts)
+        k_valid = min(int(np.floor(n * (1 - self.valid_fraction - self.test_fraction))), n - 1)
+        k_test = min(int(np.floor(n * (1 - self.test_fraction))), n - 1)
+        valid_start, test_start = (int(v) for v in np.partition(ts, [k_valid, k_test])[[k_valid, k_test]])
         if test_start <= valid_start and self.valid_fraction > 0:
             raise DataError("timestamps are too coarse for these split fractions (the cutoffs coincide)",
                             path=store.path)

@@ -62,7 +62,11 @@ def _factorize(column: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
             del present
             return raw, lut[values - lo]
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        raw = np.sort(np.asarray(pc.unique(column).to_pylist(), dtype=str))
+        unique = pc.unique(column).to_pylist()
+        if any("\x00" in u for u in unique):
+            # numpy's fixed-width strings would drop a trailing NUL and merge two ids.
+            raise DataError("ids must not contain NUL characters")
+        raw = np.sort(np.asarray(unique, dtype=str))
         value_set = pa.array(raw.tolist(), type=column.type)
     else:  # large sparse integers, floats (ratings)
         raw = np.sort(pc.unique(column).to_numpy(zero_copy_only=False))
@@ -132,6 +136,8 @@ def _features_by_dense_id(table: Optional[pa.Table], key: str, raw_ids: np.ndarr
     if table is None:
         return None
     keys = table.column(key)
+    if keys.null_count:
+        raise DataError(f"{name} feature table has {keys.null_count} rows without a {key} id")
     if pc.count_distinct(keys).as_py() != table.num_rows:
         raise DataError(f"{name} feature table has duplicate {key} ids")
     if pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type):
@@ -278,7 +284,7 @@ class SequenceStore:
         file = os.path.join(self.path, f"{name}.npy")
         try:
             array = np.load(file, mmap_mode="r")
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError) as e:
             raise DataError(f"cannot read {name}.npy ({e}); the dataset is incomplete or corrupt, "
                             "re-run `genrec prepare`", path=self.path) from e
         if array.shape != (expected,):
