@@ -37,9 +37,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.dataset == "csv":
         if not args.path or not args.out:
             raise SystemExit("genrec prepare csv needs --path FILE and --out DIR")
+        def column(name):  # "2" is a 0-based position, anything else a header name
+            return int(name) if name is not None and name.isdigit() else name
+
         stats = datasets.prepare_csv(
-            args.path, args.out, delimiter=args.delimiter, user_col=args.user_col, item_col=args.item_col,
-            timestamp_col=args.timestamp_col, action_col=args.action_col,
+            args.path, args.out, delimiter=args.delimiter, user_col=column(args.user_col),
+            item_col=column(args.item_col), timestamp_col=column(args.timestamp_col),
+            action_col=column(args.action_col),
+            has_header=not args.no_header, id_type=args.id_type,
         )
         out = args.out
     else:
@@ -83,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--item-col", default="item", help="csv: item id column")
     prepare.add_argument("--timestamp-col", default="timestamp", help="csv: timestamp column")
     prepare.add_argument("--action-col", default=None, help="csv: optional action/rating column")
+    prepare.add_argument("--no-header", action="store_true",
+                         help="csv: the file has no header; --*-col are 0-based column positions")
+    prepare.add_argument("--id-type", choices=["auto", "int", "string"], default="auto",
+                         help="csv: how to read user/item ids (auto: integers if they all parse)")
     prepare.set_defaults(func=_cmd_prepare)
 
     train = sub.add_parser("train", help="train and evaluate a recipe")
