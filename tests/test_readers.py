@@ -471,3 +471,17 @@ def test_crlf_line_endings(tmp_path: Path) -> None:
     _write(path, "user,item,timestamp\r\n1,2,3\r\n\r\n4,5\r\n")
     with pytest.raises(DataError, match=r"log\.csv:4: expected 3 fields"):
         read_interactions(path)
+
+
+def test_extra_column_typed_from_first_block_falls_back_to_text(tmp_path, monkeypatch):
+    # The first parse block types the extra column as an integer; a later block holds text.
+    from torchrec_genrec.data import readers
+
+    monkeypatch.setattr(readers, "_BLOCK_SIZE", 1 << 10)
+    rows = [f"{i % 7},{i % 11},{i},{i % 3}" for i in range(400)] + ["1,2,999,click"]
+    path = tmp_path / "events.csv"
+    path.write_text("user,item,timestamp,kind\n" + "\n".join(rows) + "\n")
+    data = readers.read_interactions(str(path))
+    assert data.num_events == 401
+    assert pa.types.is_string(data.events.schema.field("kind").type)
+    assert data.events.column("kind").to_pylist()[-1] == "click"

@@ -334,3 +334,25 @@ def test_manifest_records_source_and_extra_fields(tmp_path) -> None:
     assert store.manifest["files"] == {"ratings": "r.dat"}
     assert store.manifest["obtained_from"] == "hand-written"
     assert "5 interactions" in repr(store)
+
+
+@pytest.mark.parametrize("layout", ["user_sorted", "time_sorted", "shuffled"])
+def test_sort_fast_paths_match_lexsort(layout):
+    from torchrec_genrec.data.store import _sort_by_user_then_time
+
+    rng = np.random.default_rng(7)
+    n = 5000
+    user = rng.integers(0, 50, n).astype(np.int32)
+    ts = rng.integers(0, 300, n).astype(np.int64)  # many ties
+    if layout == "user_sorted":
+        o = np.lexsort((np.arange(n), ts, user))
+        user, ts = user[o], ts[o]
+    elif layout == "time_sorted":
+        o = np.lexsort((np.arange(n), ts))
+        user, ts = user[o], ts[o]
+    expected = np.lexsort((np.arange(n), ts, user))
+    got = _sort_by_user_then_time(user, ts)
+    if got is None:
+        assert layout == "user_sorted"
+        got = np.arange(n)
+    np.testing.assert_array_equal(got, expected)

@@ -38,7 +38,7 @@ import re
 import urllib.parse
 import urllib.request
 import zipfile
-from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -408,6 +408,26 @@ def _fail(src: _Source, layout: _Layout, reason: str) -> DataError:
     return err if err is not None else DataError(reason, path=src.label)
 
 
+def _arrow_options(layout: _Layout, delimiter: str) -> Dict[str, Any]:
+    return dict(
+        read_options=pacsv.ReadOptions(
+            column_names=[fl.name for fl in layout.fields],
+            skip_rows=1 if layout.header else 0,
+            encoding=layout.encoding,
+            block_size=_BLOCK_SIZE,
+        ),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if layout.quoting else False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={fl.name: fl.arrow for fl in layout.fields if fl.arrow is not None},
+            # Empty cells are errors in id/number columns and "" in text ones, never null:
+            # Interactions.validate() rejects nulls.
+            null_values=[],
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
 def _arrow_read(src: _Source, layout: _Layout) -> pa.Table:
     delimiter = layout.delimiter
     with src.open() as f:
@@ -418,24 +438,24 @@ def _arrow_read(src: _Source, layout: _Layout) -> pa.Table:
             sub = next((b for b in (b"\t", b"\x1f", b"\x1e") if b not in data), b"\x1f")
             stream = io.BytesIO(data.replace(delimiter.encode(layout.encoding), sub))
             delimiter = sub.decode()
-        return pacsv.read_csv(
-            stream,
-            read_options=pacsv.ReadOptions(
-                column_names=[fl.name for fl in layout.fields],
-                skip_rows=1 if layout.header else 0,
-                encoding=layout.encoding,
-                block_size=_BLOCK_SIZE,
-            ),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if layout.quoting else False),
-            convert_options=pacsv.ConvertOptions(
-                column_types={fl.name: fl.arrow for fl in layout.fields if fl.arrow is not None},
-                # Empty cells are errors in id/number columns and "" in text ones, never null:
-                # Interactions.validate() rejects nulls.
-                null_values=[],
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
+        return pacsv.read_csv(stream, **_arrow_options(layout, delimiter))
+
+
+def _sniff_types(src: _Source, layout: _Layout) -> Dict[int, pa.DataType]:
+    """Types pyarrow infers from the first block for the columns given no type.
+
+    Reading with explicit types afterwards halves the parser's peak memory on large
+    files (inference keeps both candidate representations while it decides).
+    """
+    if len(layout.delimiter) > 1 or all(fl.arrow is not None for fl in layout.fields):
+        return {}
+    try:
+        with src.open() as f:
+            reader = pacsv.open_csv(f, **_arrow_options(layout, layout.delimiter))
+            schema = reader.schema
+    except (pa.ArrowException, UnicodeDecodeError):
+        return {}  # the full read will fail and report the line
+    return {k: schema.field(fl.name).type for k, fl in enumerate(layout.fields) if fl.arrow is None}
 
 
 def _read_table(src: _Source, layout: _Layout) -> pa.Table:
@@ -1248,6 +1268,9 @@ def read_interactions(
 
     # Fast path first; a conversion error in a column that may legitimately be text
     # (auto ids, ISO timestamps, inferred extras) retries with that column as text.
+    sniffed = _sniff_types(src, layout)
+    for k, arrow_type in sniffed.items():
+        fields[k].arrow = arrow_type
     table: Optional[pa.Table] = None
     for _ in range(len(fields) + 1):
         try:
@@ -1259,7 +1282,8 @@ def read_interactions(
             relax = 0 <= k < len(fields) and (
                 (k in (pos[USER], pos[ITEM]) and id_type == "auto" and fields[k].arrow == pa.int64())
                 or (k == pos[TIMESTAMP] and fields[k].arrow == pa.int64())
-                or (k not in (pos[USER], pos[ITEM], pos[TIMESTAMP]) and fields[k].arrow is None)
+                or (k not in (pos[USER], pos[ITEM], pos[TIMESTAMP])
+                    and (fields[k].arrow is None or (k in sniffed and fields[k].arrow != pa.string())))
             )
             if not relax:
                 raise _fail(src, layout, f"cannot parse the file: {e}") from None

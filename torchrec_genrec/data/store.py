@@ -60,7 +60,7 @@ def _factorize(column: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
             raw = np.flatnonzero(present).astype(np.int64) + lo
             lut = np.cumsum(present, dtype=np.int64).astype(np.int32) - 1
             del present
-            return raw, lut[values - lo]
+            return raw, lut[values if lo == 0 else values - lo]
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         unique = pc.unique(column).to_pylist()
         if any("\x00" in u for u in unique):
@@ -75,25 +75,36 @@ def _factorize(column: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
     return raw, dense.astype(np.int32)
 
 
-def _sort_by_user_then_time(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+def _sort_by_user_then_time(user: np.ndarray, timestamp: np.ndarray) -> Optional[np.ndarray]:
     """Stable order by (user, timestamp): events with equal timestamps keep file order.
+
+    Returns None when the events are already in that order (a per-user dump), so the
+    caller skips the gathers too; a log already in time order skips the first sort.
 
     Two value sorts of packed 64-bit keys (numpy sorts values ~8x faster than it
     argsorts them) instead of one lexsort: first by (time, row), then by (user, rank in
     time order). Falls back to a lexsort when the keys do not fit in 63 bits.
     """
     n = len(user)
+    same_user = user[1:] == user[:-1]
+    if (user[1:] >= user[:-1]).all() and (timestamp[1:][same_user] >= timestamp[:-1][same_user]).all():
+        return None
+    del same_user
+    time_ordered = bool((timestamp[1:] >= timestamp[:-1]).all())
     row_bits = max(int(n - 1).bit_length(), 1)
     t0 = int(timestamp.min())
     t_span = int(timestamp.max()) - t0
     user_bits = max(int(user.max()).bit_length(), 1)
-    if t_span.bit_length() + row_bits > 63 or user_bits + row_bits > 63:
+    if (not time_ordered and t_span.bit_length() + row_bits > 63) or user_bits + row_bits > 63:
         return np.lexsort((timestamp, user))
     row_mask = np.int64((1 << row_bits) - 1)
-    key = (timestamp - t0) << row_bits
-    key |= np.arange(n, dtype=np.int64)
-    key.sort()
-    by_time = key & row_mask  # row ids in (time, row) order
+    if time_ordered:
+        by_time = np.arange(n, dtype=np.int64)
+    else:
+        key = (timestamp - t0) << row_bits
+        key |= np.arange(n, dtype=np.int64)
+        key.sort()
+        by_time = key & row_mask  # row ids in (time, row) order
     key = user[by_time].astype(np.int64) << row_bits
     key |= np.arange(n, dtype=np.int64)
     key.sort()
@@ -183,9 +194,9 @@ def write_store(interactions: Interactions, path: str, extra_manifest: Optional[
         np.cumsum(counts, out=offsets[1:])
         del counts, user
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
-        np.save(os.path.join(tmp, "item.npy"), item[order])
+        np.save(os.path.join(tmp, "item.npy"), item if order is None else item[order])
         del item
-        np.save(os.path.join(tmp, "timestamp.npy"), timestamp[order])
+        np.save(os.path.join(tmp, "timestamp.npy"), timestamp if order is None else timestamp[order])
         del timestamp
         action_info: Dict[str, Any] = {}
         if interactions.has_action:
@@ -196,7 +207,7 @@ def write_store(interactions: Interactions, path: str, extra_manifest: Optional[
                     "(ratings, event types). Map a continuous signal to buckets first.",
                     path=interactions.source,
                 )
-            np.save(os.path.join(tmp, "action.npy"), action[order].astype(np.int16))
+            np.save(os.path.join(tmp, "action.npy"), (action if order is None else action[order]).astype(np.int16))
             action_info = {"name": interactions.action_name, "values": action_raw.tolist()}
         del order
         np.save(os.path.join(tmp, "user_ids.npy"), user_raw)
