@@ -117,6 +117,8 @@ def _prepare_child(csv_path: str, store_path: str, profile: bool, conn) -> None:
         result["factorize_action_s"] = time.perf_counter() - t
         t = time.perf_counter()
         out = tempfile.mkdtemp(dir=os.path.dirname(store_path))
+        if order is None:  # already in (user, time) order
+            order = np.arange(len(item))
         np.save(os.path.join(out, "item.npy"), item[order])
         np.save(os.path.join(out, "timestamp.npy"), ts[order])
         np.save(os.path.join(out, "action.npy"), action[order].astype(np.int16))
@@ -208,6 +210,26 @@ def measure_training_step_rate(store_path: str) -> Optional[float]:
 # ------------------------------------------------------------------------ report
 
 
+def reorder_csv(csv_path: str, order: str, seed: int) -> None:
+    """Rewrites the generated CSV (written user by user) in the row order of a real log.
+
+    ``time``: globally by timestamp, as an event log is appended; ``random``: shuffled;
+    ``user``: left as written (the easiest case for preparation).
+    """
+    if order == "user":
+        return
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = pacsv.read_csv(csv_path)
+    if order == "time":
+        rows = np.argsort(table.column("timestamp").to_numpy(), kind="stable")
+    else:
+        rows = np.random.default_rng(seed).permutation(table.num_rows)
+    pacsv.write_csv(table.take(pa.array(rows)), csv_path)
+
+
 def _ratio_line(name: str, value: float, unit: str, aim: float, higher_is_better: bool = True) -> str:
     ratio = value / aim if higher_is_better else aim / value
     bound = "" if higher_is_better else "<= "
@@ -222,9 +244,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="also time preparation phase by phase")
     parser.add_argument("--keep", action="store_true", help="keep the CSV and the store")
+    parser.add_argument("--order", choices=["time", "random", "user"], default="time",
+                        help="row order of the CSV: time (an appended event log), random, or user by user")
     args = parser.parse_args(argv)
     silence_known_noise()
 
+    if args.tmp:
+        os.makedirs(args.tmp, exist_ok=True)
     scratch = tempfile.mkdtemp(prefix="genrec-data-bench-", dir=args.tmp)
     csv_path = os.path.join(scratch, "events.csv")
     store_path = os.path.join(scratch, "store")
@@ -236,10 +262,11 @@ def main(argv: Optional[list] = None) -> int:
               f"{config.num_items:,} items (Zipf {config.item_zipf}), {os.cpu_count()} CPUs")
         start = time.perf_counter()
         write_csv(config, csv_path)
+        reorder_csv(csv_path, args.order, args.seed)
         gen_s = time.perf_counter() - start
         size = os.path.getsize(csv_path)
         print(f"  generated {size / 1e6:.0f} MB of CSV in {gen_s:.1f} s "
-              f"({_human(config.num_events / gen_s)} events/s; not an aim)")
+              f"({_human(config.num_events / gen_s)} events/s; not an aim), rows in {args.order} order")
 
         prep = measure_preparation(csv_path, store_path, profile=args.profile)
         raw = prep["events"] * RAW_BYTES_PER_EVENT
