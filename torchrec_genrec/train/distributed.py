@@ -1,0 +1,55 @@
+"""Process-group setup: the same code runs as one process or under torchrun / TorchX."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistContext:
+    """Joins (or creates) the default process group.
+
+    Under torchrun (``RANK`` / ``WORLD_SIZE`` set) it joins the job's group; alone it
+    makes a one-process group, so ``DistributedModelParallel`` runs unchanged on a
+    laptop. The backend is nccl when CUDA is available, else gloo.
+    """
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            # A file rendezvous needs no free port, so parallel single-process runs never collide.
+            fd, path = tempfile.mkstemp(prefix="genrec-pg-")
+            os.close(fd)
+            os.unlink(path)
+            dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return DistContext(rank, world, device, backend)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
