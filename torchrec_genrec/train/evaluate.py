@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -10,16 +10,20 @@ from tqdm import tqdm
 from torchrec_genrec.data.batching import SequenceBatch, SequenceDataset, make_dataloader
 from torchrec_genrec.train.metrics import RetrievalMetrics, rank_of_targets
 
+ScoreOutput = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
 
 @torch.no_grad()
-def evaluate_retrieval(model: Callable[[SequenceBatch], torch.Tensor], dataset: SequenceDataset,
+def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: SequenceDataset,
                        ks: Sequence[int], batch_size: int, num_workers: int = 0,
-                       desc: str = "eval", return_ranks: bool = False) -> Dict[str, float]:
+                       desc: str = "eval", return_ranks: bool = False, progress: bool = True) -> Dict[str, float]:
     """Ranks each user's held-out item among all items, excluding items the user has seen.
 
     Args:
-        model (Callable[[SequenceBatch], torch.Tensor]): returns ``(B, N)`` scores over
-            the whole catalogue for a batch.
+        model (Callable[[SequenceBatch], ScoreOutput]): returns ``(B, N)`` scores over
+            the whole catalogue for a batch, or ``(scores, action_logits)`` where
+            ``action_logits`` ``(B, A)`` predict the action on the target item (then
+            ``action_acc`` is reported too).
         dataset (SequenceDataset): a VALID or TEST split built with ``with_seen_items=True``.
         ks (Sequence[int]): cut-offs for HR@K / NDCG@K.
         batch_size (int): users per batch.
@@ -27,22 +31,31 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], torch.Tensor], dataset: 
         desc (str): progress-bar label.
         return_ranks (bool): also return the per-user 0-based ranks under key
             ``"ranks"`` (a tensor), e.g. for paired-bootstrap intervals.
+        progress (bool): show a progress bar.
 
     Returns:
-        Dict[str, float]: ``hr@K``, ``ndcg@K``, ``mrr`` and ``count``.
+        Dict[str, float]: ``hr@K``, ``ndcg@K``, ``mrr``, ``count`` (and ``action_acc``).
     """
     if not dataset.with_seen_items:
         raise ValueError("evaluation excludes seen items: build the dataset with with_seen_items=True")
     metrics = RetrievalMetrics(ks)
     loader = make_dataloader(dataset, batch_size, shuffle=False, num_workers=num_workers)
     all_ranks = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    action_hits = action_count = 0
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         scores = model(batch)
+        if isinstance(scores, tuple):
+            scores, action_logits = scores
+            if action_logits is not None and batch.target_action is not None:
+                action_hits += int((action_logits.argmax(1) == batch.target_action).sum())
+                action_count += batch.batch_size
         seen = batch.seen_items
         ranks = rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets())
         metrics.update(ranks)
         all_ranks.append(ranks)
     out: Dict = dict(metrics.compute())
+    if action_count:
+        out["action_acc"] = action_hits / action_count
     if return_ranks:
         out["ranks"] = torch.cat(all_ranks)
     return out

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, Literal, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -23,7 +23,9 @@ from torchrec_genrec.data.batching import SequenceDataset
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.splits import LeaveOneOut, Split
 from torchrec_genrec.data.store import SequenceStore
+from torchrec_genrec.models.retrieval import RetrievalConfig
 from torchrec_genrec.train.evaluate import evaluate_retrieval
+from torchrec_genrec.train.trainer import OptimConfig
 
 
 @dataclasses.dataclass
@@ -42,15 +44,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """Args:
-    name (str): the model; ``mostpop`` ranks by training-set popularity.
-    """
-
-    name: Literal["mostpop"] = "mostpop"
-
-
-@dataclasses.dataclass
 class EvalConfig:
     """Args:
     ks (Tuple[int, ...]): cut-offs for HR@K and NDCG@K (full ranking over all items).
@@ -65,19 +58,34 @@ class EvalConfig:
 class TrainConfig:
     """Args:
     seed (int): seeds torch, numpy and the data order.
-    output_dir (str): metrics.json and TensorBoard events go here.
+    output_dir (str): metrics.json, checkpoints/ and tensorboard/ go here.
     tensorboard (bool): write TensorBoard scalars.
+    epochs (int): epoch cap.
+    batch_size (int): users per training batch (per rank).
+    patience (int): stop after this many epochs without a better validation NDCG@10
+        (the model-selection rule; the best epoch's weights are tested).
+    max_steps (Optional[int]): stop after this many steps (smoke tests, golden runs).
+    checkpoint (bool): save a torch.distributed.checkpoint every epoch and for the best epoch.
+    progress (bool): show tqdm progress bars.
+    optim (OptimConfig): optimisers.
     """
 
     seed: int = 0
     output_dir: str = "runs/default"
     tensorboard: bool = True
+    epochs: int = 100
+    batch_size: int = 128
+    patience: int = 10
+    max_steps: Optional[int] = None
+    checkpoint: bool = True
+    progress: bool = True
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
 
 @dataclasses.dataclass
 class RecipeConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    model: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
@@ -89,49 +97,96 @@ def _write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
     """Trains and evaluates ``cfg``; returns what it writes to ``metrics.json``."""
-    torch.manual_seed(cfg.train.seed)
+    _seed_everything(cfg.train.seed)
     store_path = resolve_store(cfg.data.dataset)
     store = SequenceStore.open(store_path)
     protocol = LeaveOneOut(cfg.data.holdout)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     start = time.perf_counter()
+    eval_split = lambda split: SequenceDataset(  # noqa: E731
+        store_path, split, cfg.data.max_seq_len, protocol, with_seen_items=True)
+    valid_set = eval_split(Split.VALID) if cfg.data.holdout == 2 else None
+    test_set = eval_split(Split.TEST)
+    writer = None
+    results: Dict[str, Any] = {}
+    training: Dict[str, Any] = {}
 
     if cfg.model.name == "mostpop":
         from torchrec_genrec.models.mostpop import MostPopular
 
         model = MostPopular.fit(store, protocol)
-    else:  # unreachable: the config loader checks the Literal
-        raise ValueError(f"unknown model {cfg.model.name!r}")
+        scorer = model
+        is_main = True
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-    results: Dict[str, Any] = {}
-    splits = [Split.VALID, Split.TEST] if cfg.data.holdout == 2 else [Split.TEST]
-    writer = None
-    if cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+        if valid_set is not None:
+            results["valid"] = evaluate_retrieval(scorer, valid_set, cfg.eval.ks, cfg.eval.batch_size,
+                                                  num_workers=cfg.data.num_workers, desc="valid",
+                                                  progress=cfg.train.progress)
+    else:
+        from torchrec_genrec.models.retrieval import GenerativeRetrieval
+        from torchrec_genrec.train.distributed import init_distributed
+        from torchrec_genrec.train.trainer import Checkpointer, build_optimizer, fit, shard
 
-        writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
-    for split in splits:
-        dataset = SequenceDataset(store_path, split, cfg.data.max_seq_len, protocol, with_seen_items=True)
-        metrics = evaluate_retrieval(model, dataset, cfg.eval.ks, cfg.eval.batch_size,
-                                     num_workers=cfg.data.num_workers, desc=f"eval {split.value}")
-        results[split.value] = metrics
-        if writer is not None:
-            for name, value in metrics.items():
-                writer.add_scalar(f"{split.value}/{name}", value, 0)
+        ctx = init_distributed()
+        is_main = ctx.is_main
+        if cfg.train.tensorboard and is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+        model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len)
+        dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
+        optimizer = build_optimizer(dmp, cfg.train.optim)
+        train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
+        checkpointer = (Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx)
+                        if cfg.train.checkpoint else None)
+        result = fit(dmp, optimizer, train_set, valid_set, ctx=ctx, epochs=cfg.train.epochs,
+                     batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, ks=cfg.eval.ks,
+                     patience=cfg.train.patience, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                     checkpointer=checkpointer, writer=writer, max_steps=cfg.train.max_steps,
+                     progress=cfg.train.progress)
+        scorer = dmp.module.score
+        dmp.eval()
+        training = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                    "train_seconds": round(result.seconds, 2),
+                    "tokens_per_second": round(result.tokens_per_second, 1), "history": result.history}
+        if valid_set is not None and result.best_epoch >= 0:
+            best = result.history[result.best_epoch]
+            results["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+
+    results["test"] = evaluate_retrieval(scorer, test_set, cfg.eval.ks, cfg.eval.batch_size,
+                                         num_workers=cfg.data.num_workers, desc="test",
+                                         progress=cfg.train.progress)
     if writer is not None:
+        for split, metrics in results.items():
+            for name, value in metrics.items():
+                writer.add_scalar(f"final/{split}/{name}", value, 0)
         writer.close()
-
     payload = {
         "model": cfg.model.name,
         "dataset": {"path": store_path, "source": store.manifest.get("source"),
                     "num_users": store.num_users, "num_items": store.num_items, "num_events": store.num_events},
         "protocol": f"leave-one-out by time, holdout={cfg.data.holdout}, full ranking, seen items excluded",
         "metrics": results,
+        "training": training,
         "seconds": round(time.perf_counter() - start, 2),
         "config": to_dict(cfg),
         "torchrec_genrec": __version__,
     }
-    _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
+    if is_main:
+        _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
     return payload

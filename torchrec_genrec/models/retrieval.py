@@ -1,0 +1,346 @@
+"""Generative retrieval: a causal sequence encoder over a unified token table, trained to
+predict the next item at every position (HSTU, or SASRec as the baseline).
+
+Sparse arch: ONE TorchRec ``EmbeddingCollection`` table holds every token (items,
+actions, special markers), created on the meta device so ``DistributedModelParallel``
+materialises and shards it. Every embedding the loss touches — history tokens, sampled
+negatives, the catalogue for full softmax — is looked up through the collection, as a
+feature of one ``KeyedJaggedTensor``: with a fused (in-backward) optimiser, reading the
+table's weight directly would give those rows no update.
+
+Dense arch: the encoder, the L2-normalised dot-product interaction and, as the paper's
+auxiliary task, a next-action head.
+
+Actions enter in one of three ways (``action_mode``):
+
+- ``interleaved`` (the paper): each event is two tokens, item then action. The action
+  token's output predicts the next item; the item token's output predicts the action
+  the user takes on it.
+- ``summed``: one token per event, item embedding + action embedding. The next action
+  is predicted from the output and the next item's embedding.
+- ``none``: item tokens only (the published HSTU / SASRec benchmark setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Dict, Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+from torchrec_genrec.data.batching import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, SequenceBatch
+from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
+from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
+from torchrec_genrec.ops.jagged import lengths_to_offsets, positions_in_sequence, sequence_ids
+from torchrec_genrec.tokens import TokenSpace
+
+TOKEN_TABLE = "tokens"
+# Features of the one KeyedJaggedTensor looked up in the token table.
+HISTORY, HISTORY_ACTIONS, NEGATIVES, CATALOG = "history", "history_actions", "negatives", "catalog"
+_FEATURES = [HISTORY, HISTORY_ACTIONS, NEGATIVES, CATALOG]
+
+
+@dataclasses.dataclass
+class RetrievalConfig:
+    """Args:
+    name (str): the model: ``hstu``, ``sasrec`` (generative retrieval with that
+        encoder) or ``mostpop`` (the popularity floor; the other fields do not apply).
+    embedding_dim (int): D, for tokens and the encoder.
+    num_blocks (int): encoder layers.
+    num_heads (int): attention heads.
+    attention_dim (int): HSTU per-head query/key dim.
+    linear_dim (int): HSTU per-head value dim.
+    dropout (float): encoder dropout.
+    use_time_bias (bool): HSTU relative bias over log-bucketed time deltas.
+    kernel (str): HSTU attention kernel, ``jagged`` or ``pytorch``.
+    action_mode (str): ``interleaved``, ``summed`` or ``none`` (see module docstring).
+    loss (str): ``sampled_softmax`` or ``full_softmax`` (small catalogues).
+    negatives (str): ``uniform`` (per user, over all items) or ``in_batch`` (drawn
+        from the batch's positives, i.e. by popularity; shared by the batch).
+    num_negatives (int): sampled negatives per user (uniform) or per batch (in_batch).
+    temperature (float): softmax temperature on cosine similarities.
+    action_loss_weight (float): weight of the next-action loss (0 turns it off).
+    """
+
+    name: Literal["hstu", "sasrec", "mostpop"] = "hstu"
+    embedding_dim: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    attention_dim: int = 50
+    linear_dim: int = 50
+    dropout: float = 0.2
+    use_time_bias: bool = True
+    kernel: Literal["jagged", "pytorch"] = "jagged"
+    action_mode: Literal["interleaved", "summed", "none"] = "interleaved"
+    loss: Literal["sampled_softmax", "full_softmax"] = "sampled_softmax"
+    negatives: Literal["uniform", "in_batch"] = "uniform"
+    num_negatives: int = 128
+    temperature: float = 0.05
+    action_loss_weight: float = 0.1
+
+
+@dataclasses.dataclass
+class _Tokens:
+    """A batch laid out as encoder tokens."""
+
+    tokens: torch.Tensor  # (T',) token ids
+    actions: Optional[torch.Tensor]  # (T',) action tokens to add (summed mode)
+    timestamps: torch.Tensor  # (T',)
+    lengths: torch.Tensor  # (B,)
+    offsets: torch.Tensor  # (B + 1,)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+class GenerativeRetrieval(nn.Module):
+    """Next-item retrieval over a unified token table.
+
+    Args:
+        config (RetrievalConfig): model and loss settings.
+        num_items (int): catalogue size N.
+        num_actions (int): action vocabulary size A (0: no actions).
+        max_seq_len (int): longest event history a batch holds.
+        device (torch.device): where the token table is created; ``meta`` (default) lets
+            ``DistributedModelParallel`` materialise it sharded.
+
+    Example::
+
+        model = GenerativeRetrieval(RetrievalConfig(), num_items=1682, num_actions=5, max_seq_len=200)
+        dmp = DistributedModelParallel(model, ...)
+        loss, stats = dmp(train_batch)             # training
+        scores = dmp.module.score(eval_batch)      # (B, N), full catalogue
+    """
+
+    def __init__(self, config: RetrievalConfig, num_items: int, num_actions: int, max_seq_len: int,
+                 device: torch.device = torch.device("meta")) -> None:
+        super().__init__()
+        self.config = config
+        self.num_items = num_items
+        self.action_mode = config.action_mode if num_actions else "none"
+        self.num_actions = num_actions if self.action_mode != "none" else 0
+        self.space = TokenSpace.build(num_items=num_items, num_actions=self.num_actions)
+        self.max_seq_len = max_seq_len
+        # Interleaving doubles the tokens; evaluation appends the target item token.
+        encoder_len = 2 * max_seq_len + 1 if self.action_mode == "interleaved" else max_seq_len + 1
+        d = config.embedding_dim
+        # fbgemm's fused tables need a multiple of 4 columns; a model width such as the
+        # paper's 50 is stored in 52 columns and the extra ones are never read.
+        self.table_dim = -(-d // 4) * 4
+        self.token_embeddings = EmbeddingCollection(
+            tables=[EmbeddingConfig(
+                name=TOKEN_TABLE, embedding_dim=self.table_dim, num_embeddings=self.space.size, feature_names=list(_FEATURES),
+                init_fn=partial(nn.init.trunc_normal_, mean=0.0, std=0.02, a=-0.04, b=0.04),
+            )],
+            device=device,
+        )
+        if config.name not in ("hstu", "sasrec"):
+            raise ValueError(f"GenerativeRetrieval encodes with hstu or sasrec, not {config.name!r}")
+        if config.name == "hstu":
+            self.encoder: nn.Module = HSTUEncoder(HSTUConfig(
+                embedding_dim=d, num_blocks=config.num_blocks, num_heads=config.num_heads,
+                attention_dim=config.attention_dim, linear_dim=config.linear_dim, max_seq_len=encoder_len,
+                dropout=config.dropout, use_time_bias=config.use_time_bias, kernel=config.kernel,
+            ))
+        else:
+            self.encoder = SASRecEncoder(SASRecConfig(
+                embedding_dim=d, num_blocks=config.num_blocks, num_heads=config.num_heads,
+                dropout=config.dropout, max_seq_len=encoder_len,
+            ))
+        self.action_head: Optional[nn.Module] = None
+        if self.num_actions and config.action_loss_weight > 0:
+            width = d if self.action_mode == "interleaved" else 2 * d
+            self.action_head = nn.Linear(width, self.num_actions)
+
+    # ----------------------------------------------------------------- layout
+    def _layout(self, batch: SequenceBatch, append_target: bool) -> _Tokens:
+        kjt = batch.features
+        items, lengths = kjt[ITEM_KEY].values(), kjt[ITEM_KEY].lengths()
+        ts = kjt[TIMESTAMP_KEY].values()
+        actions = kjt[ACTION_KEY].values() if self.action_mode != "none" else None
+        item_tokens = self.space.to_tokens("item", items)
+        action_tokens = self.space.to_tokens("action", actions) if actions is not None else None
+        if append_target:
+            # Each row gets its target item token at the end (no action: it is unknown).
+            b = lengths.numel()
+            row_ends = lengths_to_offsets(lengths)[1:]
+            insert_at = row_ends + torch.arange(b)  # where each target lands in the grown values
+            new_len = items.numel() + b
+            keep = torch.ones(new_len, dtype=torch.bool)
+            keep[insert_at] = False
+            grown = torch.empty(new_len, dtype=torch.int64)
+            grown[keep], grown[insert_at] = item_tokens, self.space.to_tokens("item", batch.target_item)
+            grown_ts = torch.empty(new_len, dtype=torch.int64)
+            grown_ts[keep], grown_ts[insert_at] = ts, batch.target_timestamp
+            if action_tokens is not None:
+                grown_actions = torch.full((new_len,), -1, dtype=torch.int64)
+                grown_actions[keep] = action_tokens
+                action_tokens = grown_actions
+            item_tokens, ts, lengths = grown, grown_ts, lengths + 1
+        if self.action_mode == "interleaved":
+            # [item_0, action_0, item_1, action_1, ...]; an appended target has no action token.
+            pairs = torch.stack([item_tokens, action_tokens], dim=1).reshape(-1)
+            pair_ts = ts.repeat_interleave(2)
+            valid = pairs >= 0
+            tokens, timestamps = pairs[valid], pair_ts[valid]
+            lengths = 2 * lengths - (1 if append_target else 0)
+            return _Tokens(tokens, None, timestamps, lengths, lengths_to_offsets(lengths))
+        if self.action_mode == "summed" and append_target:
+            # The appended target has no action: add the [PAD] token's embedding.
+            action_tokens = torch.where(action_tokens < 0, self.space.special("[PAD]"), action_tokens)
+        return _Tokens(item_tokens, action_tokens if self.action_mode == "summed" else None,
+                       ts, lengths, lengths_to_offsets(lengths))
+
+    def _lookup(self, layout: _Tokens, negatives: Optional[torch.Tensor] = None,
+                negative_lengths: Optional[torch.Tensor] = None, catalog: bool = False) -> Dict[str, torch.Tensor]:
+        """Looks up every needed token in one KeyedJaggedTensor through the collection."""
+        b = layout.lengths.numel()
+        zeros = torch.zeros(b, dtype=torch.int64)
+        values = [layout.tokens]
+        lengths = [layout.lengths]
+        values.append(layout.actions if layout.actions is not None else torch.zeros(0, dtype=torch.int64))
+        lengths.append(layout.lengths if layout.actions is not None else zeros)
+        values.append(negatives if negatives is not None else torch.zeros(0, dtype=torch.int64))
+        lengths.append(negative_lengths if negative_lengths is not None else zeros)
+        if catalog:
+            values.append(self.space.to_tokens("item", torch.arange(self.num_items), validate=False))
+            cat_lengths = zeros.clone()
+            cat_lengths[0] = self.num_items
+            lengths.append(cat_lengths)
+        else:
+            values.append(torch.zeros(0, dtype=torch.int64))
+            lengths.append(zeros)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
+        )
+        out = self.token_embeddings(kjt)
+        d = self.config.embedding_dim
+        return {k: out[k].values()[:, :d] for k in _FEATURES}
+
+    def _encode(self, layout: _Tokens, emb: Dict[str, torch.Tensor]) -> torch.Tensor:
+        x = emb[HISTORY]
+        if layout.actions is not None:
+            x = x + emb[HISTORY_ACTIONS]
+        return self.encoder(x, layout.offsets, layout.timestamps)
+
+    # --------------------------------------------------------------- training
+    def forward(self, batch: SequenceBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Training step on a TRAIN batch.
+
+        Returns:
+            Tuple[torch.Tensor, Dict[str, torch.Tensor]]: the loss and detached stats
+            (``item_loss``, ``action_loss``, ``action_acc``, ``tokens``).
+        """
+        cfg = self.config
+        layout = self._layout(batch, append_target=False)
+        event_lengths = batch.features[ITEM_KEY].lengths()
+        items = batch.features[ITEM_KEY].values()
+        b = event_lengths.numel()
+        num_events = items.numel()
+        event_offsets = lengths_to_offsets(event_lengths)
+        event_pos = positions_in_sequence(event_offsets, num_events)
+        event_row = sequence_ids(event_offsets, num_events)
+        is_query = event_pos < (event_lengths[event_row] - 1)  # every event but each row's last
+        query_event = torch.nonzero(is_query).squeeze(1)
+        positive_items = items[query_event + 1]
+        query_row = event_row[query_event]
+
+        negatives = negative_lengths = None
+        if cfg.loss == "sampled_softmax":
+            k = cfg.num_negatives
+            if cfg.negatives == "uniform":
+                neg_items = torch.randint(0, self.num_items, (b, k))
+                negative_lengths = torch.full((b,), k, dtype=torch.int64)
+            else:
+                pick = torch.randint(0, num_events, (k,))
+                neg_items = items[pick].unsqueeze(0)
+                negative_lengths = torch.zeros(b, dtype=torch.int64)
+                negative_lengths[0] = k
+            negatives = self.space.to_tokens("item", neg_items.reshape(-1), validate=False)
+        emb = self._lookup(layout, negatives, negative_lengths, catalog=cfg.loss == "full_softmax")
+        h = self._encode(layout, emb)
+
+        # Token index of each event's item token (and of the token whose output predicts the next item).
+        if self.action_mode == "interleaved":
+            item_token_idx = 2 * torch.arange(num_events)
+            query_token_idx = item_token_idx[query_event] + 1  # the action token
+        else:
+            item_token_idx = torch.arange(num_events)
+            query_token_idx = query_event
+        user = _normalize(h[query_token_idx])  # (Q, D)
+        item_emb = emb[HISTORY][item_token_idx]  # pure item embeddings, (E, D)
+        positive = _normalize(item_emb[query_event + 1])
+        pos_logit = (user * positive).sum(-1, keepdim=True)  # (Q, 1)
+
+        if cfg.loss == "full_softmax":
+            catalog = _normalize(emb[CATALOG])  # (N, D)
+            logits = user @ catalog.T
+            item_loss = F.cross_entropy(logits / cfg.temperature, positive_items)
+        else:
+            neg = _normalize(emb[NEGATIVES])
+            if cfg.negatives == "uniform":
+                neg_ids = neg_items  # (B, K)
+                # Per-row negatives: scatter the queries into (B, Lq, D) and take one batched
+                # matmul; fbgemm's CPU jagged_dense_bmm is several times slower here.
+                q_counts = torch.bincount(query_row, minlength=b)
+                q_pos = positions_in_sequence(lengths_to_offsets(q_counts), len(query_row))
+                padded = user.new_zeros(b, int(q_counts.max()) if q_counts.numel() else 0, user.shape[1])
+                padded = padded.index_put((query_row, q_pos), user)
+                neg_logits = torch.bmm(padded, neg.reshape(b, cfg.num_negatives, -1).transpose(1, 2))[query_row, q_pos]
+                same = neg_ids[query_row] == positive_items.unsqueeze(1)
+            else:
+                neg_logits = user @ neg.T
+                same = neg_items.reshape(1, -1) == positive_items.unsqueeze(1)
+            neg_logits = neg_logits.masked_fill(same, float("-inf"))  # a negative equal to the positive
+            logits = torch.cat([pos_logit, neg_logits], dim=1) / cfg.temperature
+            item_loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64))
+
+        stats = {"item_loss": item_loss.detach(), "tokens": torch.tensor(float(layout.tokens.numel()))}
+        loss = item_loss
+        if self.action_head is not None:
+            actions = batch.features[ACTION_KEY].values()
+            if self.action_mode == "interleaved":
+                # The item token's output predicts the action taken on that item.
+                action_logits = self.action_head(h[item_token_idx])
+                action_target = actions
+            else:
+                # Output at event i plus the next item's embedding predicts the next action.
+                action_logits = self.action_head(torch.cat([h[query_token_idx], item_emb[query_event + 1]], dim=1))
+                action_target = actions[query_event + 1]
+            action_loss = F.cross_entropy(action_logits, action_target)
+            loss = loss + cfg.action_loss_weight * action_loss
+            stats["action_loss"] = action_loss.detach()
+            stats["action_acc"] = (action_logits.argmax(1) == action_target).float().mean().detach()
+        return loss, stats
+
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def score(self, batch: SequenceBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Scores the whole catalogue for each history of a VALID/TEST batch.
+
+        Returns:
+            Tuple[torch.Tensor, Optional[torch.Tensor]]: ``(B, N)`` cosine scores of all
+            items, and ``(B, A)`` logits of the action on the target item (or None).
+        """
+        with_action = self.action_head is not None and batch.target_item is not None
+        layout = self._layout(batch, append_target=with_action)
+        emb = self._lookup(layout, catalog=True)
+        h = self._encode(layout, emb)
+        ends = layout.offsets[1:]
+        # With an appended target, the user state is the token before it.
+        user_idx = ends - (2 if with_action else 1)
+        user = _normalize(h[user_idx])
+        scores = user @ _normalize(emb[CATALOG]).T
+        action_logits = None
+        if with_action:
+            if self.action_mode == "interleaved":
+                action_logits = self.action_head(h[ends - 1])
+            else:
+                target_emb = emb[HISTORY][ends - 1]
+                action_logits = self.action_head(torch.cat([h[user_idx], target_emb], dim=1))
+        return scores, action_logits
