@@ -12,24 +12,6 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.store import SequenceStore
 
 
-@pytest.fixture(scope="module")
-def genrec_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("genrec_home")
-    old = os.environ.get("GENREC_HOME")
-    os.environ["GENREC_HOME"] = str(home)
-    yield home
-    if old is None:
-        del os.environ["GENREC_HOME"]
-    else:
-        os.environ["GENREC_HOME"] = old
-
-
-@pytest.fixture(scope="module")
-def ml100k(genrec_home):
-    assert cli.main(["prepare", "movielens-100k"]) == 0
-    return SequenceStore.open(datasets.dataset_dir("movielens-100k"))
-
-
 def test_prepare_movielens_100k_counts(ml100k, capsys):
     assert (ml100k.num_users, ml100k.num_items, ml100k.num_events) == (943, 1682, 100000)
     assert ml100k.action_values == [1.0, 2.0, 3.0, 4.0, 5.0]

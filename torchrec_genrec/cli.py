@@ -8,6 +8,7 @@ when torch or torchrec do not import.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -109,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     silence_known_noise()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("torchrec_genrec").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (DataError, ConfigError) as e:

@@ -183,12 +183,13 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
             step += 1
             tokens = float(stats["tokens"])
             epoch_tokens += tokens
-            loss_sum += float(loss.detach())
             n += 1
             rate = epoch_tokens / max(time.perf_counter() - epoch_start, 1e-9)
-            bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{rate:,.0f}")
+            loss_value = float(loss.detach())
+            loss_sum += loss_value
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
             if writer is not None and ctx.is_main:
-                writer.add_scalar("train/loss", float(loss), step)
+                writer.add_scalar("train/loss", loss_value, step)
                 for key in ("item_loss", "action_loss", "action_acc"):
                     if key in stats:
                         writer.add_scalar(f"train/{key}", float(stats[key]), step)

@@ -1,0 +1,1 @@
+"""TorchX components for torchrec-genrec (registered as ``genrec`` in ``torchx.components``)."""
