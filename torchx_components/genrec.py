@@ -7,8 +7,6 @@ After ``pip install``, ``torchx run genrec.train ...`` finds these through the
     torchx run --dryrun -s slurm genrec.train --nnodes 2 --nproc_per_node 8 --gpu 8
 """
 
-from __future__ import annotations
-
 from typing import Dict, List, Optional
 
 import torchx.specs as specs
