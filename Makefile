@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 GENREC := $(VENV)/bin/genrec
-RECIPE ?= apps/configs/mostpop_ml100k.toml
+RECIPE ?= apps/configs/hstu_ml100k.toml
 
 .PHONY: setup run test test-slow bench doctor clean
 
