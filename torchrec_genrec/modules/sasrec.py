@@ -73,7 +73,7 @@ class SASRecConfig:
 
 
 class _CausalSelfAttention(nn.Module):
-    """Multi-head softmax self-attention over a padded batch under a boolean mask.
+    """Causal multi-head softmax self-attention over a right-padded batch.
 
     Args:
         embedding_dim (int): model width D.
@@ -88,12 +88,10 @@ class _CausalSelfAttention(nn.Module):
         self.in_proj = nn.Linear(embedding_dim, 3 * embedding_dim)
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            x (torch.Tensor): ``(B, N, D)`` padded inputs.
-            mask (torch.Tensor): ``(B, 1, N, N)`` bool, ``True`` where query i may see key j.
-                Every row must allow at least one key.
+            x (torch.Tensor): ``(B, N, D)`` right-padded inputs; attention is causal.
 
         Returns:
             torch.Tensor: ``(B, N, D)``.
@@ -102,7 +100,7 @@ class _CausalSelfAttention(nn.Module):
         H = self.num_heads
         q, k, v = self.in_proj(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, N, D/H)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -143,9 +141,9 @@ class _SASRecBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(D, eps=1e-8)
         self.ffn = _PointWiseFeedForward(D, config.ffn_dim or D, config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, N, D)``, mask ``(B, 1, N, N)`` -> ``(B, N, D)``."""
-        x = x + self.attention_dropout(self.attention(self.attention_norm(x), mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` -> ``(B, N, D)``, causal."""
+        x = x + self.attention_dropout(self.attention(self.attention_norm(x)))
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -234,15 +232,12 @@ class SASRecEncoder(nn.Module):
         x = x * math.sqrt(D) + self.position_embedding(positions).unsqueeze(0)
         x = self.input_dropout(x)
 
-        # Query i sees key j iff j <= i and j is real. Padded queries also see themselves, so no
-        # row is fully masked (a fully masked softmax row would be NaN, and NaN in a discarded row
-        # still poisons the weight gradients).
-        causal = torch.ones(N, N, dtype=torch.bool, device=embeddings.device).tril()  # (N, N)
-        key_valid = positions.unsqueeze(0) < lengths.unsqueeze(1)  # (B, N)
-        diagonal = torch.eye(N, dtype=torch.bool, device=embeddings.device)
-        mask = (causal & (key_valid.unsqueeze(1) | diagonal)).unsqueeze(1)  # (B, 1, N, N)
-
+        # Sequences are right-padded, so the causal mask alone keeps padding away from every
+        # real query (padded keys come after it). Padded queries see real and padded keys, never
+        # an empty row (no NaN), and are dropped below. No explicit mask lets
+        # scaled_dot_product_attention take its fused causal kernel, several times faster on
+        # CPU than the masked math path.
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x)
         x = self.final_norm(x)
         return torch.ops.fbgemm.dense_to_jagged(x, [offsets], T)[0]  # (T, D)
