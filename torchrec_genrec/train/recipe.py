@@ -62,8 +62,9 @@ class TrainConfig:
     tensorboard (bool): write TensorBoard scalars.
     epochs (int): epoch cap.
     batch_size (int): users per training batch (per rank).
-    patience (int): stop after this many epochs without a better validation NDCG@10
-        (the model-selection rule; the best epoch's weights are tested).
+    patience (int): stop once this many epochs have passed since the best validation
+        NDCG@10 (the model-selection rule; the best epoch's weights are tested).
+    eval_every (int): validate every this many epochs (and after the last).
     max_steps (Optional[int]): stop after this many steps (smoke tests, golden runs).
     checkpoint (bool): save a torch.distributed.checkpoint every epoch and for the best epoch.
     progress (bool): show tqdm progress bars.
@@ -76,6 +77,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 128
     patience: int = 10
+    eval_every: int = 1
     max_steps: Optional[int] = None
     checkpoint: bool = True
     progress: bool = True
@@ -157,6 +159,7 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
         result = fit(dmp, optimizer, train_set, valid_set, ctx=ctx, epochs=cfg.train.epochs,
                      batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, ks=cfg.eval.ks,
                      patience=cfg.train.patience, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                     eval_every=cfg.train.eval_every,
                      checkpointer=checkpointer, writer=writer, max_steps=cfg.train.max_steps,
                      progress=cfg.train.progress)
         scorer = dmp.module.score
@@ -165,7 +168,7 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
                     "train_seconds": round(result.seconds, 2),
                     "tokens_per_second": round(result.tokens_per_second, 1), "history": result.history}
         if valid_set is not None and result.best_epoch >= 0:
-            best = result.history[result.best_epoch]
+            (best,) = [r for r in result.history if r["epoch"] == result.best_epoch]
             results["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
 
     results["test"] = evaluate_retrieval(scorer, test_set, cfg.eval.ks, cfg.eval.batch_size,

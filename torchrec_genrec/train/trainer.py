@@ -153,9 +153,13 @@ class FitResult:
 def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: SequenceDataset,
         valid_set: Optional[SequenceDataset], *, ctx: DistContext, epochs: int, batch_size: int,
         eval_batch_size: int, ks: Tuple[int, ...], patience: int, seed: int, num_workers: int,
+        eval_every: int = 1,
         checkpointer: Optional[Checkpointer], writer: Any = None, max_steps: Optional[int] = None,
         progress: bool = True) -> FitResult:
     """Trains with early stopping on validation NDCG@10; leaves the best weights loaded.
+
+    Validation runs every ``eval_every`` epochs (and after the last); training stops once
+    ``patience`` epochs have passed since the best validation score.
 
     Without a validation split (holdout=1, the published protocol) it trains all
     ``epochs`` and keeps the last weights.
@@ -163,7 +167,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
     loader = make_dataloader(train_set, batch_size, shuffle=True, seed=seed, num_workers=num_workers,
                              rank=ctx.rank, world_size=ctx.world_size, drop_last=ctx.world_size > 1)
     model: GenerativeRetrieval = dmp.module  # type: ignore[assignment]
-    best, best_epoch, bad_epochs, step = -1.0, -1, 0, 0
+    best, best_epoch, step = -1.0, -1, 0
     history: List[Dict[str, float]] = []
     start = time.perf_counter()
     total_tokens = 0.0
@@ -202,7 +206,9 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         total_tokens += epoch_tokens
         record: Dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / max(n, 1),
                                     "tokens_per_s": epoch_tokens / max(epoch_seconds, 1e-9)}
-        if valid_set is not None:
+        last_epoch = epoch == epochs - 1 or (max_steps is not None and step >= max_steps)
+        evaluate = valid_set is not None and ((epoch + 1) % eval_every == 0 or last_epoch)
+        if evaluate:
             dmp.eval()
             metrics = evaluate_retrieval(model.score, valid_set, ks, eval_batch_size, num_workers=num_workers,
                                          desc="valid", progress=progress and ctx.is_main)
@@ -212,11 +218,9 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
                     writer.add_scalar(f"valid/{k}", v, epoch)
             score = metrics["ndcg@10"]
             if score > best:
-                best, best_epoch, bad_epochs = score, epoch, 0
+                best, best_epoch = score, epoch
                 if checkpointer is not None:
                     checkpointer.save("best", {"model": dmp.state_dict()})
-            else:
-                bad_epochs += 1
         history.append(record)
         if ctx.is_main:
             shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "valid_ndcg@10", "valid_hr@10")}
@@ -224,7 +228,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         if checkpointer is not None:
             checkpointer.save(f"epoch-{epoch}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict(),
                                                  "epoch": epoch})
-        if (valid_set is not None and bad_epochs >= patience) or (max_steps is not None and step >= max_steps):
+        if (evaluate and epoch - best_epoch >= patience) or (max_steps is not None and step >= max_steps):
             break
     if valid_set is not None and checkpointer is not None and best_epoch >= 0:
         state = {"model": dmp.state_dict()}
