@@ -14,7 +14,7 @@ from torchrec_genrec.data.synthetic import SyntheticConfig, write_movielens_1m
 def test_default_recipe_on_ml1m_format_synthetic_data_beats_mostpop(genrec_home, tmp_path):
     raw = tmp_path / "ml-1m"
     config = SyntheticConfig.movielens_1m_like(num_users=600, num_items=400, num_events=40_000,
-                                               num_clusters=8, p_markov=0.5, seed=11)
+                                               item_zipf=0.6, num_clusters=8, p_markov=0.7, seed=11)
     write_movielens_1m(config, str(raw))
     assert cli.main(["prepare", "movielens-1m", "--path", str(raw)]) == 0
 
