@@ -61,6 +61,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(RecipeConfig, args.config, args.set)
     result = run_recipe(cfg)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # every rank has the same metrics; rank 0 reports them
     ds = result["dataset"]
     print(f"{result['model']} on {ds['source']} ({ds['num_users']} users, {ds['num_items']} items); "
           f"{result['protocol']}")
