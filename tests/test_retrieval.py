@@ -130,6 +130,9 @@ def test_recipe_end_to_end_with_checkpoints(store_path, tmp_path):
     assert result["training"]["epochs_run"] == 2
     assert 0 <= result["metrics"]["test"]["ndcg@10"] <= result["metrics"]["test"]["hr@10"] <= 1
     assert result["metrics"]["test"]["count"] == len(SequenceDataset(store_path, Split.TEST, MAX_LEN))
+    ranks = np.load(out / "test_ranks.npz")
+    assert len(ranks["user"]) == len(ranks["rank"]) == result["metrics"]["test"]["count"]
+    assert np.isclose((ranks["rank"] < 10).mean(), result["metrics"]["test"]["hr@10"])
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert "best" in ckpts and "epoch-1" in ckpts and not any(c.endswith(".tmp") for c in ckpts)
     assert os.path.exists(out / "checkpoints" / "best" / ".metadata")

@@ -173,7 +173,10 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
 
     results["test"] = evaluate_retrieval(scorer, test_set, cfg.eval.ks, cfg.eval.batch_size,
                                          num_workers=cfg.data.num_workers, desc="test",
-                                         progress=cfg.train.progress)
+                                         progress=cfg.train.progress, return_ranks=True)
+    # Per-user test ranks (users in dense-id order) let two runs on the same split be
+    # compared with a paired bootstrap (train.metrics.paired_bootstrap).
+    test_ranks = results["test"].pop("ranks")
     if writer is not None:
         for split, metrics in results.items():
             for name, value in metrics.items():
@@ -191,5 +194,9 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
         "torchrec_genrec": __version__,
     }
     if is_main:
+        import numpy as np
+
+        np.savez(os.path.join(cfg.train.output_dir, "test_ranks.npz"),
+                 user=test_set.user, rank=test_ranks.numpy())
         _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
     return payload
