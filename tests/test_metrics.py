@@ -286,3 +286,25 @@ def test_bootstrap_argument_errors() -> None:
         paired_bootstrap(torch.zeros(0), torch.zeros(0))
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap(torch.zeros(3), torch.zeros(3), confidence=1.5)
+
+
+def test_genrec_compare_paired_runs(tmp_path, capsys):
+    import numpy as np
+
+    from torchrec_genrec import cli
+
+    rng = np.random.default_rng(0)
+    users = np.arange(500)
+    better = rng.integers(0, 5, 500)  # mostly inside the top 10
+    worse = better + rng.integers(5, 50, 500)  # the same users, always ranked lower
+    for name, ranks in (("a", better), ("b", worse)):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "test_ranks.npz", user=users, rank=ranks)
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--samples", "500"]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("ndcg@10"))
+    assert line.endswith("*") and "500 paired test users" in out
+    (tmp_path / "c").mkdir()
+    np.savez(tmp_path / "c" / "test_ranks.npz", user=users[:400], rank=better[:400])
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert "different users" in capsys.readouterr().err

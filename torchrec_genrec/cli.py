@@ -75,6 +75,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from torchrec_genrec.data.errors import DataError
+    from torchrec_genrec.train.metrics import metrics_from_ranks, paired_bootstrap
+
+    def load(run: str):
+        path = os.path.join(run, "test_ranks.npz")
+        if not os.path.exists(path):
+            raise DataError("no test_ranks.npz: pass the output_dir of a `genrec train` run", path=run)
+        data = np.load(path)
+        return data["user"], torch.from_numpy(data["rank"])
+
+    users_a, ranks_a = load(args.run_a)
+    users_b, ranks_b = load(args.run_b)
+    if not np.array_equal(users_a, users_b):
+        raise DataError(f"the runs were tested on different users ({len(users_a)} vs {len(users_b)}); "
+                        "compare runs on the same dataset and split")
+    per_a, per_b = metrics_from_ranks(ranks_a, args.ks), metrics_from_ranks(ranks_b, args.ks)
+    print(f"A = {args.run_a}\nB = {args.run_b}\n{len(users_a)} paired test users, "
+          f"{args.samples} bootstrap resamples, 95% intervals")
+    print(f"{'metric':<10} {'A':>8} {'B':>8} {'A-B':>9} {'95% CI of A-B':>22} {'A/B':>6}")
+    for name in per_a:
+        a, b = per_a[name], per_b[name]
+        diff, lo, hi = paired_bootstrap(a, b, num_samples=args.samples, seed=args.seed)
+        ratio = float(a.mean() / b.mean()) if float(b.mean()) else float("nan")
+        flag = "" if lo <= 0 <= hi else "  *"
+        print(f"{name:<10} {float(a.mean()):>8.4f} {float(b.mean()):>8.4f} {diff:>+9.4f} "
+              f"[{lo:>+9.4f}, {hi:>+9.4f}] {ratio:>6.2f}{flag}")
+    print("* the interval excludes 0")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
+    compare = sub.add_parser("compare", help="paired-bootstrap comparison of two runs' test metrics")
+    compare.add_argument("run_a", help="output_dir of run A")
+    compare.add_argument("run_b", help="output_dir of run B (same dataset and split)")
+    compare.add_argument("--ks", type=int, nargs="+", default=[10, 50, 200], help="cut-offs")
+    compare.add_argument("--samples", type=int, default=10000, help="bootstrap resamples")
+    compare.add_argument("--seed", type=int, default=0, help="resampling seed")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 
