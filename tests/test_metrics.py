@@ -304,6 +304,10 @@ def test_genrec_compare_paired_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(row for row in out.splitlines() if row.startswith("ndcg@10"))
     assert line.endswith("*") and "500 paired test users" in out
+    # Several runs per side (seeds): per-user metrics are averaged before resampling.
+    assert cli.main(["compare", f"{tmp_path / 'a'},{tmp_path / 'b'}", str(tmp_path / "b"), "--samples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 run(s))" in out and "averaged over runs" in out
     (tmp_path / "c").mkdir()
     np.savez(tmp_path / "c" / "test_ranks.npz", user=users[:400], rank=better[:400])
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2

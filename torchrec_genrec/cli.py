@@ -82,20 +82,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from torchrec_genrec.data.errors import DataError
     from torchrec_genrec.train.metrics import metrics_from_ranks, paired_bootstrap
 
-    def load(run: str):
-        path = os.path.join(run, "test_ranks.npz")
-        if not os.path.exists(path):
-            raise DataError("no test_ranks.npz: pass the output_dir of a `genrec train` run", path=run)
-        data = np.load(path)
-        return data["user"], torch.from_numpy(data["rank"])
+    def load(runs: str):
+        """Per-user metrics of one run, or averaged over comma-separated runs (seeds)."""
+        users, per_run = None, []
+        for run in runs.split(","):
+            path = os.path.join(run, "test_ranks.npz")
+            if not os.path.exists(path):
+                raise DataError("no test_ranks.npz: pass the output_dir of a `genrec train` run", path=run)
+            data = np.load(path)
+            if users is not None and not np.array_equal(users, data["user"]):
+                raise DataError(f"{run} was tested on different users than {runs.split(',')[0]}")
+            users = data["user"]
+            per_run.append(metrics_from_ranks(torch.from_numpy(data["rank"]), args.ks))
+        mean = {k: torch.stack([m[k] for m in per_run]).mean(0) for k in per_run[0]}
+        return users, mean, len(per_run)
 
-    users_a, ranks_a = load(args.run_a)
-    users_b, ranks_b = load(args.run_b)
+    users_a, per_a, n_a = load(args.run_a)
+    users_b, per_b, n_b = load(args.run_b)
     if not np.array_equal(users_a, users_b):
         raise DataError(f"the runs were tested on different users ({len(users_a)} vs {len(users_b)}); "
                         "compare runs on the same dataset and split")
-    per_a, per_b = metrics_from_ranks(ranks_a, args.ks), metrics_from_ranks(ranks_b, args.ks)
-    print(f"A = {args.run_a}\nB = {args.run_b}\n{len(users_a)} paired test users, "
+    print(f"A = {args.run_a} ({n_a} run(s))\nB = {args.run_b} ({n_b} run(s))\n{len(users_a)} paired test users"
+          f"{' (per-user metrics averaged over runs)' if max(n_a, n_b) > 1 else ''}, "
           f"{args.samples} bootstrap resamples, 95% intervals")
     print(f"{'metric':<10} {'A':>8} {'B':>8} {'A-B':>9} {'95% CI of A-B':>22} {'A/B':>6}")
     for name in per_a:
@@ -139,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
     compare = sub.add_parser("compare", help="paired-bootstrap comparison of two runs' test metrics")
-    compare.add_argument("run_a", help="output_dir of run A")
-    compare.add_argument("run_b", help="output_dir of run B (same dataset and split)")
+    compare.add_argument("run_a", help="output_dir of run A, or several joined by commas (seeds)")
+    compare.add_argument("run_b", help="output_dir of run B (same dataset and split), or several")
     compare.add_argument("--ks", type=int, nargs="+", default=[10, 50, 200], help="cut-offs")
     compare.add_argument("--samples", type=int, default=10000, help="bootstrap resamples")
     compare.add_argument("--seed", type=int, default=0, help="resampling seed")
