@@ -651,9 +651,15 @@ def read_movielens_100k(directory: PathLike) -> Interactions:
     ]
     item_features = _item_table(_col(items, "item"), _col(items, "title").to_pylist(), release_years, genres)
     user_features = users.select(["user", "age", "gender", "occupation", "zip"])
+    return _movielens_ratings(ratings, "movielens-100k (grouplens)", files, item_features, user_features)
+
+
+def _movielens_ratings(ratings: pa.Table, source: str, files: Dict[str, str], item_features: pa.Table,
+                       user_features: Optional[pa.Table] = None) -> Interactions:
+    """The Interactions every GroupLens MovieLens reader returns: ratings as the action, seconds."""
     return Interactions(
         _events(ratings, "user", "item", "timestamp", "rating"),
-        source="movielens-100k (grouplens)",
+        source=source,
         item_features=item_features,
         user_features=user_features,
         action_name="rating",
@@ -745,15 +751,7 @@ def read_movielens_1m(directory: PathLike) -> Interactions:
     user_features = _user_table(
         _col(users, "user"), _col(users, "age").to_pylist(), _col(users, "gender"), occupations, _col(users, "zip")
     )
-    return Interactions(
-        _events(ratings, "user", "item", "timestamp", "rating"),
-        source="movielens-1m (grouplens)",
-        item_features=item_features,
-        user_features=user_features,
-        action_name="rating",
-        timestamp_unit="s",
-        files=files,
-    ).validate()
+    return _movielens_ratings(ratings, "movielens-1m (grouplens)", files, item_features, user_features)
 
 
 def read_movielens_20m(directory: PathLike) -> Interactions:
@@ -820,14 +818,7 @@ def read_movielens_20m(directory: PathLike) -> Interactions:
     item_features = _item_table(
         _col(movies, "item"), _col(movies, "title").to_pylist(), [None] * movies.num_rows, genres
     )
-    return Interactions(
-        _events(ratings, "user", "item", "timestamp", "rating"),
-        source="movielens-20m (grouplens)",
-        item_features=item_features,
-        action_name="rating",
-        timestamp_unit="s",
-        files=files,
-    ).validate()
+    return _movielens_ratings(ratings, "movielens-20m (grouplens)", files, item_features)
 
 
 # --------------------------------------------------------------------------- RecBole
