@@ -75,6 +75,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from torchrec_genrec.config import ConfigError
+    from torchrec_genrec.plans.models import MODEL_TABLES, content_tables
+    from torchrec_genrec.plans.planner import cluster_topology, format_report, plan_tables
+    from torchrec_genrec.plans.spec import parse_pins
+
+    def count(text: str, name: str) -> int:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value.is_integer() or value < 1:
+            raise ConfigError(f"--{name} must be a positive whole number (1e9 is fine), got {text!r}")
+        return int(value)
+
+    num_items, num_users = count(args.num_items, "num-items"), count(args.num_users, "num-users")
+    tables = MODEL_TABLES[args.model](num_items=num_items, num_users=num_users, embedding_dim=args.embedding_dim,
+                                      max_seq_len=args.max_seq_len, num_actions=args.num_actions)
+    if args.content_dim:
+        tables += content_tables(num_items, args.content_dim)
+    if args.cache_load_factor is not None:
+        tables = [dataclasses.replace(t, cache_load_factor=args.cache_load_factor)
+                  if t.num_bytes >= 1024**3 else t for t in tables]
+    topology = cluster_topology(args.nodes, args.gpus_per_node, args.hbm_gb, args.ddr_gb, args.compute_device)
+    if args.verbose:
+        logging.getLogger("torchrec.distributed.planner.stats").setLevel(logging.INFO)
+    report = plan_tables(tables, topology, args.batch_size, pins=parse_pins(args.pin))
+    print(f"{args.model}: {len(tables)} table(s), {sum(t.num_bytes for t in tables) / 1024**3:,.1f} GiB of fp32 "
+          f"weights; {args.nodes} node(s) x {args.gpus_per_node} {args.compute_device} rank(s), batch "
+          f"{args.batch_size} per rank")
+    print(format_report(report, tables))
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -146,6 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
+    plan = sub.add_parser("plan", help="dry-run the sharding planner for a model on a (hypothetical) cluster")
+    plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans"], default="hstu")
+    plan.add_argument("--num-items", default="1e6", help="catalogue size, e.g. 1e9")
+    plan.add_argument("--num-users", default="1e6", help="users (OneTrans's user-id table)")
+    plan.add_argument("--num-actions", type=int, default=5, help="action vocabulary (e.g. ratings)")
+    plan.add_argument("--embedding-dim", type=int, default=256)
+    plan.add_argument("--max-seq-len", type=int, default=1024, help="history length (lookups per sample)")
+    plan.add_argument("--content-dim", type=int, default=0, help="add a frozen content table of this width")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
+    plan.add_argument("--hbm-gb", type=float, default=80.0, help="device memory per GPU")
+    plan.add_argument("--ddr-gb", type=float, default=256.0, help="host memory per rank")
+    plan.add_argument("--compute-device", choices=["cuda", "cpu"], default="cuda")
+    plan.add_argument("--batch-size", type=int, default=128, help="samples per rank per step")
+    plan.add_argument("--pin", action="append", default=[], metavar="TABLE:TYPE[:KERNEL]",
+                      help="pin a table's sharding type (and kernel), e.g. tokens:table_wise (repeatable)")
+    plan.add_argument("--cache-load-factor", type=float, default=None,
+                      help="CUDA: let tables of 1 GiB or more keep only this share of rows in HBM, the rest "
+                           "in host memory (fbgemm's UVM cache), e.g. 0.2")
+    plan.add_argument("--verbose", action="store_true", help="also print TorchRec's planner statistics")
+    plan.set_defaults(func=_cmd_plan)
+
     compare = sub.add_parser("compare", help="paired-bootstrap comparison of two runs' test metrics")
     compare.add_argument("run_a", help="output_dir of run A, or several joined by commas (seeds)")
     compare.add_argument("run_b", help="output_dir of run B (same dataset and split), or several")
@@ -159,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from torchrec_genrec.config import ConfigError
     from torchrec_genrec.data.errors import DataError
+    from torchrec_genrec.plans.spec import PlanError
     from torchrec_genrec.logging_utils import silence_known_noise
 
     args = build_parser().parse_args(argv)
@@ -167,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("torchrec_genrec").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, PlanError) as e:
         # Bad input is the user's to fix: say what and where, without a traceback.
         print(f"genrec {args.command}: error: {e}", file=sys.stderr)
         return 2

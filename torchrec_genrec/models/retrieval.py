@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Dict, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,13 @@ from torchrec_genrec.data.batching import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, S
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
 from torchrec_genrec.ops.jagged import lengths_to_offsets, positions_in_sequence, sequence_ids
+from torchrec_genrec.plans.models import RETRIEVAL_FEATURES, TOKEN_TABLE, retrieval_tables, table_width
+from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
 
-TOKEN_TABLE = "tokens"
 # Features of the one KeyedJaggedTensor looked up in the token table.
-HISTORY, HISTORY_ACTIONS, NEGATIVES, CATALOG = "history", "history_actions", "negatives", "catalog"
-_FEATURES = [HISTORY, HISTORY_ACTIONS, NEGATIVES, CATALOG]
+HISTORY, HISTORY_ACTIONS, NEGATIVES, CATALOG = RETRIEVAL_FEATURES
+_FEATURES = list(RETRIEVAL_FEATURES)
 
 
 @dataclasses.dataclass
@@ -131,7 +132,7 @@ class GenerativeRetrieval(nn.Module):
         d = config.embedding_dim
         # fbgemm's fused tables need a multiple of 4 columns; a model width such as the
         # paper's 50 is stored in 52 columns and the extra ones are never read.
-        self.table_dim = -(-d // 4) * 4
+        self.table_dim = table_width(d)
         self.token_embeddings = EmbeddingCollection(
             tables=[EmbeddingConfig(
                 name=TOKEN_TABLE, embedding_dim=self.table_dim, num_embeddings=self.space.size, feature_names=list(_FEATURES),
@@ -156,6 +157,11 @@ class GenerativeRetrieval(nn.Module):
         if self.num_actions and config.action_loss_weight > 0:
             width = d if self.action_mode == "interleaved" else 2 * d
             self.action_head = nn.Linear(width, self.num_actions)
+
+    def table_specs(self) -> List[TableSpec]:
+        """The model's embedding tables as the planner sees them (see ``plans``)."""
+        return retrieval_tables(self.num_items, self.num_actions, self.config.embedding_dim, self.max_seq_len,
+                                self.config.num_negatives, interleaved=self.action_mode == "interleaved")
 
     # ----------------------------------------------------------------- layout
     def _layout(self, batch: SequenceBatch, append_target: bool) -> _Tokens:

@@ -85,11 +85,23 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class PlanConfig:
+    """Args:
+    pins (Tuple[str, ...]): manual sharding plan, ``TABLE:SHARDING_TYPE[:COMPUTE_KERNEL]``
+        per table (e.g. ``["tokens:table_wise"]``); tables not pinned are planned from
+        the model's declaration (``genrec plan`` shows the result).
+    """
+
+    pins: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: RetrievalConfig = dataclasses.field(default_factory=RetrievalConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
 
 
 def _write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
@@ -151,7 +163,7 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
 
             writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
         model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len)
-        dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
+        dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
         optimizer = build_optimizer(dmp, cfg.train.optim)
         train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
         checkpointer = (Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx)

@@ -19,23 +19,23 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
-from torchrec_genrec.models.retrieval import TOKEN_TABLE, GenerativeRetrieval
+from torchrec_genrec.models.retrieval import GenerativeRetrieval
+from torchrec_genrec.plans.planner import make_sharders, plan_tables
+from torchrec_genrec.plans.spec import parse_pins
 from torchrec_genrec.train.distributed import DistContext
 from torchrec_genrec.train.evaluate import evaluate_retrieval
 
@@ -67,27 +67,30 @@ class OptimConfig:
     sparse_lr: float = 0.05
 
 
-def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batch_size: int) -> DistributedModelParallel:
-    """Plans the token table (row-wise) and wraps the model in DistributedModelParallel."""
+def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batch_size: int,
+          pins: Sequence[str] = ()) -> DistributedModelParallel:
+    """Plans the model's tables (``model.table_specs()``, see ``plans``) on the job's ranks
+    and wraps the model in DistributedModelParallel.
+
+    Args:
+        pins (Sequence[str]): manual plan, ``TABLE:SHARDING_TYPE[:KERNEL]`` per table.
+    """
     if optim.sparse_optimizer == "adam" and ctx.device.type != "cuda":
         raise ValueError("train.optim.sparse_optimizer = 'adam' needs CUDA: fbgemm fuses only Adagrad, row-wise "
                          "Adagrad and SGD on CPU. Use 'rowwise_adagrad' (the CPU default).")
-    sharder = EmbeddingCollectionSharder(fused_params={
-        "optimizer": _SPARSE_OPTIMIZERS[optim.sparse_optimizer],
-        "learning_rate": optim.sparse_lr,
-        "eps": 1e-8,
-    })
-    logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
-    topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type)
-    planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size,
-        constraints={TOKEN_TABLE: ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])},
-        storage_reservation=FixedPercentageStorageReservation(0.15),
-    )
-    plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
+    sharders = make_sharders(_SPARSE_OPTIMIZERS[optim.sparse_optimizer], optim.sparse_lr)
+    world, local = ctx.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local),
+                                               kernel_config=KernelConfig(compute_device=ctx.device.type))
+    report = plan_tables(model.table_specs(), topology, batch_size, sharders=sharders, pins=parse_pins(pins),
+                         module=model, process_group=dist.group.WORLD)
+    if ctx.is_main:
+        for t in report.tables:
+            logger.info("table %s: %s on ranks %s, shards %s", t.name, t.sharding_type, t.ranks or "all",
+                        t.shard_shapes)
     return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=ctx.device, plan=plan,
-        sharders=[sharder],
+        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=ctx.device, plan=report.plan,
+        sharders=sharders,
     )
 
 
