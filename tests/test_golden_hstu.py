@@ -37,7 +37,8 @@ def first_losses(store_path: str, steps: int = STEPS) -> List[float]:
     _seed_everything(cfg.train.seed)
     store = SequenceStore.open(store_path)
     ctx = init_distributed()
-    model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len)
+    model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len,
+                                seed=cfg.train.seed)
     dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
     optimizer = build_optimizer(dmp, cfg.train.optim)
     dataset = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout))

@@ -28,6 +28,7 @@ from functools import partial
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
@@ -36,6 +37,7 @@ from torchrec_genrec.data.batching import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, S
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
 from torchrec_genrec.ops.jagged import lengths_to_offsets, positions_in_sequence, sequence_ids
+from torchrec_genrec.ops.random import keyed_randint
 from torchrec_genrec.plans.models import RETRIEVAL_FEATURES, TOKEN_TABLE, retrieval_tables, table_width
 from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
@@ -119,9 +121,14 @@ class GenerativeRetrieval(nn.Module):
     """
 
     def __init__(self, config: RetrievalConfig, num_items: int, num_actions: int, max_seq_len: int,
-                 device: torch.device = torch.device("meta")) -> None:
+                 device: torch.device = torch.device("meta"), seed: int = 0) -> None:
         super().__init__()
         self.config = config
+        self.seed = seed
+        # Training steps taken: with the seed and the user id it keys the sampled negatives,
+        # so they do not depend on the rank or the batch a user lands in, and a checkpoint
+        # (this is a buffer) resumes the same draws.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.num_items = num_items
         self.action_mode = config.action_mode if num_actions else "none"
         self.num_actions = num_actions if self.action_mode != "none" else 0
@@ -239,8 +246,10 @@ class GenerativeRetrieval(nn.Module):
         """Training step on a TRAIN batch.
 
         Returns:
-            Tuple[torch.Tensor, Dict[str, torch.Tensor]]: the loss and detached stats
-            (``item_loss``, ``action_loss``, ``action_acc``, ``tokens``).
+            Tuple[torch.Tensor, Dict[str, torch.Tensor]]: the loss to backpropagate (on N
+            ranks, this rank's share, scaled so the averaged gradient is that of the
+            global mean) and stats over all ranks' batches: ``loss``, ``item_loss``,
+            ``action_loss``, ``action_acc``, ``tokens``.
         """
         cfg = self.config
         layout = self._layout(batch, append_target=False)
@@ -260,9 +269,9 @@ class GenerativeRetrieval(nn.Module):
         if cfg.loss == "sampled_softmax":
             k = cfg.num_negatives
             if cfg.negatives == "uniform":
-                neg_items = torch.randint(0, self.num_items, (b, k))
+                neg_items = self.uniform_negatives(batch.user, int(self.step))
                 negative_lengths = torch.full((b,), k, dtype=torch.int64)
-            else:
+            else:  # in-batch negatives depend on the batch by definition
                 pick = torch.randint(0, num_events, (k,))
                 neg_items = items[pick].unsqueeze(0)
                 negative_lengths = torch.zeros(b, dtype=torch.int64)
@@ -286,7 +295,7 @@ class GenerativeRetrieval(nn.Module):
         if cfg.loss == "full_softmax":
             catalog = _normalize(emb[CATALOG])  # (N, D)
             logits = user @ catalog.T
-            item_loss = F.cross_entropy(logits / cfg.temperature, positive_items)
+            item_loss_sum = F.cross_entropy(logits / cfg.temperature, positive_items, reduction="sum")
         else:
             neg = _normalize(emb[NEGATIVES])
             if cfg.negatives == "uniform":
@@ -304,10 +313,10 @@ class GenerativeRetrieval(nn.Module):
                 same = neg_items.reshape(1, -1) == positive_items.unsqueeze(1)
             neg_logits = neg_logits.masked_fill(same, float("-inf"))  # a negative equal to the positive
             logits = torch.cat([pos_logit, neg_logits], dim=1) / cfg.temperature
-            item_loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64))
+            item_loss_sum = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64), reduction="sum")
 
-        stats = {"item_loss": item_loss.detach(), "tokens": torch.tensor(float(layout.tokens.numel()))}
-        loss = item_loss
+        action_loss_sum = action_correct = None
+        num_actions_predicted = 0
         if self.action_head is not None:
             actions = batch.features[ACTION_KEY].values()
             if self.action_mode == "interleaved":
@@ -318,11 +327,39 @@ class GenerativeRetrieval(nn.Module):
                 # Output at event i plus the next item's embedding predicts the next action.
                 action_logits = self.action_head(torch.cat([h[query_token_idx], item_emb[query_event + 1]], dim=1))
                 action_target = actions[query_event + 1]
-            action_loss = F.cross_entropy(action_logits, action_target)
-            loss = loss + cfg.action_loss_weight * action_loss
-            stats["action_loss"] = action_loss.detach()
-            stats["action_acc"] = (action_logits.argmax(1) == action_target).float().mean().detach()
+            action_loss_sum = F.cross_entropy(action_logits, action_target, reduction="sum")
+            action_correct = (action_logits.argmax(1) == action_target).sum()
+            num_actions_predicted = len(action_target)
+        if self.training:
+            self.step += 1
+
+        # Losses are means over the whole step's predictions, on every rank together: each
+        # rank divides its sums by the global counts and scales by the world size, because
+        # DDP and TorchRec average gradients over ranks. So N ranks with B users each train
+        # exactly like one rank with N * B users.
+        local = torch.tensor([float(len(query_event)), float(num_actions_predicted), float(item_loss_sum.detach()),
+                              float(action_loss_sum.detach()) if action_loss_sum is not None else 0.0,
+                              float(action_correct) if action_correct is not None else 0.0,
+                              float(layout.tokens.numel())], dtype=torch.float64)
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(local)
+        queries, predicted, item_total, action_total, correct, tokens = local.tolist()
+        loss = item_loss_sum * (world / max(queries, 1.0))
+        stats = {"item_loss": torch.tensor(item_total / max(queries, 1.0)), "tokens": torch.tensor(tokens)}
+        if action_loss_sum is not None:
+            loss = loss + cfg.action_loss_weight * action_loss_sum * (world / max(predicted, 1.0))
+            stats["action_loss"] = torch.tensor(action_total / max(predicted, 1.0))
+            stats["action_acc"] = torch.tensor(correct / max(predicted, 1.0))
+        stats["loss"] = stats["item_loss"] + cfg.action_loss_weight * stats.get("action_loss", torch.tensor(0.0))
         return loss, stats
+
+    def uniform_negatives(self, users: torch.Tensor, step: int) -> torch.Tensor:
+        """The ``(B, K)`` item ids sampled as negatives for these users at this training step:
+        a pure function of (seed, step, user), whatever rank or batch the user is in."""
+        k = self.config.num_negatives
+        return keyed_randint(self.num_items, self.seed, step, users.to(torch.int64).unsqueeze(1), torch.arange(k))
 
     # ------------------------------------------------------------- evaluation
     @torch.no_grad()

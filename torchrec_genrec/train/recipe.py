@@ -162,7 +162,8 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
-        model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len)
+        model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len,
+                                    seed=cfg.train.seed)
         dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
         optimizer = build_optimizer(dmp, cfg.train.optim)
         train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)

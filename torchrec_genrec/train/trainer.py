@@ -68,12 +68,14 @@ class OptimConfig:
 
 
 def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batch_size: int,
-          pins: Sequence[str] = ()) -> DistributedModelParallel:
+          pins: Sequence[str] = (), seed: Optional[int] = None) -> DistributedModelParallel:
     """Plans the model's tables (``model.table_specs()``, see ``plans``) on the job's ranks
     and wraps the model in DistributedModelParallel.
 
     Args:
         pins (Sequence[str]): manual plan, ``TABLE:SHARDING_TYPE[:KERNEL]`` per table.
+        seed (Optional[int]): initialise the tables from this seed, the same whatever the
+            plan (see :func:`seed_embedding_tables`); default ``model.seed``.
     """
     if optim.sparse_optimizer == "adam" and ctx.device.type != "cuda":
         raise ValueError("train.optim.sparse_optimizer = 'adam' needs CUDA: fbgemm fuses only Adagrad, row-wise "
@@ -88,10 +90,46 @@ def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batc
         for t in report.tables:
             logger.info("table %s: %s on ranks %s, shards %s", t.name, t.sharding_type, t.ranks or "all",
                         t.shard_shapes)
-    return DistributedModelParallel(
+    dmp = DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=ctx.device, plan=report.plan,
         sharders=sharders,
     )
+    seed_embedding_tables(dmp, model.seed if seed is None else seed)
+    return dmp
+
+
+def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float = 0.02, bound: float = 0.04) -> int:
+    """Re-initialises every sharded table so that element ``(row, col)`` of table ``t`` is a
+    pure function of ``(seed, t, row, col)``: a truncated normal, as the model's own init.
+
+    TorchRec materialises each shard with the rank's generator, so without this the same
+    seed gives a different model under a different plan or world size. Each rank writes
+    only its own shards (row and column offsets from the shard metadata), in chunks.
+
+    Returns:
+        int: the number of table elements this rank wrote.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from torchrec_genrec.ops.random import hash32, keyed_truncated_normal
+
+    written = 0
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            if not (isinstance(value, ShardedTensor) and key.endswith(".weight")):
+                continue
+            table = key.split(".")[-2]
+            table_key = int(hash32(torch.tensor(sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(table)))))
+            for shard in value.local_shards():
+                row0, col0 = shard.metadata.shard_offsets
+                rows, cols = shard.metadata.shard_sizes
+                columns = torch.arange(col0, col0 + cols)
+                chunk = max(1, (1 << 22) // max(cols, 1))
+                for r in range(0, rows, chunk):
+                    ids = torch.arange(row0 + r, row0 + min(r + chunk, rows)).unsqueeze(1)
+                    shard.tensor[r:r + len(ids)].copy_(keyed_truncated_normal(std, bound, seed, table_key, ids, columns))
+                    written += ids.numel() * cols
+    return written
 
 
 def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
@@ -192,7 +230,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
             epoch_tokens += tokens
             n += 1
             rate = epoch_tokens / max(time.perf_counter() - epoch_start, 1e-9)
-            loss_value = float(loss.detach())
+            loss_value = float(stats["loss"])  # the step's loss over all ranks
             loss_sum += loss_value
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
             if writer is not None and ctx.is_main:
