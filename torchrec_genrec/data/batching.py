@@ -228,9 +228,13 @@ class ShardedBatchSampler(Sampler[List[int]]):
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the epoch's order; ``start_batch`` skips this rank's first batches
+        (resuming mid-epoch)."""
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def _batches(self) -> List[np.ndarray]:
         if self.shuffle:
@@ -244,12 +248,16 @@ class ShardedBatchSampler(Sampler[List[int]]):
             batches = batches[: len(batches) - len(batches) % self.world_size]
         return batches[self.rank::self.world_size]
 
+    def all_batches(self) -> List[np.ndarray]:
+        """This rank's batches of the epoch, the skipped ones included."""
+        return self._batches()
+
     def __iter__(self) -> Iterator[List[int]]:
-        for b in self._batches():
+        for b in self._batches()[self.start_batch:]:
             yield b.tolist()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return max(len(self._batches()) - self.start_batch, 0)
 
 
 def _identity(batch: SequenceBatch) -> SequenceBatch:
@@ -277,4 +285,8 @@ def make_dataloader(dataset: SequenceDataset, batch_size: int, *, shuffle: bool,
         collate_fn=_identity,  # __getitems__ already returns a batch
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Its own generator: by default each new iterator draws a seed from the global one,
+        # which would shift dropout whenever an epoch's iterator is (re)created, e.g. when
+        # resuming mid-epoch.
+        generator=torch.Generator().manual_seed(seed),
     )

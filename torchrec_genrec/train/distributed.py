@@ -22,6 +22,27 @@ class DistContext:
         return self.rank == 0
 
 
+def _job_store() -> dist.Store:
+    """The job's key-value store, under a prefix of its own per torchrun restart.
+
+    Under torchrun the workers share the agent's store, which outlives a restart: without
+    a per-attempt prefix, restarted workers read the dead workers' gloo/nccl addresses and
+    fail to connect ("Connection refused"), so ``--max-restarts`` could never recover.
+    """
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    host, port = os.environ.get("MASTER_ADDR", "localhost"), int(os.environ.get("MASTER_PORT", "29500"))
+    from datetime import timedelta
+
+    timeout = timedelta(minutes=10)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"torchrec_genrec/attempt-{attempt}", store)
+
+
 def init_distributed() -> DistContext:
     """Joins (or creates) the default process group.
 
@@ -33,7 +54,8 @@ def init_distributed() -> DistContext:
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, store=_job_store(), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
         else:
             # A file rendezvous needs no free port, so parallel single-process runs never collide.
             fd, path = tempfile.mkstemp(prefix="genrec-pg-")

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,11 @@ class TrainConfig:
     eval_every (int): validate every this many epochs (and after the last).
     max_steps (Optional[int]): stop after this many steps (smoke tests, golden runs).
     checkpoint (bool): save a torch.distributed.checkpoint every epoch and for the best epoch.
+    checkpoint_every_steps (Optional[int]): also checkpoint inside epochs, every this many
+        steps (less work lost to a failure on long epochs).
+    resume (str): ``auto``: continue from the newest checkpoint in ``output_dir`` if there
+        is one (a restarted job, or a longer epoch cap); ``never``: start over; ``must``:
+        fail if there is none.
     progress (bool): show tqdm progress bars.
     optim (OptimConfig): optimisers.
     """
@@ -80,6 +85,8 @@ class TrainConfig:
     eval_every: int = 1
     max_steps: Optional[int] = None
     checkpoint: bool = True
+    checkpoint_every_steps: Optional[int] = None
+    resume: Literal["auto", "never", "must"] = "auto"
     progress: bool = True
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
@@ -119,6 +126,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def fingerprint(cfg: RecipeConfig) -> str:
+    """A digest of the settings a checkpoint's weights depend on: data, model, seed, batch
+    size and optimiser (not the epoch cap, patience, plan or output settings)."""
+    import hashlib
+
+    keep = {"data": to_dict(cfg.data), "model": to_dict(cfg.model),
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "batch_size", "optim")}}
+    keep["data"].pop("num_workers", None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
@@ -174,10 +192,12 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
                      patience=cfg.train.patience, seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                      eval_every=cfg.train.eval_every,
                      checkpointer=checkpointer, writer=writer, max_steps=cfg.train.max_steps,
-                     progress=cfg.train.progress)
+                     progress=cfg.train.progress, checkpoint_every_steps=cfg.train.checkpoint_every_steps,
+                     resume=cfg.train.resume if cfg.train.checkpoint else "never", fingerprint=fingerprint(cfg))
         scorer = dmp.module.score
         dmp.eval()
         training = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                    "resumed_from": result.resumed_from,
                     "train_seconds": round(result.seconds, 2),
                     "tokens_per_second": round(result.tokens_per_second, 1), "history": result.history}
         if valid_set is not None and result.best_epoch >= 0:

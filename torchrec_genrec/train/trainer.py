@@ -15,6 +15,7 @@ row-wise Adagrad; on CUDA ``adam`` matches the paper's all-Adam(W) setup.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -32,6 +33,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from torchrec_genrec.config import ConfigError
 from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 from torchrec_genrec.plans.planner import make_sharders, plan_tables
@@ -145,8 +147,13 @@ def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> Combin
 class Checkpointer:
     """torch.distributed.checkpoint into ``<dir>/<name>``, visible only once complete.
 
-    Each checkpoint is written to ``<name>.tmp`` and renamed by rank 0 after every rank
-    has finished, so a crash mid-save leaves the previous checkpoint intact.
+    A checkpoint holds the sharded tables, the dense weights and buffers, both optimisers'
+    state (``dcp``, so it loads into any plan or world size), the trainer's position and
+    history (``trainer.json``) and every rank's random state (``rng-rank<R>.pt``). It is
+    written to ``<name>.tmp`` and renamed by rank 0 after every rank has finished, so a
+    crash mid-save leaves the previous checkpoint intact; ``.tmp`` leftovers are ignored
+    and replaced. Periodic checkpoints are named ``step-<global step>``; the newest
+    ``keep_latest`` are kept, plus ``best``.
     """
 
     def __init__(self, directory: str, ctx: DistContext, keep_latest: int = 2) -> None:
@@ -154,13 +161,17 @@ class Checkpointer:
         if ctx.is_main:
             os.makedirs(directory, exist_ok=True)
 
-    def save(self, name: str, state: Dict[str, Any]) -> str:
+    def save(self, name: str, state: Dict[str, Any], trainer_state: Optional[Dict[str, Any]] = None) -> str:
         final = os.path.join(self.directory, name)
         tmp = final + ".tmp"
         if self.ctx.is_main and os.path.exists(tmp):
             shutil.rmtree(tmp)
         dist.barrier()
         dcp.save(state, checkpoint_id=tmp)
+        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{self.ctx.rank}.pt"))
+        if self.ctx.is_main and trainer_state is not None:
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump({**trainer_state, "world_size": self.ctx.world_size}, f)
         dist.barrier()
         if self.ctx.is_main:
             if os.path.exists(final):
@@ -173,13 +184,72 @@ class Checkpointer:
     def load(self, name: str, state: Dict[str, Any]) -> None:
         dcp.load(state, checkpoint_id=os.path.join(self.directory, name))
 
+    def latest(self) -> Optional[str]:
+        """The newest complete periodic checkpoint's name, or None."""
+        steps = self._periodic()
+        return steps[-1] if steps else None
+
+    def trainer_state(self, name: str) -> Dict[str, Any]:
+        with open(os.path.join(self.directory, name, "trainer.json")) as f:
+            return json.load(f)
+
+    def restore_rng(self, name: str) -> bool:
+        """Restores this rank's random state if the checkpoint has one for it."""
+        path = os.path.join(self.directory, name, f"rng-rank{self.ctx.rank}.pt")
+        if not os.path.exists(path):
+            return False
+        _set_rng_state(torch.load(path, weights_only=False))
+        return True
+
+    def _periodic(self) -> List[str]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted((d for d in os.listdir(self.directory) if d.startswith("step-") and not d.endswith(".tmp")
+                       and os.path.exists(os.path.join(self.directory, d, "trainer.json"))),
+                      key=lambda d: int(d.split("-")[1]))
+
     def _prune(self) -> None:
-        epochs = sorted(
-            (d for d in os.listdir(self.directory) if d.startswith("epoch-") and not d.endswith(".tmp")),
-            key=lambda d: int(d.split("-")[1]),
-        )
-        for old in epochs[: max(len(epochs) - self.keep_latest, 0)]:
+        steps = self._periodic()
+        for old in steps[: max(len(steps) - self.keep_latest, 0)]:
             shutil.rmtree(os.path.join(self.directory, old), ignore_errors=True)
+
+
+def _rng_state() -> Dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _maybe_inject_fault(ctx: DistContext, step: int) -> None:
+    """Fault drill: ``GENREC_FAULT_AT_STEP=<rank>:<step>`` kills that rank once, just before
+    that global step, to rehearse recovery (``torchrun --max-restarts``). A marker file
+    next to the job's checkpoints makes it fire only in the first attempt."""
+    spec = os.environ.get("GENREC_FAULT_AT_STEP")
+    if not spec:
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    marker = os.environ.get("GENREC_FAULT_MARKER", "")
+    if ctx.rank == rank and step == at and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        logger.error("fault drill: rank %d exits at step %d", rank, step)
+        os._exit(13)
 
 
 @dataclasses.dataclass
@@ -189,6 +259,7 @@ class FitResult:
     history: List[Dict[str, float]]
     seconds: float
     tokens_per_second: float
+    resumed_from: Optional[str] = None
 
 
 def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: SequenceDataset,
@@ -196,14 +267,23 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         eval_batch_size: int, ks: Tuple[int, ...], patience: int, seed: int, num_workers: int,
         eval_every: int = 1,
         checkpointer: Optional[Checkpointer], writer: Any = None, max_steps: Optional[int] = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, checkpoint_every_steps: Optional[int] = None,
+        resume: str = "auto", fingerprint: str = "") -> FitResult:
     """Trains with early stopping on validation NDCG@10; leaves the best weights loaded.
 
     Validation runs every ``eval_every`` epochs (and after the last); training stops once
-    ``patience`` epochs have passed since the best validation score.
+    ``patience`` epochs have passed since the best validation score. Without a validation
+    split (holdout=1, the published protocol) it trains all ``epochs`` and keeps the last
+    weights.
 
-    Without a validation split (holdout=1, the published protocol) it trains all
-    ``epochs`` and keeps the last weights.
+    Checkpoints are written after every epoch and, with ``checkpoint_every_steps``, inside
+    epochs too. ``resume="auto"`` continues from the newest checkpoint in the directory
+    (``"never"`` starts over, ``"must"`` fails without one): weights, optimiser state,
+    the position in the epoch's shuffled order, the loss sums so far, the history and the
+    random state, so that on the same world size the resumed run ends bit-identical to an
+    uninterrupted one. On another world size the tables and optimiser state re-shard; the
+    data order continues from the same global position. ``fingerprint`` (the settings that
+    define the model and data) must match the checkpoint's.
     """
     loader = make_dataloader(train_set, batch_size, shuffle=True, seed=seed, num_workers=num_workers,
                              rank=ctx.rank, world_size=ctx.world_size, drop_last=ctx.world_size > 1)
@@ -213,25 +293,74 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
     start = time.perf_counter()
     total_tokens = 0.0
     train_seconds = 0.0
-    epoch = -1
-    for epoch in range(epochs):
-        loader.batch_sampler.set_epoch(epoch)
+    first_epoch, first_batch = 0, 0
+    partial = {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+    resumed_from = None
+    if resume not in ("auto", "never", "must"):
+        raise ValueError(f"resume must be auto, never or must, not {resume!r}")
+    latest = checkpointer.latest() if checkpointer is not None and resume != "never" else None
+    if resume == "must" and latest is None:
+        raise ConfigError("train.resume = 'must' but there is no checkpoint to resume from in "
+                         f"{checkpointer.directory if checkpointer else '(checkpoints are off)'}")
+    if latest is not None:
+        saved = checkpointer.trainer_state(latest)
+        if saved.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{os.path.join(checkpointer.directory, latest)} was written by a run with different model/data "
+                "settings; use a new train.output_dir, or set train.resume = 'never' to start over")
+        for name, sub in optimizer.optimizers:
+            if name == "dense":
+                sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
+        state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+        checkpointer.load(latest, state)
+        dmp.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        same_world = saved["world_size"] == ctx.world_size
+        if same_world:
+            checkpointer.restore_rng(latest)
+        step, best, best_epoch = saved["step"], saved["best"], saved["best_epoch"]
+        history = saved["history"]
+        first_epoch, first_batch = saved["epoch"], saved["batch_in_epoch"]
+        partial = saved["partial"]
+        if saved.get("stopped"):
+            first_epoch = epochs  # early stopping had ended that run: nothing left to train
+        if not same_world:
+            # This rank's batches are every world-size-th global batch: continue from the
+            # same global position.
+            first_batch = first_batch * saved["world_size"] // ctx.world_size
+        resumed_from = latest
+        if ctx.is_main:
+            logger.info("resumed from %s: epoch %d, batch %d, step %d%s", latest, first_epoch, first_batch, step,
+                        "" if same_world else f" (re-sharded from {saved['world_size']} ranks)")
+
+    def trainer_state(epoch: int, batch_in_epoch: int, part: Dict[str, float]) -> Dict[str, Any]:
+        return {"fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "best": best, "best_epoch": best_epoch, "history": history, "partial": part}
+
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, epochs):
+        skip = first_batch if epoch == first_epoch else 0
+        loader.batch_sampler.set_epoch(epoch, start_batch=skip)
         dmp.train()
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not (progress and ctx.is_main))
-        epoch_start, epoch_tokens, loss_sum, n = time.perf_counter(), 0.0, 0.0, 0
+        part = partial if epoch == first_epoch else {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+        epoch_start = time.perf_counter() - part["seconds"]
+        batch_in_epoch = skip
         for batch in bar:
+            _maybe_inject_fault(ctx, step)
             batch = batch.to(ctx.device)
             loss, stats = dmp(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
+            batch_in_epoch += 1
             tokens = float(stats["tokens"])
-            epoch_tokens += tokens
-            n += 1
-            rate = epoch_tokens / max(time.perf_counter() - epoch_start, 1e-9)
+            part["tokens"] += tokens
+            part["batches"] += 1
+            rate = part["tokens"] / max(time.perf_counter() - epoch_start, 1e-9)
             loss_value = float(stats["loss"])  # the step's loss over all ranks
-            loss_sum += loss_value
+            part["loss_sum"] += loss_value
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
             if writer is not None and ctx.is_main:
                 writer.add_scalar("train/loss", loss_value, step)
@@ -242,11 +371,16 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
                 writer.add_scalar("train/tokens_per_s", rate, step)
             if max_steps is not None and step >= max_steps:
                 break
+            if (checkpointer is not None and checkpoint_every_steps and step % checkpoint_every_steps == 0
+                    and batch_in_epoch < len(loader.batch_sampler.all_batches())):
+                part["seconds"] = time.perf_counter() - epoch_start
+                checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
+                                  trainer_state(epoch, batch_in_epoch, dict(part)))
         epoch_seconds = time.perf_counter() - epoch_start
         train_seconds += epoch_seconds
-        total_tokens += epoch_tokens
-        record: Dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / max(n, 1),
-                                    "tokens_per_s": epoch_tokens / max(epoch_seconds, 1e-9)}
+        total_tokens += part["tokens"]
+        record: Dict[str, float] = {"epoch": epoch, "train_loss": part["loss_sum"] / max(part["batches"], 1),
+                                    "tokens_per_s": part["tokens"] / max(epoch_seconds, 1e-9)}
         last_epoch = epoch == epochs - 1 or (max_steps is not None and step >= max_steps)
         evaluate = valid_set is not None and ((epoch + 1) % eval_every == 0 or last_epoch)
         if evaluate:
@@ -266,14 +400,16 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         if ctx.is_main:
             shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "valid_ndcg@10", "valid_hr@10")}
             logger.info("epoch %d %s", epoch, shown)
+        stop = (evaluate and epoch - best_epoch >= patience) or (max_steps is not None and step >= max_steps)
         if checkpointer is not None:
-            checkpointer.save(f"epoch-{epoch}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 "epoch": epoch})
-        if (evaluate and epoch - best_epoch >= patience) or (max_steps is not None and step >= max_steps):
+            checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
+                              {**trainer_state(epoch + 1, 0, {"loss_sum": 0.0, "batches": 0, "tokens": 0.0,
+                                                              "seconds": 0.0}), "stopped": stop})
+        if stop:
             break
     if valid_set is not None and checkpointer is not None and best_epoch >= 0:
         state = {"model": dmp.state_dict()}
         checkpointer.load("best", state)
         dmp.load_state_dict(state["model"])
     return FitResult(best_epoch if valid_set is not None else epoch, epoch + 1, history,
-                     time.perf_counter() - start, total_tokens / max(train_seconds, 1e-9))
+                     time.perf_counter() - start, total_tokens / max(train_seconds, 1e-9), resumed_from)
