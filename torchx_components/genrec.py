@@ -25,6 +25,7 @@ def train(
     memMB: int = 8192,
     env: Optional[Dict[str, str]] = None,
     max_retries: int = 0,
+    max_restarts: int = 0,
     rdzv_port: int = 29500,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
@@ -41,14 +42,16 @@ def train(
         gpu: GPUs per node
         memMB: memory per node in MB
         env: extra environment variables
-        max_retries: restarts of the whole job after a failure
+        max_retries: scheduler-level retries of the whole job after a failure (e.g. Slurm requeue)
+        max_restarts: torchrun restarts of a node's workers after a rank fails; the recipe
+            resumes from its last checkpoint (train.resume=auto), nothing lost or repeated
         rdzv_port: rendezvous port on the first node
         mounts: volume mounts (scheduler-specific syntax, see torchx.specs.parse_mounts)
     """
     args = ["train", "--config", config]
     for override in overrides:
         args += ["--set", override]
-    return dist.ddp(
+    app = dist.ddp(
         *args,
         m="torchrec_genrec.cli",
         image=image,
@@ -62,3 +65,8 @@ def train(
         rdzv_port=rdzv_port,
         mounts=mounts,
     )
+    if max_restarts:
+        for role in app.roles:
+            # dist.ddp has no knob for torchrun's own restarts; its command is one shell string.
+            role.args = [a.replace("torchrun ", f"torchrun --max_restarts {max_restarts} ", 1) for a in role.args]
+    return app
