@@ -12,7 +12,7 @@ setup:
 # Prepare the embedded MovieLens-100K and train + evaluate the default recipe.
 run: setup
 	$(GENREC) prepare movielens-100k
-	$(GENREC) train --config $(RECIPE)
+	$(GENREC) train --config $(RECIPE) $(ARGS)
 
 # The fast default suite (what CI runs). Slow end-to-end tests: `make test-slow`.
 test: setup
