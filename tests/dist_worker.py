@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True, help="per rank")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--pin", default="tokens:row_wise")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     silence_known_noise()
@@ -54,11 +55,18 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         losses.append(float(stats["loss"]))
+    from torchrec_genrec.train.evaluate import evaluate_retrieval
+
+    dmp.eval()
+    test = SequenceDataset(args.store, Split.TEST, 20, with_seen_items=True)
+    # 80 test users in batches of 32: 3 batches, so the ranks score unequal numbers.
+    evaluation = evaluate_retrieval(dmp.module.score, test, (10,), batch_size=args.eval_batch_size,
+                                    return_ranks=True, progress=False)
     (weight,) = [v for k, v in dmp.state_dict().items() if k.endswith("tokens.weight")]
     full = torch.zeros(weight.size()) if ctx.rank == 0 else None
     weight.gather(0, full)
     if ctx.rank == 0:
-        torch.save({"losses": losses, "table": full, "world_size": ctx.world_size}, args.out)
+        torch.save({"losses": losses, "table": full, "world_size": ctx.world_size, "eval": evaluation}, args.out)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -43,3 +43,8 @@ def test_two_ranks_train_exactly_like_one_at_the_same_global_batch(store_path, t
     for other in (two, two_table_wise):
         assert torch.allclose(torch.tensor(one["losses"]), torch.tensor(other["losses"]), rtol=1e-5, atol=0)
         assert torch.allclose(one["table"], other["table"], atol=1e-6, rtol=0)
+        # Evaluation is sharded over the ranks and gathered back in user order: 80 test
+        # users in batches of 32 give 3 batches, 2 on rank 0 and 1 on rank 1 (which keeps
+        # the sharded lookups in step with a throw-away batch).
+        assert other["eval"]["count"] == one["eval"]["count"] == 80
+        assert torch.equal(one["eval"]["ranks"], other["eval"]["ranks"])

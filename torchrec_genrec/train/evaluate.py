@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from torchrec_genrec.data.batching import SequenceBatch, SequenceDataset, make_dataloader
@@ -38,11 +39,21 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: S
     """
     if not dataset.with_seen_items:
         raise ValueError("evaluation excludes seen items: build the dataset with with_seen_items=True")
-    metrics = RetrievalMetrics(ks)
-    loader = make_dataloader(dataset, batch_size, shuffle=False, num_workers=num_workers)
-    all_ranks = []
+    # Under a process group every rank scores its own share of the batches (the sharded
+    # tables need every rank in every lookup) and the per-user ranks are gathered.
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    loader = make_dataloader(dataset, batch_size, shuffle=False, num_workers=num_workers, rank=rank, world_size=world)
+    total_batches = -(-len(dataset) // batch_size)
+    rounds = -(-total_batches // world)
+    own_ranks = []
     action_hits = action_count = 0
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+    batches = iter(loader)
+    for _ in tqdm(range(rounds), desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+        batch = next(batches, None)
+        if batch is None:  # fewer batches here than on other ranks: keep the lookups in step
+            model(dataset.__getitems__([0]))
+            continue
         scores = model(batch)
         if isinstance(scores, tuple):
             scores, action_logits = scores
@@ -50,9 +61,23 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: S
                 action_hits += int((action_logits.argmax(1) == batch.target_action).sum())
                 action_count += batch.batch_size
         seen = batch.seen_items
-        ranks = rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets())
+        own_ranks.append(rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets()))
+    if distributed:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (own_ranks, action_hits, action_count))
+        # Rank r holds batches r, r + world, ...: interleave them back into dataset order.
+        by_batch = {}
+        for r, (ranks_r, _, _) in enumerate(gathered):
+            for i, ranks in enumerate(ranks_r):
+                by_batch[r + i * world] = ranks
+        all_ranks = [by_batch[b] for b in range(total_batches)]
+        action_hits = sum(g[1] for g in gathered)
+        action_count = sum(g[2] for g in gathered)
+    else:
+        all_ranks = own_ranks
+    metrics = RetrievalMetrics(ks)
+    for ranks in all_ranks:
         metrics.update(ranks)
-        all_ranks.append(ranks)
     out: Dict = dict(metrics.compute())
     if action_count:
         out["action_acc"] = action_hits / action_count
