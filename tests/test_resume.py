@@ -91,9 +91,10 @@ def test_killed_rank_recovers_from_the_last_checkpoint_with_nothing_lost(store_p
 
 def test_two_rank_checkpoint_resumes_on_one_rank(store_path, tmp_path):
     out = tmp_path / "reshard"
+    # 2 ranks x 8 users resume as 1 rank x 16: the same global batch.
     torchrun(store_path, out, 2, "train.epochs=1", "train.batch_size=8")
     assert cli.main(["train", "--config", RECIPE, *overrides(store_path, out, "train.epochs=2",
-                                                             "train.batch_size=8")]) == 0
+                                                             "train.batch_size=16")]) == 0
     metrics, history, _, training = result(out)
     assert training["resumed_from"].startswith("step-")
     assert [h["epoch"] for h in history] == [0, 1]

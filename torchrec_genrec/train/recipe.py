@@ -128,13 +128,15 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fingerprint(cfg: RecipeConfig) -> str:
-    """A digest of the settings a checkpoint's weights depend on: data, model, seed, batch
-    size and optimiser (not the epoch cap, patience, plan or output settings)."""
+def fingerprint(cfg: RecipeConfig, world_size: int = 1) -> str:
+    """A digest of the settings a checkpoint's weights depend on: data, model, seed, global
+    batch size (per-rank batch x ranks, so 2 x 64 resumes 1 x 128) and optimiser; not the
+    epoch cap, patience, plan or output settings."""
     import hashlib
 
     keep = {"data": to_dict(cfg.data), "model": to_dict(cfg.model),
-            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "batch_size", "optim")}}
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "optim")}}
+    keep["train"]["global_batch_size"] = cfg.train.batch_size * world_size
     keep["data"].pop("num_workers", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -193,7 +195,8 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
                      eval_every=cfg.train.eval_every,
                      checkpointer=checkpointer, writer=writer, max_steps=cfg.train.max_steps,
                      progress=cfg.train.progress, checkpoint_every_steps=cfg.train.checkpoint_every_steps,
-                     resume=cfg.train.resume if cfg.train.checkpoint else "never", fingerprint=fingerprint(cfg))
+                     resume=cfg.train.resume if cfg.train.checkpoint else "never",
+                     fingerprint=fingerprint(cfg, ctx.world_size))
         scorer = dmp.module.score
         dmp.eval()
         training = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
