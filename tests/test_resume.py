@@ -99,3 +99,70 @@ def test_two_rank_checkpoint_resumes_on_one_rank(store_path, tmp_path):
     assert training["resumed_from"].startswith("step-")
     assert [h["epoch"] for h in history] == [0, 1]
     assert metrics["test"]["count"] > 0 and 0 <= metrics["test"]["ndcg@10"] <= 1
+
+
+class _MappedHandler:
+    """An iopath handler serving ``genrectest://`` from a local directory (a stand-in for an
+    object store): every file operation of the checkpointer must go through it."""
+
+    def __new__(cls, root):
+        from iopath.common.file_io import PathHandler
+
+        class Handler(PathHandler):
+            calls = 0
+
+            def _get_supported_prefixes(self):
+                return ["genrectest://"]
+
+            def _local(self, path):
+                Handler.calls += 1
+                return os.path.join(root, path[len("genrectest://"):])
+
+            def _get_local_path(self, path, **kwargs):
+                return self._local(path)
+
+            def _open(self, path, mode="r", **kwargs):
+                return open(self._local(path), mode)
+
+            def _exists(self, path, **kwargs):
+                return os.path.exists(self._local(path))
+
+            def _isdir(self, path, **kwargs):
+                return os.path.isdir(self._local(path))
+
+            def _isfile(self, path, **kwargs):
+                return os.path.isfile(self._local(path))
+
+            def _ls(self, path, **kwargs):
+                return os.listdir(self._local(path))
+
+            def _mkdirs(self, path, **kwargs):
+                os.makedirs(self._local(path), exist_ok=True)
+
+            def _rm(self, path, **kwargs):
+                local = self._local(path)
+                os.rmdir(local) if os.path.isdir(local) else os.remove(local)
+
+            def _mv(self, src, dst, **kwargs):
+                os.rename(self._local(src), self._local(dst))
+                return True
+
+        return Handler()
+
+
+def test_checkpoints_through_an_iopath_handler(store_path, tmp_path):
+    from torchrec_genrec.train.storage import path_manager
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    handler = _MappedHandler(str(root))
+    path_manager.register_handler(handler, allow_override=True)
+    out = tmp_path / "run"
+    args = ["train.checkpoint_dir=genrectest://run1/checkpoints", "train.checkpoint_every_steps=2"]
+    assert cli.main(["train", "--config", RECIPE, *overrides(store_path, out, "train.epochs=1", *args)]) == 0
+    assert cli.main(["train", "--config", RECIPE, *overrides(store_path, out, "train.epochs=2", *args)]) == 0
+    _, history, _, training = result(out)
+    assert training["resumed_from"].startswith("step-") and len(history) == 2
+    stored = sorted(os.listdir(root / "run1" / "checkpoints"))
+    assert "best" in stored and any(s.startswith("step-") for s in stored)
+    assert not (out / "checkpoints").exists() and type(handler).calls > 0

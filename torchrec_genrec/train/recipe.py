@@ -69,6 +69,9 @@ class TrainConfig:
     checkpoint (bool): save a torch.distributed.checkpoint every epoch and for the best epoch.
     checkpoint_every_steps (Optional[int]): also checkpoint inside epochs, every this many
         steps (less work lost to a failure on long epochs).
+    checkpoint_dir (Optional[str]): where checkpoints go: a local path or any URI with an
+        iopath handler registered on ``train.storage.path_manager``; default
+        ``<output_dir>/checkpoints``.
     resume (str): ``auto``: continue from the newest checkpoint in ``output_dir`` if there
         is one (a restarted job, or a longer epoch cap); ``never``: start over; ``must``:
         fail if there is none.
@@ -86,6 +89,7 @@ class TrainConfig:
     max_steps: Optional[int] = None
     checkpoint: bool = True
     checkpoint_every_steps: Optional[int] = None
+    checkpoint_dir: Optional[str] = None
     resume: Literal["auto", "never", "must"] = "auto"
     progress: bool = True
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -187,7 +191,8 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
         dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
         optimizer = build_optimizer(dmp, cfg.train.optim)
         train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
-        checkpointer = (Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx)
+        checkpoint_dir = cfg.train.checkpoint_dir or os.path.join(cfg.train.output_dir, "checkpoints")
+        checkpointer = (Checkpointer(checkpoint_dir, ctx)
                         if cfg.train.checkpoint else None)
         result = fit(dmp, optimizer, train_set, valid_set, ctx=ctx, epochs=cfg.train.epochs,
                      batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, ks=cfg.eval.ks,

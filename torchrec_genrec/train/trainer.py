@@ -15,10 +15,10 @@ row-wise Adagrad; on CUDA ``adam`` matches the paper's all-Adam(W) setup.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -38,6 +38,7 @@ from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 from torchrec_genrec.plans.planner import make_sharders, plan_tables
 from torchrec_genrec.plans.spec import parse_pins
+from torchrec_genrec.train import storage
 from torchrec_genrec.train.distributed import DistContext
 from torchrec_genrec.train.evaluate import evaluate_retrieval
 
@@ -153,36 +154,39 @@ class Checkpointer:
     written to ``<name>.tmp`` and renamed by rank 0 after every rank has finished, so a
     crash mid-save leaves the previous checkpoint intact; ``.tmp`` leftovers are ignored
     and replaced. Periodic checkpoints are named ``step-<global step>``; the newest
-    ``keep_latest`` are kept, plus ``best``.
+    ``keep_latest`` are kept, plus ``best``. ``directory`` is a local path or any URI the
+    project's iopath ``path_manager`` serves (:mod:`torchrec_genrec.train.storage`).
     """
 
     def __init__(self, directory: str, ctx: DistContext, keep_latest: int = 2) -> None:
         self.directory, self.ctx, self.keep_latest = directory, ctx, keep_latest
         if ctx.is_main:
-            os.makedirs(directory, exist_ok=True)
+            storage.makedirs(directory)
 
     def save(self, name: str, state: Dict[str, Any], trainer_state: Optional[Dict[str, Any]] = None) -> str:
-        final = os.path.join(self.directory, name)
+        final = storage.join(self.directory, name)
         tmp = final + ".tmp"
-        if self.ctx.is_main and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        if self.ctx.is_main and storage.exists(tmp):
+            storage.rmtree(tmp)
         dist.barrier()
-        dcp.save(state, checkpoint_id=tmp)
-        torch.save(_rng_state(), os.path.join(tmp, f"rng-rank{self.ctx.rank}.pt"))
+        dcp.save(state, storage_writer=storage.IOPathWriter(tmp))
+        buffer = io.BytesIO()
+        torch.save(_rng_state(), buffer)
+        storage.write_bytes(storage.join(tmp, f"rng-rank{self.ctx.rank}.pt"), buffer.getvalue())
         if self.ctx.is_main and trainer_state is not None:
-            with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                json.dump({**trainer_state, "world_size": self.ctx.world_size}, f)
+            payload = {**trainer_state, "world_size": self.ctx.world_size}
+            storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(payload).encode())
         dist.barrier()
         if self.ctx.is_main:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            if storage.exists(final):
+                storage.rmtree(final)
+            storage.rename(tmp, final)
             self._prune()
         dist.barrier()
         return final
 
     def load(self, name: str, state: Dict[str, Any]) -> None:
-        dcp.load(state, checkpoint_id=os.path.join(self.directory, name))
+        dcp.load(state, storage_reader=storage.IOPathReader(storage.join(self.directory, name)))
 
     def latest(self) -> Optional[str]:
         """The newest complete periodic checkpoint's name, or None."""
@@ -190,28 +194,25 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def trainer_state(self, name: str) -> Dict[str, Any]:
-        with open(os.path.join(self.directory, name, "trainer.json")) as f:
-            return json.load(f)
+        return json.loads(storage.read_bytes(storage.join(self.directory, name, "trainer.json")))
 
     def restore_rng(self, name: str) -> bool:
         """Restores this rank's random state if the checkpoint has one for it."""
-        path = os.path.join(self.directory, name, f"rng-rank{self.ctx.rank}.pt")
-        if not os.path.exists(path):
+        path = storage.join(self.directory, name, f"rng-rank{self.ctx.rank}.pt")
+        if not storage.exists(path):
             return False
-        _set_rng_state(torch.load(path, weights_only=False))
+        _set_rng_state(torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False))
         return True
 
     def _periodic(self) -> List[str]:
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted((d for d in os.listdir(self.directory) if d.startswith("step-") and not d.endswith(".tmp")
-                       and os.path.exists(os.path.join(self.directory, d, "trainer.json"))),
+        return sorted((d for d in storage.listdir(self.directory) if d.startswith("step-") and not d.endswith(".tmp")
+                       and storage.exists(storage.join(self.directory, d, "trainer.json"))),
                       key=lambda d: int(d.split("-")[1]))
 
     def _prune(self) -> None:
         steps = self._periodic()
         for old in steps[: max(len(steps) - self.keep_latest, 0)]:
-            shutil.rmtree(os.path.join(self.directory, old), ignore_errors=True)
+            storage.rmtree(storage.join(self.directory, old))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -306,7 +307,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         saved = checkpointer.trainer_state(latest)
         if saved.get("fingerprint") != fingerprint:
             raise ConfigError(
-                f"{os.path.join(checkpointer.directory, latest)} was written by a run with different model/data "
+                f"{storage.join(checkpointer.directory, latest)} was written by a run with different model/data "
                 "settings; use a new train.output_dir, or set train.resume = 'never' to start over")
         for name, sub in optimizer.optimizers:
             if name == "dense":
