@@ -127,3 +127,11 @@ def test_recipe_pin_reaches_the_job(tmp_path):
     dmp = shard(model, init_distributed(), OptimConfig(), batch_size=4, pins=["tokens:table_wise"])
     (module_plan,) = dmp.plan.plan.values()
     assert module_plan[TOKEN_TABLE].sharding_type == "table_wise"
+
+
+def test_declared_compute_kernels():
+    uvm = TableSpec("big", 1000, 8, ("f",), compute_kernels=("fused_uvm_caching", "fused"))
+    assert parameter_constraints([uvm], "cuda")["big"].compute_kernels == ["fused_uvm_caching", "fused"]
+    assert parameter_constraints([uvm], "cpu")["big"].compute_kernels == ["fused"]
+    with pytest.raises(PlanError, match="need CUDA"):
+        parameter_constraints([TableSpec("big", 1000, 8, ("f",), compute_kernels=("fused_uvm",))], "cpu")

@@ -59,6 +59,9 @@ class TableSpec:
             features (a sequence's expected length); the planner's cost model uses it.
         cache_load_factor (Optional[float]): on CUDA, also allow keeping only this share
             of rows in HBM as a cache over host memory (UVM); None keeps every row in HBM.
+        compute_kernels (Tuple[str, ...]): accepted TorchRec compute kernels (``fused``,
+            ``fused_uvm_caching``, ``fused_uvm``, ``dense``, ...); empty: derived from the
+            sharding types and ``cache_load_factor``. CUDA-only kernels are dropped on CPU.
         description (str): what the table holds, for plan printouts.
 
     Example::
@@ -75,6 +78,7 @@ class TableSpec:
     trainable: bool = True
     ids_per_sample: float = 1.0
     cache_load_factor: Optional[float] = None
+    compute_kernels: Tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -157,11 +161,15 @@ def parameter_constraints(tables: Sequence[TableSpec], compute_device: str,
                             f"({_supported(spec, list(wanted)[0], compute_device)}); allow e.g. table_wise")
         if kernel_pin is not None:
             kernels = [kernel_pin]
+        elif spec.compute_kernels:
+            kernels = [k for k in spec.compute_kernels if compute_device == "cuda" or not k.startswith("fused_uvm")]
+            if not kernels:
+                raise PlanError(f"table {spec.name!r}: compute kernels {list(spec.compute_kernels)} need CUDA")
         elif spec.cache_load_factor is not None and compute_device == "cuda":
             kernels = [_FUSED, _UVM_CACHING]
         else:
             kernels = [_FUSED]
-        if ShardingType.DATA_PARALLEL.value in allowed and kernel_pin is None:
+        if ShardingType.DATA_PARALLEL.value in allowed and kernel_pin is None and not spec.compute_kernels:
             kernels.append(_DENSE)  # data-parallel tables run on the dense kernel
         constraints[spec.name] = ParameterConstraints(
             sharding_types=allowed,
