@@ -169,6 +169,11 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     return cfg
 
 
+def from_dict(cls: Type[T], values: Dict[str, Any], where: str = "config") -> T:
+    """Builds ``cls()`` updated by a nested dict (e.g. the ``config`` a run recorded)."""
+    return _apply(cls(), values, where)
+
+
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A JSON/TOML-friendly dict of a config (enums as their values)."""
 

@@ -226,7 +226,8 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
     payload = {
         "model": cfg.model.name,
         "dataset": {"path": store_path, "source": store.manifest.get("source"),
-                    "num_users": store.num_users, "num_items": store.num_items, "num_events": store.num_events},
+                    "num_users": store.num_users, "num_items": store.num_items, "num_events": store.num_events,
+                    "num_actions": store.num_actions},
         "protocol": f"leave-one-out by time, holdout={cfg.data.holdout}, full ranking, seen items excluded",
         "metrics": results,
         "training": training,
