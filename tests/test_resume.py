@@ -166,3 +166,26 @@ def test_checkpoints_through_an_iopath_handler(store_path, tmp_path):
     stored = sorted(os.listdir(root / "run1" / "checkpoints"))
     assert "best" in stored and any(s.startswith("step-") for s in stored)
     assert not (out / "checkpoints").exists() and type(handler).calls > 0
+
+
+def test_mid_epoch_checkpoint_of_two_ranks_resumes_on_one_at_the_same_data_position(store_path, tmp_path):
+    # Dropout off: then 2 ranks x 8 train exactly like 1 rank x 16 (tests/test_distributed.py),
+    # so a 2-rank run killed mid-epoch and finished on 1 rank must follow the clean 2-rank run.
+    common = ("train.epochs=2", "train.checkpoint_every_steps=2", "model.dropout=0.0")
+    torchrun(store_path, tmp_path / "clean", 2, *common, "train.batch_size=8")
+    out = tmp_path / "moved"
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
+               "-m", "torchrec_genrec.cli", "train", "--config", RECIPE,
+               *overrides(store_path, out, *common, "train.batch_size=8")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_FAULT_AT_STEP": "0:9",
+           "GENREC_FAULT_MARKER": str(tmp_path / "fired")}
+    assert subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env).returncode != 0
+    assert cli.main(["train", "--config", RECIPE, *overrides(store_path, out, *common, "train.batch_size=16",
+                                                             "train.resume=must")]) == 0
+    m_clean, h_clean, r_clean, _ = result(tmp_path / "clean")
+    m_moved, h_moved, r_moved, t_moved = result(out)
+    assert t_moved["resumed_from"] == "step-000000008"  # 6 steps per epoch: mid-epoch 1
+    assert [h["epoch"] for h in h_moved] == [0, 1]
+    for a, b in zip(h_clean, h_moved):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 * abs(a["train_loss"])
+    assert abs(m_clean["test"]["ndcg@10"] - m_moved["test"]["ndcg@10"]) < 1e-3

@@ -340,7 +340,7 @@ class GenerativeRetrieval(nn.Module):
         local = torch.tensor([float(len(query_event)), float(num_actions_predicted), float(item_loss_sum.detach()),
                               float(action_loss_sum.detach()) if action_loss_sum is not None else 0.0,
                               float(action_correct) if action_correct is not None else 0.0,
-                              float(layout.tokens.numel())], dtype=torch.float64)
+                              float(layout.tokens.numel())], dtype=torch.float64, device=item_loss_sum.device)
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()

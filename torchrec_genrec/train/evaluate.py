@@ -61,7 +61,7 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: S
                 action_hits += int((action_logits.argmax(1) == batch.target_action).sum())
                 action_count += batch.batch_size
         seen = batch.seen_items
-        own_ranks.append(rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets()))
+        own_ranks.append(rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets()).cpu())
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, (own_ranks, action_hits, action_count))

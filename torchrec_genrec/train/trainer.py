@@ -325,10 +325,8 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         partial = saved["partial"]
         if saved.get("stopped"):
             first_epoch = epochs  # early stopping had ended that run: nothing left to train
-        if not same_world:
-            # This rank's batches are every world-size-th global batch: continue from the
-            # same global position.
-            first_batch = first_batch * saved["world_size"] // ctx.world_size
+        # The fingerprint pins the global batch (per-rank batch x ranks), so a rank's batch
+        # index in the epoch is the global step index whatever the world size: it carries over.
         resumed_from = latest
         if ctx.is_main:
             logger.info("resumed from %s: epoch %d, batch %d, step %d%s", latest, first_epoch, first_batch, step,
@@ -412,5 +410,6 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         state = {"model": dmp.state_dict()}
         checkpointer.load("best", state)
         dmp.load_state_dict(state["model"])
-    return FitResult(best_epoch if valid_set is not None else epoch, epoch + 1, history,
+    last_epoch_trained = int(history[-1]["epoch"]) if history else -1
+    return FitResult(best_epoch if valid_set is not None else last_epoch_trained, len(history), history,
                      time.perf_counter() - start, total_tokens / max(train_seconds, 1e-9), resumed_from)
