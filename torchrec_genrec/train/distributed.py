@@ -23,11 +23,15 @@ class DistContext:
 
 
 def _job_store() -> dist.Store:
-    """The job's key-value store, under a prefix of its own per torchrun restart.
+    """The job's key-value store, under a prefix of its own per (re)start of the workers.
 
     Under torchrun the workers share the agent's store, which outlives a restart: without
-    a per-attempt prefix, restarted workers read the dead workers' gloo/nccl addresses and
-    fail to connect ("Connection refused"), so ``--max-restarts`` could never recover.
+    a fresh prefix, restarted workers read the dead workers' gloo/nccl addresses and fail to
+    connect ("Connection refused"), so ``--max-restarts`` could never recover. The prefix
+    is a generation every worker agrees on: each joining worker bumps one counter in the
+    shared store, and the world size of joins makes a generation. (The agents' restart
+    counts would not do across nodes: each node counts its own, and a node that only saw
+    the membership change does not count it.)
     """
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
@@ -39,8 +43,8 @@ def _job_store() -> dist.Store:
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
     else:
         store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, multi_tenant=True)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"torchrec_genrec/attempt-{attempt}", store)
+    generation = (store.add("torchrec_genrec/joins", 1) - 1) // world
+    return dist.PrefixStore(f"torchrec_genrec/generation-{generation}", store)
 
 
 def init_distributed() -> DistContext:
