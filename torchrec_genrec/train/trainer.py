@@ -178,9 +178,15 @@ class Checkpointer:
             storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(payload).encode())
         dist.barrier()
         if self.ctx.is_main:
+            # Move the old copy aside before the new one takes its name, so a crash in between
+            # leaves one of them (``best`` is re-written in place every time it improves).
+            old = final + ".old"
+            if storage.exists(old):
+                storage.rmtree(old)
             if storage.exists(final):
-                storage.rmtree(final)
+                storage.rename(final, old)
             storage.rename(tmp, final)
+            storage.rmtree(old)
             self._prune()
         dist.barrier()
         return final
@@ -189,9 +195,13 @@ class Checkpointer:
         dcp.load(state, storage_reader=storage.IOPathReader(storage.join(self.directory, name)))
 
     def latest(self) -> Optional[str]:
-        """The newest complete periodic checkpoint's name, or None."""
-        steps = self._periodic()
-        return steps[-1] if steps else None
+        """The newest complete periodic checkpoint's name, or None; rank 0 decides and
+        tells the others, so every rank resumes from the same one."""
+        steps = self._periodic() if self.ctx.is_main else []
+        choice = [steps[-1] if steps else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
     def trainer_state(self, name: str) -> Dict[str, Any]:
         return json.loads(storage.read_bytes(storage.join(self.directory, name, "trainer.json")))
@@ -205,8 +215,12 @@ class Checkpointer:
         return True
 
     def _periodic(self) -> List[str]:
-        return sorted((d for d in storage.listdir(self.directory) if d.startswith("step-") and not d.endswith(".tmp")
-                       and storage.exists(storage.join(self.directory, d, "trainer.json"))),
+        # Complete = dcp's metadata and the trainer state are there (both written before
+        # the rename; on stores where a rename is a copy, a half-copied directory lacks one).
+        return sorted((d for d in storage.listdir(self.directory) if d.startswith("step-")
+                       and not d.endswith((".tmp", ".old"))
+                       and storage.exists(storage.join(self.directory, d, "trainer.json"))
+                       and storage.exists(storage.join(self.directory, d, ".metadata"))),
                       key=lambda d: int(d.split("-")[1]))
 
     def _prune(self) -> None:
