@@ -225,7 +225,9 @@ def plan_tables(tables: Sequence[TableSpec], topology: Topology, batch_size: int
     sharders = sharders if sharders is not None else make_sharders()
     if module is None:
         module = tables_module(tables)
-        _declare_optimizer_state(module, sharders)
+    # Dry run or job alike, so both budget the same optimiser state (TorchRec maps the tag
+    # back to the same fused optimiser when it shards).
+    _declare_optimizer_state(module, sharders)
     keep = _KeepBestPlan()
     # The planner logs a warning per table when it adjusts storage; the report says it all.
     logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)

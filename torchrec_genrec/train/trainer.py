@@ -85,7 +85,10 @@ def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batc
                          "Adagrad and SGD on CPU. Use 'rowwise_adagrad' (the CPU default).")
     sharders = make_sharders(_SPARSE_OPTIMIZERS[optim.sparse_optimizer], optim.sparse_lr)
     world, local = ctx.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local),
+    # The device's real memory, not TorchRec's default cap, so the plan is the one that fits.
+    hbm = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else None
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local,
+                                                             hbm_cap_bytes=hbm),
                                                kernel_config=KernelConfig(compute_device=ctx.device.type))
     report = plan_tables(model.table_specs(), topology, batch_size, sharders=sharders, pins=parse_pins(pins),
                          module=model, process_group=dist.group.WORLD)
