@@ -248,10 +248,6 @@ class ShardedBatchSampler(Sampler[List[int]]):
             batches = batches[: len(batches) - len(batches) % self.world_size]
         return batches[self.rank::self.world_size]
 
-    def all_batches(self) -> List[np.ndarray]:
-        """This rank's batches of the epoch, the skipped ones included."""
-        return self._batches()
-
     def __iter__(self) -> Iterator[List[int]]:
         for b in self._batches()[self.start_batch:]:
             yield b.tolist()

@@ -280,6 +280,11 @@ class FitResult:
     resumed_from: Optional[str] = None
 
 
+def _fresh_epoch_sums() -> Dict[str, float]:
+    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them)."""
+    return {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+
+
 def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: SequenceDataset,
         valid_set: Optional[SequenceDataset], *, ctx: DistContext, epochs: int, batch_size: int,
         eval_batch_size: int, ks: Tuple[int, ...], patience: int, seed: int, num_workers: int,
@@ -312,8 +317,12 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
     total_tokens = 0.0
     train_seconds = 0.0
     first_epoch, first_batch = 0, 0
-    partial = {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+    partial = _fresh_epoch_sums()
     resumed_from = None
+
+    def training_state() -> Dict[str, Any]:
+        return {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+
     if resume not in ("auto", "never", "must"):
         raise ValueError(f"resume must be auto, never or must, not {resume!r}")
     latest = checkpointer.latest() if checkpointer is not None and resume != "never" else None
@@ -329,7 +338,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         for name, sub in optimizer.optimizers:
             if name == "dense":
                 sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
-        state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+        state = training_state()
         checkpointer.load(latest, state)
         dmp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -359,7 +368,8 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         loader.batch_sampler.set_epoch(epoch, start_batch=skip)
         dmp.train()
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not (progress and ctx.is_main))
-        part = partial if epoch == first_epoch else {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+        part = partial if epoch == first_epoch else _fresh_epoch_sums()
+        batches_in_epoch = skip + len(loader.batch_sampler)  # this rank's, the skipped ones included
         epoch_start = time.perf_counter() - part["seconds"]
         batch_in_epoch = skip
         for batch in bar:
@@ -388,9 +398,9 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
             if max_steps is not None and step >= max_steps:
                 break
             if (checkpointer is not None and checkpoint_every_steps and step % checkpoint_every_steps == 0
-                    and batch_in_epoch < len(loader.batch_sampler.all_batches())):
+                    and batch_in_epoch < batches_in_epoch):
                 part["seconds"] = time.perf_counter() - epoch_start
-                checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
+                checkpointer.save(f"step-{step:09d}", training_state(),
                                   trainer_state(epoch, batch_in_epoch, dict(part)))
         epoch_seconds = time.perf_counter() - epoch_start
         train_seconds += epoch_seconds
@@ -418,9 +428,8 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
             logger.info("epoch %d %s", epoch, shown)
         stop = (evaluate and epoch - best_epoch >= patience) or (max_steps is not None and step >= max_steps)
         if checkpointer is not None:
-            checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
-                              {**trainer_state(epoch + 1, 0, {"loss_sum": 0.0, "batches": 0, "tokens": 0.0,
-                                                              "seconds": 0.0}), "stopped": stop})
+            checkpointer.save(f"step-{step:09d}", training_state(),
+                              {**trainer_state(epoch + 1, 0, _fresh_epoch_sums()), "stopped": stop})
         if stop:
             break
     if valid_set is not None and checkpointer is not None and best_epoch >= 0:
