@@ -1,4 +1,4 @@
-"""The ``genrec`` command: prepare, train, doctor.
+"""The ``genrec`` command: prepare, train, compare, plan, export, serve, doctor.
 
 Each subcommand is a thin wrapper: it parses arguments, calls the library and prints a
 short report. Heavy imports happen inside the subcommand so ``genrec doctor`` works even
@@ -154,6 +154,38 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from torchrec_genrec.inference.export import export_run, table_bytes
+
+    if args.target == "torchrec-package":
+        from torchrec_genrec.inference.torchrec_package import export_torchrec_package
+
+        path = export_torchrec_package(args.run, args.out, precision=args.precision, checkpoint=args.checkpoint,
+                                       overwrite=args.overwrite)
+        print(f"wrote {path} (torch.package for TorchRec's predictor; loading it unpickles: trusted sources only)")
+        return 0
+    manifest = export_run(args.run, args.out, precision=args.precision, checkpoint=args.checkpoint,
+                          overwrite=args.overwrite)
+    table = manifest["table"]
+    print(f"wrote {args.out}: {manifest['model']['name']} over {manifest['num_items']} items, "
+          f"token table {table['rows']} x {table['dim']} {manifest['precision']} "
+          f"({table_bytes(manifest) / 2**20:.2f} MiB as stored, {table_bytes(manifest, True) / 2**20:.2f} MiB payload)")
+    for name, entry in manifest["files"].items():
+        print(f"  {name:<24} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from torchrec_genrec.serving.app import ServeConfig, serve
+
+    print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score /healthz /metrics)",
+          flush=True)
+    serve(args.artifact, args.host, args.port, ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                                           max_body_bytes=args.max_body_bytes),
+          check_versions=not args.ignore_versions)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--samples", type=int, default=10000, help="bootstrap resamples")
     compare.add_argument("--seed", type=int, default=0, help="resampling seed")
     compare.set_defaults(func=_cmd_compare)
+
+    export = sub.add_parser("export", help="turn a trained run into an inference artifact")
+    export.add_argument("run", help="a finished run's output_dir (sharded or not)")
+    export.add_argument("--out", required=True, help="artifact directory (or package file for torchrec-package)")
+    export.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8",
+                        help="token table precision (TorchRec inference quantisation)")
+    export.add_argument("--checkpoint", default="best", help="best (default) or a checkpoint name")
+    export.add_argument("--target", choices=["predictor", "torchrec-package"], default="predictor",
+                        help="predictor: safe artifact for genrec's Predictor / serve (default); torchrec-package: "
+                             "a torch.package with a TorchRec PredictFactory (unpickled on load)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.set_defaults(func=_cmd_export)
+
+    serve = sub.add_parser("serve", help="serve an artifact over HTTP (/recommend /score /healthz /metrics)")
+    serve.add_argument("artifact", help="a directory written by `genrec export`")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="most requests per encoder pass")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="batching wait after the first request")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    serve.add_argument("--ignore-versions", action="store_true",
+                       help="load an artifact exported with another torch/TorchRec/fbgemm version")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_genrec.ops.hstu_attention import HSTUAttentionKernel, hstu_attention
+from torchrec_genrec.ops.hstu_attention import HSTUAttentionKernel, hstu_attention, padded_hstu_attention
 from torchrec_genrec.ops.jagged import positions_in_sequence
 
 
@@ -111,6 +111,29 @@ class HSTULayer(nn.Module):
         ).reshape(t, h * dv)
         return self.output(self.dropout(u * self.attention_norm(attn))) + x
 
+    def forward_padded(self, x: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+        """The same layer on right-padded sequences (the exportable inference path).
+
+        Args:
+            x (torch.Tensor): ``(B, L, D)``.
+            lengths (torch.Tensor): ``(B,)`` valid positions per row.
+            timestamps (Optional[torch.Tensor]): ``(B, L)`` int64, or None.
+
+        Returns:
+            torch.Tensor: ``(B, L, D)``; valid positions equal :meth:`forward`'s rows.
+        """
+        b, n = x.shape[0], x.shape[1]
+        h, dqk, dv = self.num_heads, self.dqk, self.dv
+        uvqk = F.silu(self.uvqk(self.input_norm(x)))
+        u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        attn = padded_hstu_attention(
+            self.config.max_seq_len,
+            q.reshape(b, n, h, dqk), k.reshape(b, n, h, dqk), v.reshape(b, n, h, dv), lengths,
+            timestamps=timestamps if self.ts_weights is not None else None,
+            pos_weights=self.pos_weights, ts_weights=self.ts_weights,
+        ).reshape(b, n, h * dv)
+        return self.output(self.dropout(u * self.attention_norm(attn))) + x
+
 
 class HSTUEncoder(nn.Module):
     """Stacked HSTU layers with the reference input preprocessing.
@@ -150,4 +173,24 @@ class HSTUEncoder(nn.Module):
         x = self.input_dropout(x)
         for layer in self.layers:
             x = layer(x, offsets, timestamps)
+        return x
+
+    def forward_padded(self, embeddings: torch.Tensor, lengths: torch.Tensor,
+                       timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward` on right-padded sequences, without data-dependent control flow,
+        so ``torch.export`` can trace it with dynamic batch and length.
+
+        Args:
+            embeddings (torch.Tensor): ``(B, L, D)``, ``L <= max_seq_len``.
+            lengths (torch.Tensor): ``(B,)`` valid positions per row.
+            timestamps (Optional[torch.Tensor]): ``(B, L)`` int64.
+
+        Returns:
+            torch.Tensor: ``(B, L, D)``; valid positions equal :meth:`forward`'s rows.
+        """
+        positions = torch.arange(embeddings.shape[1], device=embeddings.device)
+        x = embeddings * math.sqrt(self.config.embedding_dim) + self.position_embedding(positions).unsqueeze(0)
+        x = self.input_dropout(x)
+        for layer in self.layers:
+            x = layer.forward_padded(x, lengths, timestamps)
         return x

@@ -228,16 +228,34 @@ class SASRecEncoder(nn.Module):
         N = max(max_len, 1)
 
         x = torch.ops.fbgemm.jagged_to_padded_dense(embeddings, [offsets], [N], 0.0)  # (B, N, D)
-        positions = torch.arange(N, device=embeddings.device)
-        x = x * math.sqrt(D) + self.position_embedding(positions).unsqueeze(0)
+        x = self.forward_padded(x)
+        return torch.ops.fbgemm.dense_to_jagged(x, [offsets], T)[0]  # (T, D)
+
+    def forward_padded(self, embeddings: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                       timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The encoder on right-padded sequences (``torch.export``-able: no data-dependent
+        control flow).
+
+        Args:
+            embeddings (torch.Tensor): ``(B, N, D)``, right-padded, ``N <= max_seq_len``.
+            lengths (Optional[torch.Tensor]): ``(B,)``; unused: the causal mask alone keeps
+                padding (which comes after every real token) out of real outputs.
+            timestamps (Optional[torch.Tensor]): unused by SASRec.
+
+        Returns:
+            torch.Tensor: ``(B, N, D)``; valid positions equal :meth:`forward`'s rows.
+        """
+        del lengths, timestamps
+        D = self.config.embedding_dim
+        positions = torch.arange(embeddings.shape[1], device=embeddings.device)
+        x = embeddings * math.sqrt(D) + self.position_embedding(positions).unsqueeze(0)
         x = self.input_dropout(x)
 
         # Sequences are right-padded, so the causal mask alone keeps padding away from every
         # real query (padded keys come after it). Padded queries see real and padded keys, never
-        # an empty row (no NaN), and are dropped below. No explicit mask lets
+        # an empty row (no NaN), and are dropped by the caller. No explicit mask lets
         # scaled_dot_product_attention take its fused causal kernel, several times faster on
         # CPU than the masked math path.
         for block in self.blocks:
             x = block(x)
-        x = self.final_norm(x)
-        return torch.ops.fbgemm.dense_to_jagged(x, [offsets], T)[0]  # (T, D)
+        return self.final_norm(x)

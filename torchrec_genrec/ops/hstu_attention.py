@@ -58,6 +58,7 @@ __all__ = [
     "HSTUAttentionKernel",
     "hstu_attention",
     "jagged_hstu_attention",
+    "padded_hstu_attention",
     "pytorch_hstu_attention",
     "time_bucket",
 ]
@@ -257,21 +258,54 @@ def pytorch_hstu_attention(
     q_pad = _pad(q, seq_ids, pos, B, L)  # (B, L, H, Dqk)
     k_pad = _pad(k, seq_ids, pos, B, L)
     v_pad = _pad(v, seq_ids, pos, B, L)  # (B, L, H, Dv)
-
-    scores = torch.einsum("bihd,bjhd->bhij", q_pad, k_pad)  # (B, H, L, L)
     ts_pad = _pad(timestamps, seq_ids, pos, B, L) if timestamps is not None else None
-    positions = torch.arange(L, device=device)
-    rab = _relative_bias(max_seq_len, positions, positions, ts_pad, ts_pad, pos_weights, ts_weights)
+    out_pad = padded_hstu_attention(max_seq_len, q_pad, k_pad, v_pad, lengths, ts_pad, pos_weights, ts_weights)
+    return out_pad[seq_ids, pos]  # (T, H, Dv)
+
+
+def padded_hstu_attention(
+    max_seq_len: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor,
+    timestamps: Optional[torch.Tensor] = None,
+    pos_weights: Optional[torch.Tensor] = None,
+    ts_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """HSTU causal SiLU attention on right-padded sequences: the core of the reference.
+
+    No data-dependent Python control flow, so ``torch.export`` traces it with dynamic
+    ``B`` and ``L`` (the inference encoder is exported this way).
+
+    Args:
+        max_seq_len (int): ``N``, the attention divisor and the size of the position bias.
+        q (torch.Tensor): ``(B, L, H, Dqk)``.
+        k (torch.Tensor): ``(B, L, H, Dqk)``.
+        v (torch.Tensor): ``(B, L, H, Dv)``.
+        lengths (torch.Tensor): ``(B,)`` valid positions per row, ``<= L``.
+        timestamps (Optional[torch.Tensor]): ``(B, L)`` int64, or None.
+        pos_weights (Optional[torch.Tensor]): ``(2N - 1,)``, or None.
+        ts_weights (Optional[torch.Tensor]): ``(num_buckets + 1,)``, or None.
+
+    Returns:
+        torch.Tensor: ``(B, L, H, Dv)``; rows past a sequence's length are zero.
+
+    Example::
+
+        out = padded_hstu_attention(200, q, k, v, torch.tensor([2, 3]))  # q: (2, 3, 1, Dqk)
+    """
+    B, L = q.shape[0], q.shape[1]
+    positions = torch.arange(L, device=q.device)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)  # (B, H, L, L)
+    rab = _relative_bias(max_seq_len, positions, positions, timestamps, timestamps, pos_weights, ts_weights)
     if rab is not None:
         scores = scores + rab.unsqueeze(1)  # (B | 1, 1, L, L): shared across heads
-
     causal = positions.view(L, 1) >= positions.view(1, L)  # (L, L): j <= i
-    valid = positions.view(1, L) < lengths.view(B, 1)  # (B, L)
+    valid = positions.view(1, L) < lengths.to(q.device).view(B, 1)  # (B, L)
     mask = causal.view(1, L, L) & valid.view(B, L, 1) & valid.view(B, 1, L)  # (B, L, L)
     attn = F.silu(scores) / max_seq_len * mask.unsqueeze(1).to(scores.dtype)
-
-    out_pad = torch.einsum("bhij,bjhd->bihd", attn, v_pad)  # (B, L, H, Dv)
-    return out_pad[seq_ids, pos]  # (T, H, Dv)
+    return torch.einsum("bhij,bjhd->bihd", attn, v)  # (B, L, H, Dv)
 
 
 # ----------------------------------------------------------------------------------------

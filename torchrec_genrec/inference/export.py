@@ -1,0 +1,220 @@
+"""``genrec export``: a trained run -> a self-contained inference artifact.
+
+The token table goes through TorchRec's inference quantisation
+(``quantize_inference_model``: a ``QuantEmbeddingCollection`` over fbgemm's inference
+TBE, int8 row-wise with a per-row fp16 scale and bias, or fp16, or fp32); its TBE rows
+are written as they are, alignment included, so the predictor loads them back into the
+same module without re-quantising. The dense side — the sequence encoder and the user
+readout — is exported with ``torch.export`` on right-padded inputs with dynamic batch
+and length (the jagged training kernel plans buckets from the lengths in Python, which
+export cannot trace; the padded path computes the same values, see
+``tests/test_export.py``).
+
+Example::
+
+    manifest = export_run("runs/hstu_ml100k", "artifacts/hstu_int8", precision="int8")
+    predictor = Predictor.load("artifacts/hstu_int8")
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
+
+from torchrec_genrec.config import to_dict
+from torchrec_genrec.inference import artifact as art
+from torchrec_genrec.inference.checkpoint import load_trained_model
+from torchrec_genrec.models.retrieval import GenerativeRetrieval
+
+__all__ = ["PRECISIONS", "UserEncoder", "build_quant_table", "export_run", "quantize_token_table", "table_bytes"]
+
+#: Export precisions of the token table and the TorchRec data type each maps to.
+PRECISIONS: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
+_TORCH_DTYPE = {"fp32": torch.float, "fp16": torch.half, "int8": torch.qint8}
+
+
+class UserEncoder(nn.Module):
+    """The exported dense graph: padded token embeddings -> one L2-normalised user vector
+    per row, read at each row's last token (as training and evaluation read it).
+
+    Args:
+        encoder (nn.Module): an HSTU or SASRec encoder with ``forward_padded``.
+
+    Call Args:
+        embeddings (torch.Tensor): ``(B, L, D)`` token embeddings, right-padded.
+        lengths (torch.Tensor): ``(B,)`` int64 tokens per row, ``1 <= lengths <= L``.
+        timestamps (torch.Tensor): ``(B, L)`` int64 token times (ignored by SASRec).
+
+    Returns:
+        torch.Tensor: ``(B, D)`` user vectors, unit length.
+
+    Example::
+
+        user = UserEncoder(model.encoder)(emb, torch.tensor([3, 1]), ts)   # (2, D)
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, embeddings: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        h = self.encoder.forward_padded(embeddings, lengths, timestamps)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        return F.normalize(last, dim=-1, eps=1e-6)
+
+
+def _table_config(name: str, rows: int, dim: int, features: List[str], precision: str) -> EmbeddingConfig:
+    return EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=list(features),
+                           data_type=PRECISIONS[precision])
+
+
+def quantize_token_table(collection: EmbeddingCollection, precision: str) -> QuantEmbeddingCollection:
+    """A trained (float, unsharded) collection -> TorchRec's quantised inference collection.
+
+    Args:
+        collection (EmbeddingCollection): the model's token collection, on CPU.
+        precision (str): ``fp32``, ``fp16`` or ``int8``.
+
+    Returns:
+        QuantEmbeddingCollection: fbgemm inference TBE rows at that precision.
+    """
+    from torchrec.inference.modules import quantize_inference_model
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+    holder = nn.Module()
+    holder.collection = collection
+    quantize_inference_model(holder, per_table_weight_dtype={c.name: _TORCH_DTYPE[precision]
+                                                             for c in collection.embedding_configs()},
+                             quantization_dtype=_TORCH_DTYPE[precision])
+    return holder.collection
+
+
+def build_quant_table(name: str, rows: int, dim: int, features: List[str], precision: str) -> QuantEmbeddingCollection:
+    """An empty quantised collection with the layout :func:`quantize_token_table` writes,
+    ready for ``load_state_dict`` of an artifact's table."""
+    return QuantEmbeddingCollection(tables=[_table_config(name, rows, dim, features, precision)],
+                                    device=torch.device("cpu"), output_dtype=torch.float)
+
+
+def _export_encoder(model: GenerativeRetrieval, path: str) -> None:
+    from torch.export import Dim
+
+    encoder = UserEncoder(model.encoder).eval()
+    d = model.config.embedding_dim
+    max_len = model.encoder.config.max_seq_len
+    example = (torch.randn(2, 3, d), torch.tensor([3, 2]), torch.tensor([[1, 2, 3], [4, 5, 0]]))
+    batch, length = Dim("batch", min=1), Dim("length", min=1, max=max_len)
+    with torch.no_grad():
+        program = torch.export.export(encoder, example, dynamic_shapes=({0: batch, 1: length}, {0: batch},
+                                                                      {0: batch, 1: length}), strict=False)
+    # No sample inputs: torch.export.load would unpickle them if weights-only loading failed.
+    program._example_inputs = None
+    torch.export.save(program, path)
+
+
+def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: str = "best",
+               overwrite: bool = False) -> Dict[str, Any]:
+    """Writes the inference artifact of a trained run.
+
+    Args:
+        run_dir (str): a finished run's ``train.output_dir`` (any number of ranks, any plan).
+        out_dir (str): the artifact directory to create; it appears only once complete.
+        precision (str): token table precision, ``int8`` (default), ``fp16`` or ``fp32``.
+        checkpoint (str): ``best`` or a ``step-...`` / ``epoch-...`` checkpoint name.
+        overwrite (bool): replace an existing ``out_dir``.
+
+    Returns:
+        Dict[str, Any]: the manifest written.
+
+    Raises:
+        DataError: no such run or checkpoint, or ``out_dir`` exists without ``overwrite``.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from torchrec_genrec.data.store import SequenceStore
+
+    if precision not in PRECISIONS:
+        raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+    if os.path.exists(out_dir) and not overwrite:
+        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
+    model, cfg = load_trained_model(run_dir, checkpoint)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        record = json.load(f)
+    store = SequenceStore.open(record["dataset"]["path"])
+    if store.num_items != model.num_items:
+        raise art.ArtifactError(f"the run's dataset now has {store.num_items} items, the model {model.num_items}: "
+                                "it was prepared again since training; export needs the run's id map",
+                                path=record["dataset"]["path"])
+
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        config = model.token_embeddings.embedding_configs()[0]
+        quant = quantize_token_table(model.token_embeddings, precision)
+        table_key = f"embeddings.{config.name}.weight"
+        weight = quant.state_dict()[table_key].contiguous()
+        save_file({"weight": weight}, os.path.join(tmp, art.EMBEDDINGS),
+                  metadata={"precision": precision, "table": config.name})
+        _export_encoder(model, os.path.join(tmp, art.ENCODER))
+        vocab = {"item_ids": store.item_raw_ids().tolist(),
+                 "action_name": (store.manifest.get("action") or {}).get("name"),
+                 "action_values": store.action_values if model.num_actions else []}
+        art.write_json_atomic(os.path.join(tmp, art.VOCAB), vocab, indent=None)
+        test_metrics = record.get("metrics", {}).get("test")
+        manifest = {
+            "format": art.ARTIFACT_FORMAT,
+            "format_version": art.ARTIFACT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": art.stack_versions(),
+            "precision": precision,
+            "model": to_dict(cfg.model),
+            "num_items": model.num_items,
+            "num_actions": model.num_actions,
+            "action_mode": model.action_mode,
+            "max_history": model.max_seq_len,
+            "encoder_max_len": model.encoder.config.max_seq_len,
+            "embedding_dim": model.config.embedding_dim,
+            "uses_timestamps": bool(cfg.model.name == "hstu" and cfg.model.use_time_bias),
+            "table": {"name": config.name, "rows": config.num_embeddings, "dim": config.embedding_dim,
+                      "features": list(config.feature_names), "row_bytes": int(weight.shape[1]),
+                      "data_type": PRECISIONS[precision].value},
+            "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint, "test": test_metrics},
+            "files": {name: art.file_entry(os.path.join(tmp, name))
+                      for name in (art.ENCODER, art.EMBEDDINGS, art.VOCAB)},
+        }
+        art.write_json_atomic(os.path.join(tmp, art.MANIFEST), manifest)
+        if os.path.exists(out_dir):  # overwrite: move the old one aside, then swap
+            old = f"{out_dir.rstrip(os.sep)}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def table_bytes(manifest: Dict[str, Any], payload_only: bool = False) -> int:
+    """Bytes of the token table in an artifact: as stored (TorchRec's aligned rows with
+    their scale/bias) or the payload only (``rows x used dims x bytes per value``)."""
+    table = manifest["table"]
+    if not payload_only:
+        return table["rows"] * table["row_bytes"]
+    per_value = {"fp32": 4, "fp16": 2, "int8": 1}[manifest["precision"]]
+    return table["rows"] * manifest["embedding_dim"] * per_value
+

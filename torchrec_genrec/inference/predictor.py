@@ -1,0 +1,426 @@
+"""The standalone predictor: an artifact from ``genrec export`` in, recommendations out.
+
+It needs neither the training code nor the dataset: the token table is TorchRec's
+quantised inference collection loaded from safetensors, the encoder is the exported
+program, the id maps come from the artifact's ``vocab.json``. Nothing is unpickled (see
+:mod:`torchrec_genrec.inference.artifact`).
+
+Retrieval is exact: the user vector against every item row of the quantised table
+(cosine, as in training), in chunks, so the rows are dequantised a chunk at a time and an
+int8 table stays int8 in memory; then ``torch.topk``.
+
+Example::
+
+    predictor = Predictor.load("artifacts/hstu_int8")
+    history = History(items=[50, 172, 133], actions=[5, 4, 5], timestamps=[881250949, 881251000, 881252000])
+    [rec] = predictor.recommend([history], k=10)          # rec.items: raw ids, history excluded
+    scores = predictor.score(history, candidates=[1, 2, 3])  # one encoder pass for all candidates
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from torchrec_genrec.inference import artifact as art
+from torchrec_genrec.inference.export import build_quant_table
+from torchrec_genrec.tokens import TokenSpace
+
+__all__ = ["History", "Predictor", "PreparedHistory", "Recommendation", "RequestError"]
+
+#: Item rows dequantised and scored at a time.
+_CHUNK_ROWS = 32768
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as sent (unknown ids, empty or over-long history,
+    k out of range, mismatched fields); the message says which and how to fix it."""
+
+
+@dataclasses.dataclass
+class History:
+    """One user's events, oldest first, in the dataset's raw ids and values.
+
+    Args:
+        items (Sequence): raw item ids.
+        actions (Optional[Sequence]): raw action values (e.g. ratings), one per item;
+            required when the model reads actions.
+        timestamps (Optional[Sequence[int]]): event times (seconds), one per item;
+            required when the model reads time (HSTU's time bias).
+    """
+
+    items: Sequence[Any]
+    actions: Optional[Sequence[Any]] = None
+    timestamps: Optional[Sequence[int]] = None
+
+
+@dataclasses.dataclass
+class Recommendation:
+    """Top-k for one history: raw item ids, best first, and their cosine scores."""
+
+    items: List[Any]
+    scores: List[float]
+
+
+@dataclasses.dataclass
+class PreparedHistory:
+    """A validated history in dense ids (what :meth:`Predictor.prepare` returns)."""
+
+    items: np.ndarray  # (L,) int64 dense item ids
+    actions: Optional[np.ndarray]  # (L,) int64 dense action ids
+    timestamps: np.ndarray  # (L,) int64
+    exclude: np.ndarray  # dense item ids never to recommend (the history and any extra)
+
+
+class _ItemIndex:
+    """The item rows of the quantised token table, scored a chunk at a time.
+
+    Views the TBE's storage (no copy): int8 rows are dequantised per chunk as
+    ``code * scale + bias`` with the row's fp16 scale and bias, exactly as fbgemm's lookup
+    does, so candidate scores and catalogue scores agree with the table's lookups.
+    """
+
+    def __init__(self, table: torch.nn.Module, precision: str, first_row: int, num_items: int, dim: int) -> None:
+        [(weight, scale_bias)] = table._emb_modules[0].split_embedding_weights()
+        rows = slice(first_row, first_row + num_items)
+        self.precision = precision
+        self.dim = dim
+        if precision == "int8":
+            self.codes = weight[rows, :dim]
+            sb = scale_bias[rows].contiguous().view(torch.float16).float()  # (N, 2): scale, bias
+            self.scale, self.bias = sb[:, :1].contiguous(), sb[:, 1:].contiguous()
+        elif precision == "fp16":
+            self.codes = weight[rows].view(torch.float16)[:, :dim]
+        else:
+            self.codes = weight[rows].view(torch.float32)[:, :dim]
+        self.num_items = num_items
+        norms = torch.cat([self.rows(torch.arange(s, min(s + _CHUNK_ROWS, num_items))).norm(dim=1)
+                           for s in range(0, num_items, _CHUNK_ROWS)])
+        self.inv_norm = 1.0 / norms.clamp_min(1e-6)  # F.normalize's eps, as in training
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``(K, D)`` float32 item embeddings of dense ids ``ids``."""
+        codes = self.codes[ids]
+        if self.precision == "int8":
+            return codes.float() * self.scale[ids] + self.bias[ids]
+        return codes.float()
+
+    def _chunk(self, start: int, stop: int) -> torch.Tensor:
+        if self.precision == "int8":
+            return self.codes[start:stop].float() * self.scale[start:stop] + self.bias[start:stop]
+        return self.codes[start:stop].float()
+
+    def cosine(self, users: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` or ``(B, K)`` cosine scores of unit user vectors against items ``ids``."""
+        return (users @ self.rows(ids).T) * self.inv_norm[ids]
+
+    def topk(self, users: torch.Tensor, k: int, exclude: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` over all items per user, ``exclude[b]`` never returned.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: ``(B, k)`` scores (``-inf`` where fewer than
+            k items remain) and dense item ids.
+        """
+        b = users.shape[0]
+        ex_rows = torch.from_numpy(np.repeat(np.arange(b), [len(e) for e in exclude]))
+        ex_cols = torch.from_numpy(np.concatenate(exclude) if b else np.zeros(0, np.int64))
+        best_scores = users.new_full((b, 0), float("-inf"))
+        best_ids = torch.zeros((b, 0), dtype=torch.int64)
+        for start in range(0, self.num_items, _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, self.num_items)
+            scores = (users @ self._chunk(start, stop).T) * self.inv_norm[start:stop]
+            inside = (ex_cols >= start) & (ex_cols < stop)
+            scores[ex_rows[inside], ex_cols[inside] - start] = float("-inf")
+            merged = torch.cat([best_scores, scores], dim=1)
+            merged_ids = torch.cat([best_ids, torch.arange(start, stop).expand(b, -1)], dim=1)
+            top = torch.topk(merged, min(k, merged.shape[1]), dim=1)
+            best_scores, best_ids = top.values, merged_ids.gather(1, top.indices)
+        return best_scores, best_ids
+
+
+class Predictor:
+    """Recommends and scores from an exported artifact.
+
+    Args:
+        directory (str): an artifact written by ``genrec export``.
+        check_versions (bool): refuse an artifact exported with another torch / TorchRec /
+            fbgemm minor version (default True).
+
+    Raises:
+        ArtifactError: missing, truncated, corrupted, unsafe or incompatible artifact.
+
+    Example::
+
+        predictor = Predictor("artifacts/hstu_int8")
+        recs = predictor.recommend([History(items=[1, 2], actions=[4, 5], timestamps=[10, 20])], k=5)
+    """
+
+    def __init__(self, directory: str, check_versions: bool = True) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        self.directory = directory
+        self.manifest = m = art.verify_artifact(directory, check_versions=check_versions)
+        encoder_path = os.path.join(directory, art.ENCODER)
+        art.check_exported_program_is_safe(encoder_path)
+        try:
+            self._encoder = torch.export.load(encoder_path).module()
+        except Exception as e:  # noqa: BLE001 - any failure here is an unusable artifact
+            raise art.ArtifactError(f"torch.export.load failed ({type(e).__name__}: {e})", path=encoder_path) from e
+        table = m["table"]
+        self.precision = m["precision"]
+        embeddings_path = os.path.join(directory, art.EMBEDDINGS)
+        try:
+            weight = load_file(embeddings_path)["weight"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise art.ArtifactError(f"cannot read the token table ({e})", path=embeddings_path) from e
+        expected = (table["rows"], table["row_bytes"])
+        if tuple(weight.shape) != expected:
+            raise art.ArtifactError(f"token table is {tuple(weight.shape)}, the manifest says {expected}",
+                                    path=embeddings_path)
+        self._features = list(table["features"])
+        self._table = build_quant_table(table["name"], table["rows"], table["dim"], self._features, self.precision)
+        self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight}, strict=False)
+        self._table_weight = weight  # the TBE views this storage
+
+        vocab_path = os.path.join(directory, art.VOCAB)
+        with open(vocab_path) as f:
+            vocab = json.load(f)
+        self.item_ids = np.asarray(vocab["item_ids"])
+        if len(self.item_ids) != m["num_items"]:
+            raise art.ArtifactError(f"{len(self.item_ids)} item ids for {m['num_items']} items", path=vocab_path)
+        self._item_order = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids = self.item_ids[self._item_order]
+        self._actions = {float(v): i for i, v in enumerate(vocab.get("action_values") or [])}
+        self.action_name = vocab.get("action_name")
+
+        self.num_items = int(m["num_items"])
+        self.dim = int(m["embedding_dim"])
+        self.action_mode = m["action_mode"]
+        self.max_history = int(m["max_history"])
+        self.uses_actions = self.action_mode != "none"
+        self.uses_timestamps = bool(m["uses_timestamps"])
+        self.space = TokenSpace.build(num_items=self.num_items, num_actions=int(m["num_actions"]))
+        self._index = _ItemIndex(self._table, self.precision, self.space.offset("item"), self.num_items, self.dim)
+
+    @classmethod
+    def load(cls, directory: str, check_versions: bool = True) -> "Predictor":
+        """Same as the constructor; reads better at call sites."""
+        return cls(directory, check_versions=check_versions)
+
+    # ------------------------------------------------------------------ inputs
+    def dense_item_ids(self, raw: Sequence[Any], what: str = "item") -> np.ndarray:
+        """Raw item ids -> dense ids; an unknown id is a :class:`RequestError` naming it."""
+        raw_arr = np.asarray(list(raw))
+        if raw_arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if raw_arr.dtype.kind != self._sorted_ids.dtype.kind and not (
+                raw_arr.dtype.kind in "iu" and self._sorted_ids.dtype.kind in "iu"):
+            raise RequestError(f"{what} ids must be {self._id_kind()}, got {raw_arr.dtype.name} values "
+                               f"such as {raw_arr[:3].tolist()}")
+        pos = np.searchsorted(self._sorted_ids, raw_arr)
+        pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
+        known = self._sorted_ids[pos_clipped] == raw_arr
+        if not known.all():
+            unknown = raw_arr[~known][:5].tolist()
+            raise RequestError(f"unknown {what} id(s) {unknown}: not in the catalogue this model was trained on "
+                               f"({self.num_items} items)")
+        return self._item_order[pos_clipped].astype(np.int64)
+
+    def _id_kind(self) -> str:
+        return "integers" if self._sorted_ids.dtype.kind in "iu" else "strings"
+
+    def prepare(self, history: Union[History, Mapping[str, Any]], exclude: Optional[Sequence[Any]] = None,
+                truncate: bool = False) -> PreparedHistory:
+        """Validates one history and maps it to dense ids.
+
+        Args:
+            history (History | Mapping): the events (a mapping with the same keys works).
+            exclude (Optional[Sequence]): more raw item ids never to recommend (unknown ones
+                are ignored: they cannot be recommended anyway).
+            truncate (bool): keep the most recent ``max_history`` events of a longer history
+                instead of refusing it.
+
+        Raises:
+            RequestError: empty or over-long history, unknown ids or action values, fields
+                of different lengths, a field the model needs is missing.
+        """
+        if isinstance(history, Mapping):
+            unknown_keys = set(history) - {"items", "actions", "timestamps"}
+            if unknown_keys:
+                raise RequestError(f"unknown history field(s) {sorted(unknown_keys)}; "
+                                   "expected items, actions, timestamps")
+            history = History(history.get("items") or [], history.get("actions"), history.get("timestamps"))
+        n = len(history.items)
+        if n == 0:
+            raise RequestError("empty history: the model needs at least one event")
+        for name in ("actions", "timestamps"):
+            values = getattr(history, name)
+            if values is not None and len(values) != n:
+                raise RequestError(f"history has {n} items but {len(values)} {name}: one per event")
+        if n > self.max_history:
+            if not truncate:
+                raise RequestError(f"history has {n} events, the model reads at most {self.max_history}: "
+                                   f"send the most recent {self.max_history}")
+            keep = slice(n - self.max_history, n)
+        else:
+            keep = slice(0, n)
+        items = self.dense_item_ids(history.items)
+        actions = None
+        if self.uses_actions:
+            if history.actions is None:
+                raise RequestError(f"this model reads each event's {self.action_name or 'action'}: send history.actions")
+            try:
+                actions = np.asarray([self._actions[float(a)] for a in history.actions], dtype=np.int64)
+            except (KeyError, TypeError, ValueError):
+                bad = [a for a in history.actions if not _is_number(a) or float(a) not in self._actions][:5]
+                raise RequestError(f"unknown {self.action_name or 'action'} value(s) {bad}; "
+                                   f"known: {sorted(self._actions)}") from None
+            actions = actions[keep]
+        if self.uses_timestamps:
+            if history.timestamps is None:
+                raise RequestError("this model reads event times: send history.timestamps (seconds)")
+            try:
+                timestamps = np.asarray(history.timestamps, dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise RequestError("timestamps must be integers (seconds)") from None
+        else:
+            timestamps = np.zeros(n, dtype=np.int64)
+        extra = np.zeros(0, dtype=np.int64)
+        if exclude:
+            raw = np.asarray(list(exclude))
+            if raw.dtype.kind == self._sorted_ids.dtype.kind or (raw.dtype.kind in "iu" and self._sorted_ids.dtype.kind in "iu"):
+                pos = np.minimum(np.searchsorted(self._sorted_ids, raw), len(self._sorted_ids) - 1)
+                extra = self._item_order[pos[self._sorted_ids[pos] == raw]].astype(np.int64)
+        return PreparedHistory(items[keep], actions, timestamps[keep], np.unique(np.concatenate([items, extra])))
+
+    # ------------------------------------------------------------------ model
+    def _tokens(self, prepared: Sequence[PreparedHistory]) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                     torch.Tensor, torch.Tensor]:
+        """The encoder's token layout, as in training: (tokens, tokens to add, times, lengths)."""
+        space = self.space
+        item_off = space.offset("item")
+        tokens, added, times, lengths = [], [], [], []
+        for p in prepared:
+            item_tokens = p.items + item_off
+            if self.action_mode == "interleaved":
+                act_tokens = p.actions + space.offset("action")
+                tokens.append(np.stack([item_tokens, act_tokens], axis=1).reshape(-1))
+                times.append(np.repeat(p.timestamps, 2))
+            else:
+                tokens.append(item_tokens)
+                times.append(p.timestamps)
+                if self.action_mode == "summed":
+                    added.append(p.actions + space.offset("action"))
+            lengths.append(len(tokens[-1]))
+        return (torch.from_numpy(np.concatenate(tokens)), torch.from_numpy(np.concatenate(added)) if added else None,
+                torch.from_numpy(np.concatenate(times)), torch.tensor(lengths, dtype=torch.int64))
+
+    def _embed(self, tokens: torch.Tensor, added: Optional[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+        """Looks the tokens up in the quantised collection, one KJT as in training."""
+        zeros = torch.zeros_like(lengths)
+        empty = torch.zeros(0, dtype=torch.int64)
+        values = [tokens, added if added is not None else empty, empty, empty]
+        lens = [lengths, lengths if added is not None else zeros, zeros, zeros]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self._features, values=torch.cat(values),
+                                                  lengths=torch.cat(lens).to(torch.int32))
+        out = self._table(kjt)
+        x = out[self._features[0]].values()[:, :self.dim]
+        if added is not None:
+            x = x + out[self._features[1]].values()[:, :self.dim]
+        return x
+
+    @torch.inference_mode()
+    def user_vectors(self, prepared: Sequence[PreparedHistory]) -> torch.Tensor:
+        """``(B, D)`` unit user vectors, one encoder pass for the batch."""
+        tokens, added, times, lengths = self._tokens(prepared)
+        x = self._embed(tokens, added, lengths)
+        b, width = len(prepared), int(lengths.max())
+        rows = torch.repeat_interleave(torch.arange(b), lengths)
+        pos = torch.arange(len(tokens)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        padded = x.new_zeros(b, width, self.dim).index_put((rows, pos), x)
+        padded_times = torch.zeros(b, width, dtype=torch.int64).index_put((rows, pos), times)
+        return self._encoder(padded, lengths, padded_times)
+
+    # ------------------------------------------------------------------ API
+    def check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_items:
+            raise RequestError(f"k must be an integer in [1, {self.num_items}], got {k!r}")
+        return int(k)
+
+    @torch.inference_mode()
+    def recommend_prepared(self, prepared: Sequence[PreparedHistory], k: Union[int, Sequence[int]]) -> List[Recommendation]:
+        """:meth:`recommend` on prepared histories; ``k`` may differ per history."""
+        ks = [k] * len(prepared) if isinstance(k, (int, np.integer)) else list(k)
+        users = self.user_vectors(prepared)
+        scores, ids = self._index.topk(users, max(ks), [p.exclude for p in prepared])
+        out = []
+        for row, kk in enumerate(ks):
+            s, i = scores[row, :kk], ids[row, :kk]
+            finite = torch.isfinite(s)
+            out.append(Recommendation(self.item_ids[i[finite].numpy()].tolist(), s[finite].tolist()))
+        return out
+
+    def recommend(self, histories: Sequence[Union[History, Mapping[str, Any]]], k: int = 10,
+                  exclude: Optional[Sequence[Sequence[Any]]] = None, truncate: bool = False) -> List[Recommendation]:
+        """Top-``k`` items for each history, its own items excluded, in one batch.
+
+        Args:
+            histories (Sequence[History]): B users' events.
+            k (int): items per user, ``1 <= k <= num_items``.
+            exclude (Optional[Sequence[Sequence]]): per user, more raw ids to leave out.
+            truncate (bool): see :meth:`prepare`.
+
+        Returns:
+            List[Recommendation]: B lists of raw ids and cosine scores, best first (fewer
+            than k when the history and exclusions leave fewer items).
+        """
+        k = self.check_k(k)
+        prepared = [self.prepare(h, None if exclude is None else exclude[i], truncate)
+                    for i, h in enumerate(histories)]
+        return self.recommend_prepared(prepared, k) if prepared else []
+
+    @torch.inference_mode()
+    def score_prepared(self, prepared: Sequence[PreparedHistory], candidates: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """:meth:`score` for several users: one encoder pass for all of them."""
+        users = self.user_vectors(prepared)
+        return [self._index.cosine(users[row], torch.from_numpy(c)).numpy() for row, c in enumerate(candidates)]
+
+    def score(self, history: Union[History, Mapping[str, Any]], candidates: Sequence[Any],
+              truncate: bool = False) -> np.ndarray:
+        """Scores many candidates for one user in one encoder pass.
+
+        Args:
+            history (History): the user's events.
+            candidates (Sequence): raw item ids (unknown ids are a :class:`RequestError`).
+            truncate (bool): see :meth:`prepare`.
+
+        Returns:
+            np.ndarray: ``(len(candidates),)`` cosine scores, the same values
+            :meth:`recommend` ranks by.
+        """
+        if len(candidates) == 0:
+            raise RequestError("no candidates to score")
+        prepared = self.prepare(history, truncate=truncate)
+        return self.score_prepared([prepared], [self.dense_item_ids(candidates, "candidate")])[0]
+
+    def info(self) -> Dict[str, Any]:
+        """What ``/healthz`` reports: model, precision, sizes, versions."""
+        m = self.manifest
+        return {"model": m["model"]["name"], "precision": self.precision, "num_items": self.num_items,
+                "max_history": self.max_history, "action_mode": self.action_mode,
+                "uses_timestamps": self.uses_timestamps, "versions": m["versions"], "created": m["created"]}
+
+
+def _is_number(x: Any) -> bool:
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(x, bool)

@@ -1,0 +1,1 @@
+"""HTTP serving of exported artifacts (``genrec serve``)."""

@@ -1,0 +1,297 @@
+"""``genrec serve``: an HTTP endpoint over a :class:`~torchrec_genrec.inference.Predictor`.
+
+FastAPI + uvicorn. Requests are validated in the handler (a bad request never reaches a
+batch), then queued; one worker gathers up to ``max_batch`` requests or waits
+``max_wait_ms`` after the first, runs them as one encoder pass on a single inference
+thread, and answers each. Endpoints::
+
+    POST /recommend  {"history": {"items": [...], "actions": [...], "timestamps": [...]},
+                      "k": 10, "exclude": [...]}       -> {"items": [...], "scores": [...]}
+    POST /score      {"history": {...}, "candidates": [...]}  -> {"scores": [...]}
+    GET  /healthz    -> {"status": "ok", "model": ...}
+    GET  /metrics    -> Prometheus text: requests by endpoint and status, latency, batch sizes
+
+Bad requests get a 4xx with ``{"error": "..."}`` saying what is wrong: malformed JSON
+(400), a body over ``max_body_bytes`` (413), unknown ids, empty or over-long history,
+``k`` out of range, wrong field types (422).
+
+Example::
+
+    app = create_app(Predictor.load("artifacts/hstu_int8"), ServeConfig(max_batch=64))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import time
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+
+from torchrec_genrec.inference.predictor import PreparedHistory, Predictor, RequestError
+
+__all__ = ["ServeConfig", "create_app", "serve"]
+
+RawId = Union[StrictInt, StrictStr]
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Args:
+    max_batch (int): most requests answered by one encoder pass.
+    max_wait_ms (float): how long the first request of a batch waits for company.
+    max_body_bytes (int): larger request bodies get 413.
+    max_candidates (int): most candidates one /score request may send.
+    """
+
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_body_bytes: int = 1 << 20
+    max_candidates: int = 10000
+
+
+class HistoryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: List[RawId]
+    actions: Optional[List[Union[StrictInt, StrictFloat]]] = None
+    timestamps: Optional[List[StrictInt]] = None
+
+
+class RecommendIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: HistoryIn
+    k: StrictInt = 10
+    exclude: List[RawId] = Field(default_factory=list)
+
+
+class ScoreIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: HistoryIn
+    candidates: List[RawId]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("genrec_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("genrec_request_seconds", "request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.batch_size = Histogram("genrec_batch_size", "requests per encoder pass", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.queue = Gauge("genrec_queue_depth", "requests waiting for a batch", registry=self.registry)
+
+
+class _MicroBatcher:
+    """Gathers validated requests into batches for one inference thread."""
+
+    def __init__(self, predictor: Predictor, config: ServeConfig, metrics: _Metrics) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.metrics = metrics
+        self.queue: Optional[asyncio.Queue] = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrec-infer")
+        self.task: Optional[asyncio.Task] = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.executor.shutdown(wait=False)
+
+    async def submit(self, kind: str, prepared: PreparedHistory, arg: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((kind, prepared, arg, future))
+        self.metrics.queue.set(self.queue.qsize())
+        return await future
+
+    def _infer(self, batch: List[Tuple[str, PreparedHistory, Any, asyncio.Future]]) -> List[Any]:
+        results: List[Any] = [None] * len(batch)
+        rec = [i for i, b in enumerate(batch) if b[0] == "recommend"]
+        if rec:
+            out = self.predictor.recommend_prepared([batch[i][1] for i in rec], [batch[i][2] for i in rec])
+            for i, r in zip(rec, out):
+                results[i] = r
+        score = [i for i, b in enumerate(batch) if b[0] == "score"]
+        if score:
+            out = self.predictor.score_prepared([batch[i][1] for i in score], [batch[i][2] for i in score])
+            for i, r in zip(score, out):
+                results[i] = r
+        return results
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait = self.config.max_wait_ms / 1000.0
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + wait
+            while len(batch) < self.config.max_batch:
+                remaining = deadline - loop.time()
+                try:
+                    item = self.queue.get_nowait() if remaining <= 0 else await asyncio.wait_for(self.queue.get(), remaining)
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                batch.append(item)
+            self.metrics.queue.set(self.queue.qsize())
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                results = await loop.run_in_executor(self.executor, self._infer, batch)
+            except Exception as e:  # noqa: BLE001 - answered as 500 to each waiting request
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (*_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def _describe(errors: List[Dict[str, Any]]) -> Tuple[int, str]:
+    """A pydantic error list -> (status, one readable line)."""
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return 400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+    parts = []
+    for e in errors[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return 422, "; ".join(parts)
+
+
+class _BodyLimit:
+    """ASGI middleware: reads at most ``limit`` bytes of a request body, else 413."""
+
+    def __init__(self, app: Any, limit: int, metrics: _Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks, size = [], 0
+        while not too_big:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            too_big = size > self.limit
+            if not message.get("more_body"):
+                break
+        if too_big:
+            response = _error(413, f"request body over {self.limit} bytes")
+            self.metrics.requests.labels(scope.get("path", ""), "413").inc()
+            await response(scope, receive, send)
+            return
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(predictor: Predictor, config: Optional[ServeConfig] = None) -> Any:
+    """The FastAPI application serving ``predictor`` (see the module docstring).
+
+    Args:
+        predictor (Predictor): a loaded artifact.
+        config (Optional[ServeConfig]): batching and request limits.
+
+    Returns:
+        the ASGI app (FastAPI behind a body-size limit); run it with uvicorn.
+    """
+    config = config or ServeConfig()
+    metrics = _Metrics()
+    batcher = _MicroBatcher(predictor, config, metrics)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="torchrec-genrec", lifespan=lifespan)
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - counted, then FastAPI's 500
+            metrics.requests.labels(request.url.path, "500").inc()
+            raise
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        metrics.latency.labels(request.url.path).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_describe(exc.errors()))
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.get("/healthz")
+    async def healthz() -> Dict[str, Any]:
+        return {"status": "ok", **predictor.info()}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/recommend")
+    async def recommend(body: RecommendIn) -> Dict[str, Any]:
+        k = predictor.check_k(body.k)
+        prepared = predictor.prepare(body.history.model_dump(), exclude=body.exclude)
+        rec = await batcher.submit("recommend", prepared, k)
+        return {"items": rec.items, "scores": rec.scores}
+
+    @app.post("/score")
+    async def score(body: ScoreIn) -> Dict[str, Any]:
+        if not body.candidates:
+            raise RequestError("no candidates to score")
+        if len(body.candidates) > config.max_candidates:
+            raise RequestError(f"{len(body.candidates)} candidates, at most {config.max_candidates} per request")
+        prepared = predictor.prepare(body.history.model_dump())
+        candidates = predictor.dense_item_ids(body.candidates, "candidate")
+        scores: np.ndarray = await batcher.submit("score", prepared, candidates)
+        return {"scores": scores.tolist()}
+
+    return _BodyLimit(app, config.max_body_bytes, metrics)
+
+
+def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Optional[ServeConfig] = None,
+          check_versions: bool = True) -> None:
+    """Loads ``artifact`` and serves it until interrupted."""
+    import uvicorn
+
+    predictor = Predictor.load(artifact, check_versions=check_versions)
+    uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning", access_log=False)
