@@ -29,3 +29,33 @@ def ml100k(genrec_home):
 
     assert cli.main(["prepare", "movielens-100k"]) == 0
     return SequenceStore.open(datasets.dataset_dir("movielens-100k"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A small HSTU run (summed actions, time bias) on synthetic data, trained for 2 epochs:
+    what the export and serving tests start from. Returns (run_dir, store_dir)."""
+    from torchrec_genrec import cli
+    from torchrec_genrec.data.store import write_store
+    from torchrec_genrec.data.synthetic import SyntheticConfig, generate
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    store = str(root / "store")
+    write_store(generate(SyntheticConfig(num_users=80, num_items=60, num_events=1600, min_seq_len=5, seed=3)), store)
+    out = root / "run"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    settings = [f"data.dataset={store}", "data.max_seq_len=16", f"train.output_dir={out}", "train.epochs=2",
+                "train.batch_size=16", "train.progress=false", "train.tensorboard=false", "model.embedding_dim=16",
+                "model.attention_dim=8", "model.linear_dim=8", "model.num_negatives=8"]
+    assert cli.main(["train", "--config", os.path.join(here, "apps/configs/hstu_ml100k.toml"),
+                     *[x for s in settings for x in ("--set", s)]]) == 0
+    return str(out), store
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run, tmp_path_factory):
+    """The tiny run exported at each precision: {precision: artifact_dir}."""
+    from torchrec_genrec.inference.export import export_run
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {p: export_run(tiny_run[0], str(root / p), precision=p) and str(root / p) for p in ("fp32", "fp16", "int8")}

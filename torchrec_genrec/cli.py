@@ -158,7 +158,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from torchrec_genrec.inference.export import export_run, table_bytes
 
     if args.target == "torchrec-package":
-        from torchrec_genrec.inference.torchrec_package import export_torchrec_package
+        from torchrec_genrec.inference.export import export_torchrec_package
 
         path = export_torchrec_package(args.run, args.out, precision=args.precision, checkpoint=args.checkpoint,
                                        overwrite=args.overwrite)

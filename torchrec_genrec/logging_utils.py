@@ -13,9 +13,15 @@ def silence_known_noise() -> None:
     - ``is_fx_tracing will return true ...`` (torch.fx, on every KeyedJaggedTensor).
     - DistributedModelParallel's DDP ``broadcast_buffers`` FutureWarning.
     - ShardedTensor deprecation and fbgemm import-time deprecation messages.
+    - torch.ao.quantization's deprecation (TorchRec's inference quantisation uses it) and
+      DCP's "load in a single process" note (export loads checkpoints that way).
     """
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="fbgemm_gpu")
+    # TorchRec's inference quantisation still goes through torch.ao.quantization.
+    warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning)
+    # torch.distributed.checkpoint loading into one process (export) says so every time.
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))

@@ -21,13 +21,14 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.modules.embedding_configs import DataType
+from torchrec.inference.model_packager import PredictFactoryPackager
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
 from torchrec_genrec.config import to_dict
@@ -35,7 +36,8 @@ from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.checkpoint import load_trained_model
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 
-__all__ = ["PRECISIONS", "UserEncoder", "build_quant_table", "export_run", "quantize_token_table", "table_bytes"]
+__all__ = ["PRECISIONS", "UserEncoder", "build_quant_table", "export_run", "export_torchrec_package",
+           "quantize_token_table", "table_bytes"]
 
 #: Export precisions of the token table and the TorchRec data type each maps to.
 PRECISIONS: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
@@ -218,3 +220,67 @@ def table_bytes(manifest: Dict[str, Any], payload_only: bool = False) -> int:
     per_value = {"fp32": 4, "fp16": 2, "int8": 1}[manifest["precision"]]
     return table["rows"] * manifest["embedding_dim"] * per_value
 
+class _Packager(PredictFactoryPackager):
+    """Interns the factory's code; torch, TorchRec, fbgemm and torchrec_genrec's encoders extern."""
+
+    @classmethod
+    def set_extern_modules(cls, pe: Any) -> None:
+        # The encoders come from the installed torchrec_genrec (like torchrec itself): its
+        # dataclass configs cannot be re-imported from inside a package.
+        pe.extern(["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**",
+                   "numpy", "numpy.**", "safetensors", "safetensors.**", "typing_extensions",
+                   "torchrec_genrec", "torchrec_genrec.modules", "torchrec_genrec.modules.**",
+                   "torchrec_genrec.ops", "torchrec_genrec.ops.**"])
+
+    @classmethod
+    def set_mocked_modules(cls, pe: Any) -> None:
+        pass
+
+
+def export_torchrec_package(run_dir: str, out_path: str, precision: str = "int8", checkpoint: str = "best",
+                            overwrite: bool = False) -> str:
+    """Writes ``out_path``, a torch.package with :class:`RetrievalPredictFactory`.
+
+    Args:
+        run_dir (str): a finished run's output_dir.
+        out_path (str): the package file to write (atomically).
+        precision (str): ``int8``, ``fp16`` or ``fp32`` for the token table.
+        checkpoint (str): ``best`` or a checkpoint name.
+        overwrite (bool): replace an existing file.
+
+    Returns:
+        str: ``out_path``.
+    """
+    import dataclasses
+    import json
+
+    from safetensors.torch import save
+
+    from torchrec_genrec.inference.torchrec_package import CONFIG_NAME, WEIGHTS_NAME, RetrievalPredictFactory
+
+    if precision not in PRECISIONS:
+        raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+    if os.path.exists(out_path) and not overwrite:
+        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_path)
+    model, cfg = load_trained_model(run_dir, checkpoint)
+    table = model.token_embeddings.embedding_configs()[0]
+    settings = {
+        "precision": precision, "embedding_dim": cfg.model.embedding_dim, "action_mode": model.action_mode,
+        "item_offset": model.space.offset("item"),
+        "action_offset": model.space.offset("action") if model.num_actions else 0,
+        "num_items": model.num_items, "features": list(table.feature_names), "table": table.name,
+        "table_dim": table.embedding_dim, "table_rows": table.num_embeddings, "encoder": cfg.model.name,
+        "encoder_config": dataclasses.asdict(model.encoder.config),
+    }
+    float_state = {f"token_embeddings.embeddings.{table.name}.weight":
+                   model.token_embeddings.embeddings[table.name].weight.detach().contiguous()}
+    float_state.update({f"encoder.{k}": v.detach().contiguous() for k, v in model.encoder.state_dict().items()})
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        _Packager.save_predict_factory(RetrievalPredictFactory, {CONFIG_NAME: json.dumps(settings)}, tmp,
+                                       {WEIGHTS_NAME: save(float_state)})
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out_path

@@ -1,0 +1,121 @@
+"""The HTTP server: answers, micro-batches, and turns every bad request into a clear 4xx."""
+
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from torchrec_genrec.inference.predictor import History, Predictor
+from torchrec_genrec.serving.app import ServeConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts):
+    import uvicorn
+
+    predictor = Predictor.load(tiny_artifacts["int8"])
+    app = create_app(predictor, ServeConfig(max_batch=16, max_wait_ms=20, max_body_bytes=20000, max_candidates=50))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", predictor
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def _call(url, path, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _history(predictor, n=3):
+    action = next(iter(predictor._actions))
+    return {"items": predictor.item_ids[:n].tolist(), "actions": [action] * n, "timestamps": list(range(100, 100 + n))}
+
+
+def test_recommend_and_score_agree_with_the_predictor(server):
+    url, predictor = server
+    h = _history(predictor)
+    status, body = _call(url, "/recommend", {"history": h, "k": 5, "exclude": [predictor.item_ids[10].item()]})
+    assert status == 200
+    rec = json.loads(body)
+    [expected] = predictor.recommend([History(**h)], k=5, exclude=[[predictor.item_ids[10].item()]])
+    assert rec["items"] == expected.items
+    assert rec["scores"] == pytest.approx(expected.scores, abs=1e-6)
+    status, body = _call(url, "/score", {"history": h, "candidates": rec["items"]})
+    assert status == 200 and json.loads(body)["scores"] == pytest.approx(rec["scores"], abs=1e-6)
+    status, body = _call(url, "/healthz")
+    assert status == 200 and json.loads(body)["precision"] == "int8"
+
+
+def test_concurrent_requests_are_batched_and_answered_each_their_own(server):
+    url, predictor = server
+    histories = [_history(predictor, n) for n in range(1, 17)]
+
+    def ask(h):
+        return _call(url, "/recommend", {"history": h, "k": 3})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, histories))
+    expected = predictor.recommend([History(**h) for h in histories], k=3)
+    for (status, body), exp in zip(answers, expected):
+        assert status == 200 and json.loads(body)["items"] == exp.items
+    _, metrics = _call(url, "/metrics")
+    text = metrics.decode()
+    # Some encoder pass served more than one request.
+    count = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("genrec_batch_size_count")))
+    requests = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('genrec_requests_total{endpoint="/recommend",status="200"}'))
+    assert count < requests
+
+
+@pytest.mark.parametrize("body,raw,status,message", [
+    (None, b"{not json", 400, "malformed JSON"),
+    ({"history": {"items": [10**9], "actions": [1], "timestamps": [1]}}, None, 422, "unknown item id"),
+    ({"history": {"items": [], "actions": [], "timestamps": []}}, None, 422, "empty history"),
+    ({"history": "HISTORY", "k": 0}, None, 422, "k must be"),
+    ({"history": "HISTORY", "k": "ten"}, None, 422, "k: Input should be a valid integer"),
+    ({"history": "HISTORY", "extra": 1}, None, 422, "extra: Extra inputs are not permitted"),
+    ({"history": "LONG"}, None, 422, "at most"),
+    ({"history": "HISTORY", "pad": "x" * 30000}, None, 413, "over 20000 bytes"),
+])
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, body, raw, status, message):
+    url, predictor = server
+    if body is not None:
+        body = dict(body)
+        if body["history"] == "HISTORY":
+            body["history"] = _history(predictor)
+        elif body["history"] == "LONG":
+            body["history"] = _history(predictor, predictor.max_history + 1)
+    got, payload = _call(url, "/recommend", body, raw)
+    assert got == status
+    assert message in json.loads(payload)["error"]
+    assert _call(url, "/recommend", {"history": _history(predictor), "k": 2})[0] == 200
+
+
+def test_score_limits(server):
+    url, predictor = server
+    h = _history(predictor)
+    assert _call(url, "/score", {"history": h, "candidates": []})[0] == 422
+    status, body = _call(url, "/score", {"history": h, "candidates": predictor.item_ids[:51].tolist()})
+    assert status == 422 and "at most 50" in json.loads(body)["error"]
+    status, body = _call(url, "/score", {"history": h, "candidates": [10**9]})
+    assert status == 422 and "unknown candidate id" in json.loads(body)["error"]

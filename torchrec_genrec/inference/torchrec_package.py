@@ -1,0 +1,166 @@
+"""The TorchRec-predictor target: a ``torch.package`` holding a TorchRec ``PredictFactory``.
+
+TorchRec's inference stack loads a model as a packaged ``PredictFactory`` whose
+``create_predict_module()`` builds the eager model, quantises its embedding collections
+(``quantize_inference_model``) and wraps it in a ``PredictModule`` with
+``predict_forward(Dict[str, Tensor])``. ``genrec export RUN --target torchrec-package``
+writes exactly that (this module's code interned, torch / TorchRec / fbgemm extern,
+the float weights as safetensors bytes, the settings as JSON), so a TorchRec serving
+deployment loads it like its own DLRM package::
+
+    from torch.package import PackageImporter
+    importer = PackageImporter("hstu.torchrec.pt")
+    factory = importer.import_module("__module_loader").MODULE_FACTORY()
+    module = factory.create_predict_module()            # quantised, eval mode, CPU
+    out = module({"item": items, "action": actions, "timestamp": ts, "lengths": lengths})
+    out["user_embedding"]   # (B, D) unit vectors;  out["scores"]  # (B, N) cosine over all items
+
+The package interns this factory; torch, TorchRec, fbgemm and torchrec_genrec's encoder
+modules stay extern, so the serving environment installs the same pinned stack (the
+manifest-free package records nothing else to check: keep it next to its artifact).
+
+Inputs are dense ids (the artifact's ``vocab.json`` maps raw ids): ``item``, ``action``
+(empty when the model reads no actions), ``timestamp`` — jagged values, events oldest
+first — and ``lengths`` ``(B,)`` events per user.
+
+Loading a ``torch.package`` unpickles its contents: use it only for packages you built or
+trust. The artifact for :class:`~torchrec_genrec.inference.Predictor` and ``genrec serve``
+(``--target predictor``) is the one that loads without unpickling.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec.inference.modules import BatchingMetadata, PredictFactory, PredictModule, quantize_inference_model
+
+from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
+from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
+
+try:  # defined inside a torch.package only
+    import torch_package_importer  # type: ignore[import-not-found]
+except ImportError:
+    torch_package_importer = None
+
+__all__ = ["QuantRetrievalModel", "RetrievalPredictFactory", "RetrievalPredictModule"]
+
+CONFIG_NAME = "retrieval.json"
+WEIGHTS_NAME = "model.safetensors"
+_DTYPES = {"fp32": torch.float, "fp16": torch.half, "int8": torch.qint8}
+
+
+class QuantRetrievalModel(nn.Module):
+    """Token lookup in a (quantised) ``EmbeddingCollection`` + the encoder + exact scoring.
+
+    Args:
+        settings (Dict[str, Any]): what :func:`export_torchrec_package` records.
+    """
+
+    def __init__(self, settings: Dict[str, Any]) -> None:
+        super().__init__()
+        s = settings
+        self.dim = int(s["embedding_dim"])
+        self.action_mode = s["action_mode"]
+        self.item_offset, self.action_offset = int(s["item_offset"]), int(s["action_offset"])
+        self.num_items = int(s["num_items"])
+        self.features = list(s["features"])
+        self.token_embeddings = EmbeddingCollection(tables=[EmbeddingConfig(
+            name=s["table"], embedding_dim=int(s["table_dim"]), num_embeddings=int(s["table_rows"]),
+            feature_names=self.features)], device=torch.device("cpu"))
+        if s["encoder"] == "hstu":
+            self.encoder: nn.Module = HSTUEncoder(HSTUConfig(**s["encoder_config"]))
+        else:
+            self.encoder = SASRecEncoder(SASRecConfig(**s["encoder_config"]))
+
+    def _lookup(self, tokens: torch.Tensor, added: torch.Tensor, lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
+        zeros = torch.zeros_like(lengths)
+        empty = torch.zeros(0, dtype=torch.int64)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.features, values=torch.cat([tokens, added, empty, empty]),
+            lengths=torch.cat([lengths, lengths if added.numel() else zeros, zeros, zeros]).to(torch.int32))
+        out = self.token_embeddings(kjt)
+        return {k: out[k].values()[:, :self.dim].float() for k in self.features[:2]}
+
+    def forward(self, item: torch.Tensor, action: torch.Tensor, timestamp: torch.Tensor,
+                lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
+        tokens = item.to(torch.int64) + self.item_offset
+        times = timestamp.to(torch.int64)
+        lengths = lengths.to(torch.int64)
+        added = torch.zeros(0, dtype=torch.int64)
+        if self.action_mode == "interleaved":
+            tokens = torch.stack([tokens, action.to(torch.int64) + self.action_offset], dim=1).reshape(-1)
+            times = times.repeat_interleave(2)
+            lengths = lengths * 2
+        elif self.action_mode == "summed":
+            added = action.to(torch.int64) + self.action_offset
+        emb = self._lookup(tokens, added, lengths)
+        x = emb[self.features[0]]
+        if added.numel():
+            x = x + emb[self.features[1]]
+        b, width = lengths.numel(), int(lengths.max())
+        rows = torch.repeat_interleave(torch.arange(b), lengths)
+        pos = torch.arange(tokens.numel()) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        padded = x.new_zeros(b, width, self.dim).index_put((rows, pos), x)
+        padded_times = torch.zeros(b, width, dtype=torch.int64).index_put((rows, pos), times)
+        h = self.encoder.forward_padded(padded, lengths, padded_times)
+        user = F.normalize(h[torch.arange(b), lengths - 1], dim=-1, eps=1e-6)
+        catalog = torch.arange(self.num_items) + self.item_offset
+        items = self._lookup(catalog, torch.zeros(0, dtype=torch.int64),
+                             torch.tensor([self.num_items] + [0] * (b - 1)))[self.features[0]]
+        return {"user_embedding": user, "scores": user @ F.normalize(items, dim=-1, eps=1e-6).T}
+
+
+class RetrievalPredictModule(PredictModule):
+    """TorchRec ``PredictModule``: ``{"item", "action", "timestamp", "lengths"}`` ->
+    ``{"user_embedding": (B, D), "scores": (B, N)}``."""
+
+    def predict_forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.predict_module(batch["item"], batch.get("action", torch.zeros(0, dtype=torch.int64)),
+                                   batch["timestamp"], batch["lengths"])
+
+
+class RetrievalPredictFactory(PredictFactory):
+    """Builds the quantised predict module from the package's settings and weights.
+
+    Args:
+        settings (Optional[Dict[str, Any]]): the recorded settings; read from the package
+            when None (as TorchRec's loader calls it).
+        weights (Optional[bytes]): safetensors bytes of the float model; idem.
+    """
+
+    def __init__(self, settings: Optional[Dict[str, Any]] = None, weights: Optional[bytes] = None) -> None:
+        if settings is None:
+            settings = json.loads(torch_package_importer.load_text("__configs", CONFIG_NAME))
+            weights = torch_package_importer.load_binary("extra_files", WEIGHTS_NAME)
+        self.settings = settings
+        self.weights = weights
+
+    def create_predict_module(self, world_size: int = 1, device: str = "cpu") -> nn.Module:
+        from safetensors.torch import load as load_safetensors
+
+        model = QuantRetrievalModel(self.settings)
+        model.load_state_dict(load_safetensors(self.weights))
+        model.eval()
+        precision = self.settings["precision"]
+        quantize_inference_model(model, per_table_weight_dtype={self.settings["table"]: _DTYPES[precision]},
+                                 quantization_dtype=_DTYPES[precision])
+        return RetrievalPredictModule(model, device=device)
+
+    def batching_metadata(self) -> Dict[str, BatchingMetadata]:
+        return {name: BatchingMetadata(type="dense", device="cpu", pinned=[])
+                for name in ("item", "action", "timestamp", "lengths")}
+
+    def result_metadata(self) -> str:
+        return "dict_of_tensor"
+
+    def run_weights_independent_tranformations(self, predict_module: nn.Module) -> nn.Module:
+        return predict_module
+
+    def run_weights_dependent_transformations(self, predict_module: nn.Module) -> nn.Module:
+        return predict_module
+
