@@ -91,7 +91,7 @@ def run_checks() -> List[Check]:
     except Exception as e:
         checks.append(Check("fbgemm operators", False, f"{type(e).__name__}: {str(e)[:200]}",
                             f"fbgemm does not fit this torch; {FIX}"))
-    for module in ("torchrec", "torchx"):
+    for module in ("torchrec", "torchx", "safetensors", "fastapi", "uvicorn", "prometheus_client"):
         try:
             importlib.import_module(module)
             checks.append(Check(f"{module} import", True, "ok"))

@@ -338,15 +338,23 @@ class Predictor:
 
     @torch.inference_mode()
     def user_vectors(self, prepared: Sequence[PreparedHistory]) -> torch.Tensor:
-        """``(B, D)`` unit user vectors, one encoder pass for the batch."""
+        """``(B, D)`` unit user vectors: one table lookup for the batch, then the encoder
+        once per length bucket (the exported encoder pads, so mixing 20- and 200-event
+        histories in one call would mostly compute padding)."""
         tokens, added, times, lengths = self._tokens(prepared)
         x = self._embed(tokens, added, lengths)
-        b, width = len(prepared), int(lengths.max())
-        rows = torch.repeat_interleave(torch.arange(b), lengths)
-        pos = torch.arange(len(tokens)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        padded = x.new_zeros(b, width, self.dim).index_put((rows, pos), x)
-        padded_times = torch.zeros(b, width, dtype=torch.int64).index_put((rows, pos), times)
-        return self._encoder(padded, lengths, padded_times)
+        starts = torch.cumsum(lengths, 0) - lengths
+        users = x.new_empty(len(prepared), self.dim)
+        for rows, width in _length_buckets(lengths.numpy()):
+            rows_t = torch.from_numpy(rows)
+            lens = lengths[rows_t]
+            row_of = torch.repeat_interleave(torch.arange(len(rows)), lens)
+            pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+            index = starts[rows_t][row_of] + pos
+            padded = x.new_zeros(len(rows), width, self.dim).index_put((row_of, pos), x[index])
+            padded_times = torch.zeros(len(rows), width, dtype=torch.int64).index_put((row_of, pos), times[index])
+            users[rows_t] = self._encoder(padded, lens, padded_times)
+        return users
 
     # ------------------------------------------------------------------ API
     def check_k(self, k: int) -> int:
@@ -416,6 +424,37 @@ class Predictor:
         return {"model": m["model"]["name"], "precision": self.precision, "num_items": self.num_items,
                 "max_history": self.max_history, "action_mode": self.action_mode,
                 "uses_timestamps": self.uses_timestamps, "versions": m["versions"], "created": m["created"]}
+
+
+#: Fixed price of one more encoder call, in padded attention pairs (one call costs about as
+#: much as ~30k (query, key) pairs of padded attention on CPU at D = 50).
+_CALL_OVERHEAD_PAIRS = 32768.0
+
+
+def _length_buckets(lengths: np.ndarray) -> List[Tuple[np.ndarray, int]]:
+    """Cuts a batch into runs of similar length: ``[(row ids, padded length), ...]``.
+
+    Rows sorted by length; a bucket is padded to its longest row. The cut minimises
+    ``sum(n * (P^2 + 64 P)) + overhead * buckets`` exactly (a dynamic programme over the
+    distinct lengths): padded attention costs ``P^2`` pairs per row, the projections ``P``.
+    """
+    order = np.argsort(lengths, kind="stable")
+    uniq, counts = np.unique(lengths[order], return_counts=True)
+    ends = np.cumsum(counts)
+    starts = np.concatenate([[0], ends])
+    work = uniq.astype(np.float64) ** 2 + 64.0 * uniq
+    best = np.zeros(len(uniq) + 1)
+    cut = np.zeros(len(uniq) + 1, dtype=np.int64)
+    for i in range(1, len(uniq) + 1):
+        cand = best[:i] + (ends[i - 1] - starts[:i]) * work[i - 1] + _CALL_OVERHEAD_PAIRS
+        cut[i] = int(np.argmin(cand))
+        best[i] = cand[cut[i]]
+    buckets, i = [], len(uniq)
+    while i > 0:
+        j = int(cut[i])
+        buckets.append((order[starts[j]:ends[i - 1]], int(uniq[i - 1])))
+        i = j
+    return buckets[::-1]
 
 
 def _is_number(x: Any) -> bool:
