@@ -48,6 +48,9 @@ def test_padded_forward_equals_jagged_forward(encoder):
         ts_pad, _, _ = _jagged_to_padded(ts, lengths)
         padded = enc.forward_padded(x_pad, lengths, ts_pad)
         torch.testing.assert_close(padded[rows, pos], jagged, atol=2e-6, rtol=1e-5)
+        if encoder == "hstu":
+            last = enc.forward_padded_last(x_pad, lengths, ts_pad)
+            torch.testing.assert_close(last, jagged[offsets[1:] - 1], atol=2e-6, rtol=1e-5)
 
 
 def _histories(store_path, split, max_seq_len, holdout, rows):

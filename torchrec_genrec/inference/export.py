@@ -69,8 +69,11 @@ class UserEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, embeddings: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
-        h = self.encoder.forward_padded(embeddings, lengths, timestamps)
-        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        if hasattr(self.encoder, "forward_padded_last"):  # HSTU: the last layer computes one query per row
+            last = self.encoder.forward_padded_last(embeddings, lengths, timestamps)
+        else:
+            h = self.encoder.forward_padded(embeddings, lengths, timestamps)
+            last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
         return F.normalize(last, dim=-1, eps=1e-6)
 
 

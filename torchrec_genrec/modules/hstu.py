@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_genrec.ops.hstu_attention import HSTUAttentionKernel, hstu_attention, padded_hstu_attention
+from torchrec_genrec.ops.hstu_attention import HSTUAttentionKernel, hstu_attention, padded_hstu_attention, time_bucket
 from torchrec_genrec.ops.jagged import positions_in_sequence
 
 
@@ -134,6 +134,39 @@ class HSTULayer(nn.Module):
         ).reshape(b, n, h * dv)
         return self.output(self.dropout(u * self.attention_norm(attn))) + x
 
+    def forward_padded_last(self, x: torch.Tensor, lengths: torch.Tensor,
+                            timestamps: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward_padded` at each row's last valid position only: keys and values
+        over the whole row, one query per row (what serving reads from the last layer).
+
+        Args:
+            x (torch.Tensor): ``(B, L, D)``.
+            lengths (torch.Tensor): ``(B,)``, ``1 <= lengths <= L``.
+            timestamps (Optional[torch.Tensor]): ``(B, L)`` int64, or None.
+
+        Returns:
+            torch.Tensor: ``(B, D)`` = ``forward_padded(x, ...)[b, lengths[b] - 1]``.
+        """
+        b, n = x.shape[0], x.shape[1]
+        h, dqk, dv = self.num_heads, self.dqk, self.dv
+        c = self.config
+        rows = torch.arange(b, device=x.device)
+        last = lengths.to(x.device) - 1  # (B,)
+        uvqk = F.silu(self.uvqk(self.input_norm(x)))
+        u, v, q, k = torch.split(uvqk, [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        q_last = q[rows, last].reshape(b, h, dqk)
+        scores = torch.einsum("bhd,bjhd->bhj", q_last, k.reshape(b, n, h, dqk))  # (B, H, L)
+        cols = torch.arange(n, device=x.device)
+        if self.pos_weights is not None:
+            scores = scores + self.pos_weights[last.view(b, 1) - cols.view(1, n) + (c.max_seq_len - 1)].unsqueeze(1)
+        if self.ts_weights is not None and timestamps is not None:
+            delta = timestamps[rows, last].view(b, 1) - timestamps
+            scores = scores + self.ts_weights[time_bucket(delta, self.ts_weights.numel() - 1)].unsqueeze(1)
+        mask = (cols.view(1, n) <= last.view(b, 1)).unsqueeze(1).to(scores.dtype)  # causal; padding is after
+        attn = F.silu(scores) / c.max_seq_len * mask
+        out = torch.einsum("bhj,bjhd->bhd", attn, v.reshape(b, n, h, dv)).reshape(b, h * dv)
+        return self.output(self.dropout(u[rows, last] * self.attention_norm(out))) + x[rows, last]
+
 
 class HSTUEncoder(nn.Module):
     """Stacked HSTU layers with the reference input preprocessing.
@@ -194,3 +227,14 @@ class HSTUEncoder(nn.Module):
         for layer in self.layers:
             x = layer.forward_padded(x, lengths, timestamps)
         return x
+
+    def forward_padded_last(self, embeddings: torch.Tensor, lengths: torch.Tensor,
+                            timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, D)``: :meth:`forward_padded` read at each row's last valid position, with
+        the last layer computing that one query per row (serving's user vector)."""
+        positions = torch.arange(embeddings.shape[1], device=embeddings.device)
+        x = embeddings * math.sqrt(self.config.embedding_dim) + self.position_embedding(positions).unsqueeze(0)
+        x = self.input_dropout(x)
+        for layer in self.layers[:-1]:
+            x = layer.forward_padded(x, lengths, timestamps)
+        return self.layers[-1].forward_padded_last(x, lengths, timestamps)
