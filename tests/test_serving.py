@@ -119,3 +119,30 @@ def test_score_limits(server):
     assert status == 422 and "at most 50" in json.loads(body)["error"]
     status, body = _call(url, "/score", {"history": h, "candidates": [10**9]})
     assert status == 422 and "unknown candidate id" in json.loads(body)["error"]
+
+
+def test_genrec_serve_command_starts_and_answers(tiny_artifacts):
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "torchrec_genrec.cli", "serve", tiny_artifacts["fp32"],
+                               "--port", str(port), "--max-batch", "8"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                status, body = _call(f"http://127.0.0.1:{port}", "/healthz")
+                break
+            except urllib.error.URLError:
+                assert time.time() < deadline, "genrec serve did not come up"
+                time.sleep(0.2)
+        assert status == 200 and json.loads(body)["precision"] == "fp32"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
