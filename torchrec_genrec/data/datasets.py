@@ -52,7 +52,8 @@ def resolve_store(name_or_path: str) -> str:
     return path
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -69,7 +70,7 @@ def fetch_recbole_wheel(cache_dir: Optional[str] = None) -> str:
     cache_dir = cache_dir or os.path.join(genrec_home(), "downloads")
     os.makedirs(cache_dir, exist_ok=True)
     wheel = os.path.join(cache_dir, RECBOLE_WHEEL)
-    if os.path.exists(wheel) and _sha256(wheel) == RECBOLE_SHA256:
+    if os.path.exists(wheel) and sha256_file(wheel) == RECBOLE_SHA256:
         return wheel
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix="pip-download-")
     try:
@@ -84,7 +85,7 @@ def fetch_recbole_wheel(cache_dir: Optional[str] = None) -> str:
                 "elsewhere and pass it with `genrec prepare movielens-100k --path WHEEL`, or pass the "
                 "original ml-100k directory (u.data, u.item, u.user)."
             )
-        digest = _sha256(got)
+        digest = sha256_file(got)
         if digest != RECBOLE_SHA256:
             raise DataError(f"{RECBOLE_WHEEL} from the registry has sha256 {digest}, expected {RECBOLE_SHA256}; "
                             "refusing to use it")

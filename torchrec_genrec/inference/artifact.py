@@ -18,7 +18,6 @@ before ``torch.export.load`` opens it. The checksums catch a truncated or corrup
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
+from torchrec_genrec.data.datasets import sha256_file
 from torchrec_genrec.data.errors import DataError
 
 __all__ = [
@@ -72,17 +72,9 @@ def stack_versions() -> Dict[str, str]:
     return versions
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_entry(path: str) -> Dict[str, Any]:
     """The manifest's record of one file: its size and sha256."""
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def read_manifest(directory: str) -> Dict[str, Any]:
@@ -144,7 +136,7 @@ def verify_artifact(directory: str, check_versions: bool = True) -> Dict[str, An
         if size != entry["bytes"]:
             raise ArtifactError(f"{size} bytes, the manifest says {entry['bytes']}: truncated or replaced; "
                                 "copy the artifact again", path=path)
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise ArtifactError("sha256 differs from the manifest's: the file is corrupt; copy the artifact again",
                                 path=path)
     if check_versions:
