@@ -17,6 +17,7 @@ from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.checkpoint import load_trained_model
 from torchrec_genrec.inference.export import export_run, export_torchrec_package, table_bytes
+from torchrec_genrec.inference.layout import lookup_tokens
 from torchrec_genrec.inference.predictor import History, Predictor, RequestError
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
@@ -131,7 +132,8 @@ def test_item_index_dequantises_like_the_table_lookup(tiny_artifacts):
     for precision in ("int8", "fp16", "fp32"):
         p = Predictor.load(tiny_artifacts[precision])
         ids = torch.arange(p.num_items)
-        looked_up = p._embed(ids + p.space.offset("item"), None, torch.tensor([p.num_items]))
+        looked_up = lookup_tokens(p._table, p._features, ids + p.space.offset("item"), None,
+                                  torch.tensor([p.num_items]), p.dim)
         torch.testing.assert_close(p._index.rows(ids), looked_up, atol=1e-6, rtol=1e-6)
 
 

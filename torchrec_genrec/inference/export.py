@@ -233,7 +233,7 @@ class _Packager(PredictFactoryPackager):
         pe.extern(["torch", "torch.**", "torchrec", "torchrec.**", "fbgemm_gpu", "fbgemm_gpu.**",
                    "numpy", "numpy.**", "safetensors", "safetensors.**", "typing_extensions",
                    "torchrec_genrec", "torchrec_genrec.modules", "torchrec_genrec.modules.**",
-                   "torchrec_genrec.ops", "torchrec_genrec.ops.**"])
+                   "torchrec_genrec.ops", "torchrec_genrec.ops.**", "torchrec_genrec.inference.layout"])
 
     @classmethod
     def set_mocked_modules(cls, pe: Any) -> None:

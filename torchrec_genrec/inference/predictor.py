@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torchrec import KeyedJaggedTensor
 
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.export import build_quant_table
+from torchrec_genrec.inference.layout import layout_tokens, lookup_tokens, pad_tokens, rows_of
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["History", "Predictor", "PreparedHistory", "Recommendation", "RequestError"]
@@ -100,21 +100,15 @@ class _ItemIndex:
         else:
             self.codes = weight[rows].view(torch.float32)[:, :dim]
         self.num_items = num_items
-        norms = torch.cat([self.rows(torch.arange(s, min(s + _CHUNK_ROWS, num_items))).norm(dim=1)
-                           for s in range(0, num_items, _CHUNK_ROWS)])
+        norms = torch.cat([self.rows(slice(s, s + _CHUNK_ROWS)).norm(dim=1) for s in range(0, num_items, _CHUNK_ROWS)])
         self.inv_norm = 1.0 / norms.clamp_min(1e-6)  # F.normalize's eps, as in training
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """``(K, D)`` float32 item embeddings of dense ids ``ids``."""
-        codes = self.codes[ids]
+    def rows(self, ids: Union[torch.Tensor, slice]) -> torch.Tensor:
+        """``(K, D)`` float32 item embeddings of dense ids ``ids`` (a tensor or a slice)."""
+        codes = self.codes[ids].float()
         if self.precision == "int8":
-            return codes.float() * self.scale[ids] + self.bias[ids]
-        return codes.float()
-
-    def _chunk(self, start: int, stop: int) -> torch.Tensor:
-        if self.precision == "int8":
-            return self.codes[start:stop].float() * self.scale[start:stop] + self.bias[start:stop]
-        return self.codes[start:stop].float()
+            return codes * self.scale[ids] + self.bias[ids]
+        return codes
 
     def cosine(self, users: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``(K,)`` or ``(B, K)`` cosine scores of unit user vectors against items ``ids``."""
@@ -134,7 +128,7 @@ class _ItemIndex:
         best_ids = torch.zeros((b, 0), dtype=torch.int64)
         for start in range(0, self.num_items, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, self.num_items)
-            scores = (users @ self._chunk(start, stop).T) * self.inv_norm[start:stop]
+            scores = (users @ self.rows(slice(start, stop)).T) * self.inv_norm[start:stop]
             inside = (ex_cols >= start) & (ex_cols < stop)
             scores[ex_rows[inside], ex_cols[inside] - start] = float("-inf")
             merged = torch.cat([best_scores, scores], dim=1)
@@ -187,7 +181,6 @@ class Predictor:
         self._features = list(table["features"])
         self._table = build_quant_table(table["name"], table["rows"], table["dim"], self._features, self.precision)
         self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight}, strict=False)
-        self._table_weight = weight  # the TBE views this storage
 
         vocab_path = os.path.join(directory, art.VOCAB)
         with open(vocab_path) as f:
@@ -215,21 +208,31 @@ class Predictor:
         return cls(directory, check_versions=check_versions)
 
     # ------------------------------------------------------------------ inputs
-    def dense_item_ids(self, raw: Sequence[Any], what: str = "item") -> np.ndarray:
-        """Raw item ids -> dense ids; an unknown id is a :class:`RequestError` naming it."""
+    def dense_item_ids(self, raw: Sequence[Any], what: str = "item", unknown: str = "error") -> np.ndarray:
+        """Raw item ids -> dense ids.
+
+        Args:
+            raw (Sequence): raw ids.
+            what (str): how errors name the ids (``item``, ``candidate``).
+            unknown (str): ``error`` (default): an unknown id or id type is a
+                :class:`RequestError` naming it; ``skip``: unknown ids are left out.
+        """
         raw_arr = np.asarray(list(raw))
         if raw_arr.size == 0:
             return np.zeros(0, dtype=np.int64)
         if raw_arr.dtype.kind != self._sorted_ids.dtype.kind and not (
                 raw_arr.dtype.kind in "iu" and self._sorted_ids.dtype.kind in "iu"):
+            if unknown == "skip":
+                return np.zeros(0, dtype=np.int64)
             raise RequestError(f"{what} ids must be {self._id_kind()}, got {raw_arr.dtype.name} values "
                                f"such as {raw_arr[:3].tolist()}")
-        pos = np.searchsorted(self._sorted_ids, raw_arr)
-        pos_clipped = np.minimum(pos, len(self._sorted_ids) - 1)
+        pos_clipped = np.minimum(np.searchsorted(self._sorted_ids, raw_arr), len(self._sorted_ids) - 1)
         known = self._sorted_ids[pos_clipped] == raw_arr
         if not known.all():
-            unknown = raw_arr[~known][:5].tolist()
-            raise RequestError(f"unknown {what} id(s) {unknown}: not in the catalogue this model was trained on "
+            if unknown == "skip":
+                return self._item_order[pos_clipped[known]].astype(np.int64)
+            unknown_ids = raw_arr[~known][:5].tolist()
+            raise RequestError(f"unknown {what} id(s) {unknown_ids}: not in the catalogue this model was trained on "
                                f"({self.num_items} items)")
         return self._item_order[pos_clipped].astype(np.int64)
 
@@ -292,68 +295,28 @@ class Predictor:
                 raise RequestError("timestamps must be integers (seconds)") from None
         else:
             timestamps = np.zeros(n, dtype=np.int64)
-        extra = np.zeros(0, dtype=np.int64)
-        if exclude:
-            raw = np.asarray(list(exclude))
-            if raw.dtype.kind == self._sorted_ids.dtype.kind or (raw.dtype.kind in "iu" and self._sorted_ids.dtype.kind in "iu"):
-                pos = np.minimum(np.searchsorted(self._sorted_ids, raw), len(self._sorted_ids) - 1)
-                extra = self._item_order[pos[self._sorted_ids[pos] == raw]].astype(np.int64)
+        extra = self.dense_item_ids(exclude or [], unknown="skip")
         return PreparedHistory(items[keep], actions, timestamps[keep], np.unique(np.concatenate([items, extra])))
 
     # ------------------------------------------------------------------ model
-    def _tokens(self, prepared: Sequence[PreparedHistory]) -> Tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                     torch.Tensor, torch.Tensor]:
-        """The encoder's token layout, as in training: (tokens, tokens to add, times, lengths)."""
-        space = self.space
-        item_off = space.offset("item")
-        tokens, added, times, lengths = [], [], [], []
-        for p in prepared:
-            item_tokens = p.items + item_off
-            if self.action_mode == "interleaved":
-                act_tokens = p.actions + space.offset("action")
-                tokens.append(np.stack([item_tokens, act_tokens], axis=1).reshape(-1))
-                times.append(np.repeat(p.timestamps, 2))
-            else:
-                tokens.append(item_tokens)
-                times.append(p.timestamps)
-                if self.action_mode == "summed":
-                    added.append(p.actions + space.offset("action"))
-            lengths.append(len(tokens[-1]))
-        return (torch.from_numpy(np.concatenate(tokens)), torch.from_numpy(np.concatenate(added)) if added else None,
-                torch.from_numpy(np.concatenate(times)), torch.tensor(lengths, dtype=torch.int64))
-
-    def _embed(self, tokens: torch.Tensor, added: Optional[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
-        """Looks the tokens up in the quantised collection, one KJT as in training."""
-        zeros = torch.zeros_like(lengths)
-        empty = torch.zeros(0, dtype=torch.int64)
-        values = [tokens, added if added is not None else empty, empty, empty]
-        lens = [lengths, lengths if added is not None else zeros, zeros, zeros]
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self._features, values=torch.cat(values),
-                                                  lengths=torch.cat(lens).to(torch.int32))
-        out = self._table(kjt)
-        x = out[self._features[0]].values()[:, :self.dim]
-        if added is not None:
-            x = x + out[self._features[1]].values()[:, :self.dim]
-        return x
-
     @torch.inference_mode()
     def user_vectors(self, prepared: Sequence[PreparedHistory]) -> torch.Tensor:
         """``(B, D)`` unit user vectors: one table lookup for the batch, then the encoder
         once per length bucket (the exported encoder pads, so mixing 20- and 200-event
         histories in one call would mostly compute padding)."""
-        tokens, added, times, lengths = self._tokens(prepared)
-        x = self._embed(tokens, added, lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
+        actions = torch.from_numpy(np.concatenate([p.actions for p in prepared])) if self.uses_actions else None
+        tokens, added, times, lengths = layout_tokens(
+            torch.from_numpy(np.concatenate([p.items for p in prepared])), actions,
+            torch.from_numpy(np.concatenate([p.timestamps for p in prepared])),
+            torch.tensor([len(p.items) for p in prepared]), self.action_mode, self.space.offset("item"),
+            self.space.offset("action") if self.uses_actions else 0)
+        x = lookup_tokens(self._table, self._features, tokens, added, lengths, self.dim)
         users = x.new_empty(len(prepared), self.dim)
-        for rows, width in _length_buckets(lengths.numpy()):
+        for rows, _ in _length_buckets(lengths.numpy()):
             rows_t = torch.from_numpy(rows)
-            lens = lengths[rows_t]
-            row_of = torch.repeat_interleave(torch.arange(len(rows)), lens)
-            pos = torch.arange(int(lens.sum())) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-            index = starts[rows_t][row_of] + pos
-            padded = x.new_zeros(len(rows), width, self.dim).index_put((row_of, pos), x[index])
-            padded_times = torch.zeros(len(rows), width, dtype=torch.int64).index_put((row_of, pos), times[index])
-            users[rows_t] = self._encoder(padded, lens, padded_times)
+            index = rows_of(lengths, rows_t)
+            padded, padded_times = pad_tokens(x[index], times[index], lengths[rows_t])
+            users[rows_t] = self._encoder(padded, lengths[rows_t], padded_times)
         return users
 
     # ------------------------------------------------------------------ API

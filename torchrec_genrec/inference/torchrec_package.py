@@ -16,7 +16,7 @@ deployment loads it like its own DLRM package::
     out["user_embedding"]   # (B, D) unit vectors;  out["scores"]  # (B, N) cosine over all items
 
 The package interns this factory; torch, TorchRec, fbgemm and torchrec_genrec's encoder
-modules stay extern, so the serving environment installs the same pinned stack (the
+and layout modules stay extern, so the serving environment installs the same pinned stack (the
 manifest-free package records nothing else to check: keep it next to its artifact).
 
 Inputs are dense ids (the artifact's ``vocab.json`` maps raw ids): ``item``, ``action``
@@ -36,9 +36,10 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.inference.modules import BatchingMetadata, PredictFactory, PredictModule, quantize_inference_model
 
+from torchrec_genrec.inference.layout import layout_tokens, lookup_tokens, pad_tokens
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
 
@@ -77,41 +78,18 @@ class QuantRetrievalModel(nn.Module):
         else:
             self.encoder = SASRecEncoder(SASRecConfig(**s["encoder_config"]))
 
-    def _lookup(self, tokens: torch.Tensor, added: torch.Tensor, lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
-        zeros = torch.zeros_like(lengths)
-        empty = torch.zeros(0, dtype=torch.int64)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=self.features, values=torch.cat([tokens, added, empty, empty]),
-            lengths=torch.cat([lengths, lengths if added.numel() else zeros, zeros, zeros]).to(torch.int32))
-        out = self.token_embeddings(kjt)
-        return {k: out[k].values()[:, :self.dim].float() for k in self.features[:2]}
-
     def forward(self, item: torch.Tensor, action: torch.Tensor, timestamp: torch.Tensor,
                 lengths: torch.Tensor) -> Dict[str, torch.Tensor]:
-        tokens = item.to(torch.int64) + self.item_offset
-        times = timestamp.to(torch.int64)
-        lengths = lengths.to(torch.int64)
-        added = torch.zeros(0, dtype=torch.int64)
-        if self.action_mode == "interleaved":
-            tokens = torch.stack([tokens, action.to(torch.int64) + self.action_offset], dim=1).reshape(-1)
-            times = times.repeat_interleave(2)
-            lengths = lengths * 2
-        elif self.action_mode == "summed":
-            added = action.to(torch.int64) + self.action_offset
-        emb = self._lookup(tokens, added, lengths)
-        x = emb[self.features[0]]
-        if added.numel():
-            x = x + emb[self.features[1]]
-        b, width = lengths.numel(), int(lengths.max())
-        rows = torch.repeat_interleave(torch.arange(b), lengths)
-        pos = torch.arange(tokens.numel()) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        padded = x.new_zeros(b, width, self.dim).index_put((rows, pos), x)
-        padded_times = torch.zeros(b, width, dtype=torch.int64).index_put((rows, pos), times)
-        h = self.encoder.forward_padded(padded, lengths, padded_times)
-        user = F.normalize(h[torch.arange(b), lengths - 1], dim=-1, eps=1e-6)
+        tokens, added, times, token_lengths = layout_tokens(item, action, timestamp, lengths, self.action_mode,
+                                                            self.item_offset, self.action_offset)
+        x = lookup_tokens(self.token_embeddings, self.features, tokens, added, token_lengths, self.dim)
+        padded, padded_times = pad_tokens(x, times, token_lengths)
+        h = self.encoder.forward_padded(padded, token_lengths, padded_times)
+        b = token_lengths.numel()
+        user = F.normalize(h[torch.arange(b), token_lengths - 1], dim=-1, eps=1e-6)
         catalog = torch.arange(self.num_items) + self.item_offset
-        items = self._lookup(catalog, torch.zeros(0, dtype=torch.int64),
-                             torch.tensor([self.num_items] + [0] * (b - 1)))[self.features[0]]
+        items = lookup_tokens(self.token_embeddings, self.features, catalog, None,
+                              torch.tensor([self.num_items] + [0] * (b - 1)), self.dim)
         return {"user_embedding": user, "scores": user @ F.normalize(items, dim=-1, eps=1e-6).T}
 
 
