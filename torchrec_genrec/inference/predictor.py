@@ -30,6 +30,7 @@ import torch
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.export import build_quant_table
 from torchrec_genrec.inference.layout import layout_tokens, lookup_tokens, pad_tokens, rows_of
+from torchrec_genrec.ops.jagged import plan_length_buckets
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["History", "Predictor", "PreparedHistory", "Recommendation", "RequestError"]
@@ -395,29 +396,11 @@ _CALL_OVERHEAD_PAIRS = 32768.0
 
 
 def _length_buckets(lengths: np.ndarray) -> List[Tuple[np.ndarray, int]]:
-    """Cuts a batch into runs of similar length: ``[(row ids, padded length), ...]``.
-
-    Rows sorted by length; a bucket is padded to its longest row. The cut minimises
-    ``sum(n * (P^2 + 64 P)) + overhead * buckets`` exactly (a dynamic programme over the
-    distinct lengths): padded attention costs ``P^2`` pairs per row, the projections ``P``.
-    """
-    order = np.argsort(lengths, kind="stable")
-    uniq, counts = np.unique(lengths[order], return_counts=True)
-    ends = np.cumsum(counts)
-    starts = np.concatenate([[0], ends])
-    work = uniq.astype(np.float64) ** 2 + 64.0 * uniq
-    best = np.zeros(len(uniq) + 1)
-    cut = np.zeros(len(uniq) + 1, dtype=np.int64)
-    for i in range(1, len(uniq) + 1):
-        cand = best[:i] + (ends[i - 1] - starts[:i]) * work[i - 1] + _CALL_OVERHEAD_PAIRS
-        cut[i] = int(np.argmin(cand))
-        best[i] = cand[cut[i]]
-    buckets, i = [], len(uniq)
-    while i > 0:
-        j = int(cut[i])
-        buckets.append((order[starts[j]:ends[i - 1]], int(uniq[i - 1])))
-        i = j
-    return buckets[::-1]
+    """Cuts a batch into runs of similar length (see :func:`plan_length_buckets`): padded
+    attention costs ``P^2`` pairs per row and the projections ``~64 P``; one encoder call
+    costs ``_CALL_OVERHEAD_PAIRS``."""
+    return plan_length_buckets(lengths, lambda P: P.astype(np.float64) ** 2 + 64.0 * P, np.ones_like,
+                               _CALL_OVERHEAD_PAIRS)
 
 
 def _is_number(x: Any) -> bool:

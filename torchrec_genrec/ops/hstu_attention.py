@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from torchrec_genrec.ops.jagged import plan_length_buckets
+
 __all__ = [
     "DEFAULT_NUM_TIME_BUCKETS",
     "HSTUAttentionKernel",
@@ -517,42 +519,11 @@ def _block_work(P: np.ndarray) -> np.ndarray:
 
 
 def _plan_buckets(lengths: np.ndarray, overhead: float) -> List[Tuple[np.ndarray, int]]:
-    """Cuts sequences into length buckets: ``[(sequence ids, padded length), ...]``.
-
-    Sequences are sorted by length; a bucket is a run of the sorted order padded to its
-    last (longest) member. The cut minimises ``sum_bucket(n * work(P) + overhead *
-    chunks(P))`` exactly (dynamic programme over the distinct lengths), where ``work(P)``
-    is the score entries one sequence padded to ``P`` costs (:func:`_block_work`) and
-    ``overhead`` (same units) the fixed price of one more bucket chunk. Empty sequences
-    are left out.
-    """
-    nonempty = np.nonzero(lengths > 0)[0]
-    if nonempty.size == 0:
-        return []
-    order = nonempty[np.argsort(lengths[nonempty], kind="stable")]
-    sorted_len = lengths[order]
-    uniq, counts = np.unique(sorted_len, return_counts=True)
-    ends = np.cumsum(counts)  # a bucket ends after a run of equal lengths
-    m = uniq.size
-    work = _block_work(uniq)
-    num_chunks = np.ceil(uniq / np.array([_chunk_len(int(P)) for P in uniq]))
-    best = np.zeros(m + 1)
-    cut = np.zeros(m + 1, dtype=np.int64)
-    starts = np.concatenate([[0], ends])
-    for i in range(1, m + 1):
-        # bucket covering distinct lengths j .. i-1, padded to uniq[i-1]
-        cand = best[:i] + (ends[i - 1] - starts[:i]) * work[i - 1] + overhead * num_chunks[i - 1]
-        j = int(np.argmin(cand))
-        best[i] = cand[j]
-        cut[i] = j
-    buckets: List[Tuple[np.ndarray, int]] = []
-    i = m
-    while i > 0:
-        j = int(cut[i])
-        buckets.append((order[starts[j] : ends[i - 1]], int(uniq[i - 1])))
-        i = j
-    buckets.reverse()
-    return buckets
+    """Length buckets of the fast path: :func:`plan_length_buckets` with ``work(P)`` the
+    score entries one sequence padded to ``P`` costs (:func:`_block_work`) and one call
+    per query chunk."""
+    return plan_length_buckets(lengths, _block_work,
+                               lambda P: np.ceil(P / np.array([_chunk_len(int(p)) for p in P])), overhead)
 
 
 def jagged_hstu_attention(

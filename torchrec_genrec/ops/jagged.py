@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Callable, List, Tuple
+
+import numpy as np
 import torch
 
 
@@ -33,3 +36,50 @@ def sequence_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
     """Which sequence each jagged value belongs to: ``(T,)`` int64 in ``[0, B)``."""
     lengths = offsets[1:] - offsets[:-1]
     return torch.repeat_interleave(torch.arange(len(lengths), device=offsets.device), lengths, output_size=total)
+
+
+def plan_length_buckets(lengths: np.ndarray, work: Callable[[np.ndarray], np.ndarray],
+                        calls: Callable[[np.ndarray], np.ndarray], overhead: float) -> List[Tuple[np.ndarray, int]]:
+    """Cuts sequences into length buckets: ``[(sequence ids, padded length), ...]``.
+
+    Sequences are sorted by length; a bucket is a run of the sorted order padded to its
+    last (longest) member. The cut minimises ``sum_bucket(n * work(P) + overhead *
+    calls(P))`` exactly (dynamic programme over the distinct lengths). Empty sequences
+    are left out.
+
+    Args:
+        lengths (np.ndarray): ``(B,)`` sequence lengths.
+        work (Callable): distinct padded lengths ``P`` -> cost of one sequence padded to each.
+        calls (Callable): ``P`` -> fixed-price calls a bucket padded to each takes.
+        overhead (float): price of one call, in ``work``'s units.
+
+    Example::
+
+        plan_length_buckets(np.array([3, 200, 4]), lambda P: P ** 2.0, np.ones_like, 1000.0)
+        # [(array([0, 2]), 4), (array([1]), 200)]
+    """
+    nonempty = np.nonzero(lengths > 0)[0]
+    if nonempty.size == 0:
+        return []
+    order = nonempty[np.argsort(lengths[nonempty], kind="stable")]
+    uniq, counts = np.unique(lengths[order], return_counts=True)
+    ends = np.cumsum(counts)  # a bucket ends after a run of equal lengths
+    starts = np.concatenate([[0], ends])
+    per_sequence = work(uniq)
+    fixed = overhead * calls(uniq)
+    best = np.zeros(uniq.size + 1)
+    cut = np.zeros(uniq.size + 1, dtype=np.int64)
+    for i in range(1, uniq.size + 1):
+        # bucket covering distinct lengths j .. i-1, padded to uniq[i-1]
+        cand = best[:i] + (ends[i - 1] - starts[:i]) * per_sequence[i - 1] + fixed[i - 1]
+        j = int(np.argmin(cand))
+        best[i] = cand[j]
+        cut[i] = j
+    buckets: List[Tuple[np.ndarray, int]] = []
+    i = uniq.size
+    while i > 0:
+        j = int(cut[i])
+        buckets.append((order[starts[j]:ends[i - 1]], int(uniq[i - 1])))
+        i = j
+    buckets.reverse()
+    return buckets
