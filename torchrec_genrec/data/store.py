@@ -125,13 +125,14 @@ class StoreStats:
                 + (f", {self.num_actions} action values" if self.num_actions else ""))
 
 
-def _atomic_dir(path: str) -> str:
+def atomic_dir(path: str) -> str:
+    """A fresh temporary directory next to ``path``, to be :func:`publish_dir`-ed there."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
 
 
-def _publish(tmp: str, path: str) -> None:
+def publish_dir(tmp: str, path: str) -> None:
     """Moves a finished directory into place, replacing an old one only after success."""
     if os.path.exists(path):
         old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(os.path.abspath(path)))
@@ -187,7 +188,7 @@ def write_store(interactions: Interactions, path: str, extra_manifest: Optional[
         timestamp = timestamp.astype(np.int64)
     order = _sort_by_user_then_time(user, timestamp)
 
-    tmp = _atomic_dir(path)
+    tmp = atomic_dir(path)
     try:
         counts = np.bincount(user, minlength=len(user_raw))
         offsets = np.zeros(len(user_raw) + 1, dtype=np.int64)
@@ -234,7 +235,7 @@ def write_store(interactions: Interactions, path: str, extra_manifest: Optional[
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        _publish(tmp, path)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -148,7 +148,7 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
 
     from safetensors.torch import save_file
 
-    from torchrec_genrec.data.store import SequenceStore
+    from torchrec_genrec.data.store import SequenceStore, atomic_dir, publish_dir
 
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
@@ -163,9 +163,7 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
                                 "it was prepared again since training; export needs the run's id map",
                                 path=record["dataset"]["path"])
 
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = atomic_dir(out_dir)
     try:
         config = model.token_embeddings.embedding_configs()[0]
         quant = quantize_token_table(model.token_embeddings, precision)
@@ -201,13 +199,7 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
                       for name in (art.ENCODER, art.EMBEDDINGS, art.VOCAB)},
         }
         art.write_json_atomic(os.path.join(tmp, art.MANIFEST), manifest)
-        if os.path.exists(out_dir):  # overwrite: move the old one aside, then swap
-            old = f"{out_dir.rstrip(os.sep)}.old-{os.getpid()}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)  # an existing artifact is replaced only now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
