@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchrec_genrec.data.batching import SequenceDataset  # noqa: E402
 from torchrec_genrec.data.splits import LeaveOneOut, Split  # noqa: E402
-from torchrec_genrec.data.store import SequenceStore  # noqa: E402
 from torchrec_genrec.inference.checkpoint import load_trained_model  # noqa: E402
 from torchrec_genrec.inference.export import export_run, table_bytes  # noqa: E402
 from torchrec_genrec.inference.predictor import History, Predictor  # noqa: E402
@@ -52,8 +51,6 @@ def main() -> int:
     model, cfg = load_trained_model(args.run)
     record = json.load(open(os.path.join(args.run, "metrics.json")))
     store_path = record["dataset"]["path"]
-    store = SequenceStore.open(store_path)
-    raw_items, action_values = store.item_raw_ids(), store.action_values
     ds = SequenceDataset(store_path, Split.TEST, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout),
                          with_seen_items=True)
 
@@ -72,11 +69,7 @@ def main() -> int:
         for start in range(0, len(ds), args.batch):
             batch = ds[list(range(start, min(start + args.batch, len(ds))))]
             reference, _ = model.score(batch)
-            f = batch.features
-            offsets = np.concatenate([[0], np.cumsum(f["item"].lengths().numpy())])
-            items, acts, ts = (f[k].values().numpy() for k in ("item", "action", "timestamp"))
-            histories = [History(raw_items[items[a:b]].tolist(), [action_values[x] for x in acts[a:b]], ts[a:b].tolist())
-                         for a, b in zip(offsets[:-1], offsets[1:])]
+            histories = [History(**h) for h in ds.raw_histories(batch)]
             seen = batch.seen_items
             ranks["training model"].append(rank_of_targets(reference, batch.target_item, seen.values(), seen.offsets()))
             for name, predictor in predictors.items():

@@ -64,19 +64,12 @@ def main() -> int:
 
     store_path = json.load(open(os.path.join(args.run, "metrics.json")))["dataset"]["path"]
     store = SequenceStore.open(store_path)
-    raw_items, action_values = store.item_raw_ids(), store.action_values
+    raw_items = store.item_raw_ids()
     ds = SequenceDataset(store_path, Split.TEST, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout),
                          with_seen_items=True)
     n_users = len(ds)
 
-    def histories(rows: List[int]) -> List[History]:
-        f = ds[rows].features
-        offsets = np.concatenate([[0], np.cumsum(f["item"].lengths().numpy())])
-        items, acts, ts = (f[k].values().numpy() for k in ("item", "action", "timestamp"))
-        return [History(raw_items[items[a:b]].tolist(), [action_values[x] for x in acts[a:b]], ts[a:b].tolist())
-                for a, b in zip(offsets[:-1], offsets[1:])]
-
-    all_histories = histories(list(range(n_users)))
+    all_histories = [History(**h) for h in ds.raw_histories(ds[list(range(n_users))])]
     tmp = tempfile.mkdtemp(prefix="genrec_inference_bench_")
     predictors = {}
     for precision in ("fp32", "int8"):

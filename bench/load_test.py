@@ -56,20 +56,13 @@ def _histories(run_dir: str) -> List[dict]:
     """Test histories of the run the artifact came from, as a client would send them."""
     from torchrec_genrec.data.batching import SequenceDataset
     from torchrec_genrec.data.splits import LeaveOneOut, Split
-    from torchrec_genrec.data.store import SequenceStore
     from torchrec_genrec.train.recipe import RecipeConfig
     from torchrec_genrec.config import from_dict
 
     record = json.load(open(os.path.join(run_dir, "metrics.json")))
     cfg = from_dict(RecipeConfig, record["config"], "metrics.json")
-    store = SequenceStore.open(record["dataset"]["path"])
-    ds = SequenceDataset(store.path, Split.TEST, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout))
-    f = ds[list(range(len(ds)))].features
-    offsets = np.concatenate([[0], np.cumsum(f["item"].lengths().numpy())])
-    items, acts, ts = (f[k].values().numpy() for k in ("item", "action", "timestamp"))
-    raw, values = store.item_raw_ids(), store.action_values
-    return [{"items": raw[items[a:b]].tolist(), "actions": [values[x] for x in acts[a:b]], "timestamps": ts[a:b].tolist()}
-            for a, b in zip(offsets[:-1], offsets[1:])]
+    ds = SequenceDataset(record["dataset"]["path"], Split.TEST, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout))
+    return ds.raw_histories(ds[list(range(len(ds)))])
 
 
 def _request(i: int, rng: random.Random, histories: List[dict], item_ids: List, max_history: int,

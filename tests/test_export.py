@@ -58,19 +58,11 @@ def _histories(store_path, split, max_seq_len, holdout, rows):
     """Test users' histories as raw ids and values, the way a client would send them."""
     ds = SequenceDataset(store_path, split, max_seq_len, LeaveOneOut(holdout), with_seen_items=True)
     batch = ds[list(rows)]
-    store = SequenceStore.open(store_path)
-    raw, values = store.item_raw_ids(), store.action_values
-    f = batch.features
-    offsets = np.concatenate([[0], np.cumsum(f["item"].lengths().numpy())])
-    items, acts, ts = (f[k].values().numpy() for k in ("item", "action", "timestamp"))
+    raw = SequenceStore.open(store_path).item_raw_ids()
     seen = batch.seen_items
     seen_offsets = seen.offsets().numpy()
-    out = []
-    for i in range(len(rows)):
-        s = slice(offsets[i], offsets[i + 1])
-        out.append((History(raw[items[s]].tolist(), [values[a] for a in acts[s]], ts[s].tolist()),
-                    raw[seen.values().numpy()[seen_offsets[i]:seen_offsets[i + 1]]].tolist()))
-    return batch, out
+    return batch, [(History(**h), raw[seen.values().numpy()[seen_offsets[i]:seen_offsets[i + 1]]].tolist())
+                   for i, h in enumerate(ds.raw_histories(batch))]
 
 
 def test_fp32_artifact_reproduces_the_trained_models_scores_and_metrics(tiny_run, tiny_artifacts):

@@ -166,6 +166,28 @@ class SequenceDataset(Dataset):
             rows = [rows]
         return self.__getitems__(rows)
 
+    def raw_histories(self, batch: SequenceBatch) -> List[Dict[str, list]]:
+        """A batch's histories in raw item ids and action values, oldest first: what a
+        client sends a predictor (``History(**h)``).
+
+        Returns:
+            List[Dict[str, list]]: per user ``items``, ``timestamps`` and, when the store
+            has actions, ``actions``.
+        """
+        store = self.store
+        raw_items, action_values = store.item_raw_ids(), store.action_values
+        f = batch.features
+        offsets = np.concatenate([[0], np.cumsum(f[ITEM_KEY].lengths().numpy())])
+        items, ts = f[ITEM_KEY].values().numpy(), f[TIMESTAMP_KEY].values().numpy()
+        actions = f[ACTION_KEY].values().numpy() if self.has_action else None
+        out = []
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            h = {"items": raw_items[items[a:b]].tolist(), "timestamps": ts[a:b].tolist()}
+            if actions is not None:
+                h["actions"] = [action_values[x] for x in actions[a:b]]
+            out.append(h)
+        return out
+
     def __getitems__(self, rows: Sequence[int]) -> SequenceBatch:
         rows = np.asarray(rows, dtype=np.int64)
         store = self.store
