@@ -118,16 +118,12 @@ class _MicroBatcher:
 
     def _infer(self, batch: List[Tuple[str, PreparedHistory, Any, asyncio.Future]]) -> List[Any]:
         results: List[Any] = [None] * len(batch)
-        rec = [i for i, b in enumerate(batch) if b[0] == "recommend"]
-        if rec:
-            out = self.predictor.recommend_prepared([batch[i][1] for i in rec], [batch[i][2] for i in rec])
-            for i, r in zip(rec, out):
-                results[i] = r
-        score = [i for i, b in enumerate(batch) if b[0] == "score"]
-        if score:
-            out = self.predictor.score_prepared([batch[i][1] for i in score], [batch[i][2] for i in score])
-            for i, r in zip(score, out):
-                results[i] = r
+        run = {"recommend": self.predictor.recommend_prepared, "score": self.predictor.score_prepared}
+        for kind, answer in run.items():
+            mine = [i for i, item in enumerate(batch) if item[0] == kind]
+            if mine:
+                for i, result in zip(mine, answer([batch[i][1] for i in mine], [batch[i][2] for i in mine])):
+                    results[i] = result
         return results
 
     async def _run(self) -> None:
