@@ -22,7 +22,7 @@ import io
 import json
 import os
 import zipfile
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable
 
 import torch
 
@@ -194,12 +194,3 @@ def check_exported_program_is_safe(path: str) -> None:
                         raise ArtifactError(f"sample inputs {name} need full unpickling ({type(e).__name__}); "
                                             "refusing to load them", path=path) from e
 
-
-def write_json_atomic(path: str, payload: Any, indent: Optional[int] = 2) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=indent)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -175,7 +175,8 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
         vocab = {"item_ids": store.item_raw_ids().tolist(),
                  "action_name": (store.manifest.get("action") or {}).get("name"),
                  "action_values": store.action_values if model.num_actions else []}
-        art.write_json_atomic(os.path.join(tmp, art.VOCAB), vocab, indent=None)
+        with open(os.path.join(tmp, art.VOCAB), "w") as f:  # the whole directory is published atomically
+            json.dump(vocab, f)
         test_metrics = record.get("metrics", {}).get("test")
         manifest = {
             "format": art.ARTIFACT_FORMAT,
@@ -198,7 +199,8 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
             "files": {name: art.file_entry(os.path.join(tmp, name))
                       for name in (art.ENCODER, art.EMBEDDINGS, art.VOCAB)},
         }
-        art.write_json_atomic(os.path.join(tmp, art.MANIFEST), manifest)
+        with open(os.path.join(tmp, art.MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
         publish_dir(tmp, out_dir)  # an existing artifact is replaced only now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
