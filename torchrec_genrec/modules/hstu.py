@@ -221,20 +221,21 @@ class HSTUEncoder(nn.Module):
         Returns:
             torch.Tensor: ``(B, L, D)``; valid positions equal :meth:`forward`'s rows.
         """
-        positions = torch.arange(embeddings.shape[1], device=embeddings.device)
-        x = embeddings * math.sqrt(self.config.embedding_dim) + self.position_embedding(positions).unsqueeze(0)
-        x = self.input_dropout(x)
-        for layer in self.layers:
-            x = layer.forward_padded(x, lengths, timestamps)
-        return x
+        return self._padded_layers(embeddings, lengths, timestamps, len(self.layers))
 
     def forward_padded_last(self, embeddings: torch.Tensor, lengths: torch.Tensor,
                             timestamps: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, D)``: :meth:`forward_padded` read at each row's last valid position, with
         the last layer computing that one query per row (serving's user vector)."""
+        x = self._padded_layers(embeddings, lengths, timestamps, len(self.layers) - 1)
+        return self.layers[-1].forward_padded_last(x, lengths, timestamps)
+
+    def _padded_layers(self, embeddings: torch.Tensor, lengths: torch.Tensor, timestamps: Optional[torch.Tensor],
+                       num_layers: int) -> torch.Tensor:
+        """Input preprocessing, then the first ``num_layers`` layers, on padded rows."""
         positions = torch.arange(embeddings.shape[1], device=embeddings.device)
         x = embeddings * math.sqrt(self.config.embedding_dim) + self.position_embedding(positions).unsqueeze(0)
         x = self.input_dropout(x)
-        for layer in self.layers[:-1]:
+        for layer in self.layers[:num_layers]:
             x = layer.forward_padded(x, lengths, timestamps)
-        return self.layers[-1].forward_padded_last(x, lengths, timestamps)
+        return x
