@@ -75,6 +75,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from torchrec_genrec.config import load_config
+    from torchrec_genrec.train.ranking import RankingRecipeConfig, run_ranking_recipe
+
+    cfg = load_config(RankingRecipeConfig, args.config, args.set)
+    result = run_ranking_recipe(cfg)
+    ds = result["dataset"]
+    print(f"{result['model']} ranker on {ds['source']} ({ds['train_samples']:,} train / {ds['valid_samples']:,} valid / "
+          f"{ds['test_samples']:,} test samples); {result['protocol']}")
+    for split, metrics in result["metrics"].items():
+        cells = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("auc", "gauc", "logloss", "ne"))
+        print(f"  {split:<5} ({metrics['samples']:,} samples)  {cells}")
+    t = result["training"]
+    print(f"  best epoch {t['best_epoch']} of {t['epochs_run']}, {t['train_samples_per_s']:,.0f} training samples/s")
+    print(f"metrics -> {os.path.join(cfg.train.output_dir, 'metrics.json')}")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
@@ -215,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
+    rank = sub.add_parser("rank", help="train and test a ranker (DCNv2+DIN, OneTrans, HSTU) on the ranking task")
+    rank.add_argument("--config", required=True, help="a ranking recipe TOML file (apps/configs/*_rank_*.toml)")
+    rank.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. --set model.name=dlrm (repeatable)")
+    rank.set_defaults(func=_cmd_rank)
     plan = sub.add_parser("plan", help="dry-run the sharding planner for a model on a (hypothetical) cluster")
     plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans"], default="hstu")
     plan.add_argument("--num-items", default="1e6", help="catalogue size, e.g. 1e9")

@@ -110,6 +110,14 @@ class RankingData:
         run_start = np.where(same_as_previous, 0, np.arange(len(ts)))
         self.history_end = np.maximum.accumulate(run_start)
 
+        # Each kind of behaviour as one event list in store order (users contiguous, time
+        # ascending), with prefix counts: a history's sequence is then one slice of it.
+        liked = self.label == 1
+        self.liked_events = np.nonzero(liked)[0]
+        self.other_events = np.nonzero(~liked)[0]
+        self._liked_prefix = np.concatenate([[0], np.cumsum(liked)]).astype(np.int64)
+        self._other_prefix = np.arange(len(liked) + 1, dtype=np.int64) - self._liked_prefix
+
         self._user_features(store, config)
         self._item_features(store)
         self.vocab_sizes = {
@@ -172,14 +180,24 @@ class RankingData:
     def history(self, events: np.ndarray) -> Tuple[List[np.ndarray], List[np.ndarray]]:
         """Per event, the event ids of its ``liked`` and ``other`` sequences (oldest first,
         each the most recent ``max_seq_len``), all strictly earlier than the event."""
-        k = self.config.max_seq_len
-        liked, other = [], []
-        for e in np.asarray(events):
-            past = np.arange(self.history_start[e], self.history_end[e])
-            positive = self.label[past] == 1
-            liked.append(past[positive][-k:])
-            other.append(past[~positive][-k:])
+        events = np.asarray(events, dtype=np.int64)
+        (liked_lo, liked_hi), (other_lo, other_hi) = self.sequence_bounds(
+            self.history_start[events], self.history_end[events])
+        liked = [self.liked_events[a:b] for a, b in zip(liked_lo, liked_hi)]
+        other = [self.other_events[a:b] for a, b in zip(other_lo, other_hi)]
         return liked, other
+
+    def sequence_bounds(self, start: np.ndarray, end: np.ndarray) -> Tuple[Tuple[np.ndarray, np.ndarray], ...]:
+        """The two behaviour sequences of histories ``start[i]:end[i]`` (event ids), as
+        ``((liked_lo, liked_hi), (other_lo, other_hi))``: sequence ``i`` is
+        ``liked_events[liked_lo[i]:liked_hi[i]]`` (resp. ``other_events``), the most recent
+        ``max_seq_len`` of each kind. Vectorised: prefix counts, no loop over events."""
+        k = self.config.max_seq_len
+        out = []
+        for prefix in (self._liked_prefix, self._other_prefix):
+            hi = prefix[end]
+            out.append((np.maximum(prefix[start], hi - k), hi))
+        return tuple(out)
 
     def requests(self, split: Split) -> Tuple[np.ndarray, np.ndarray]:
         """The grouped format: ``(request_offsets, events)``.

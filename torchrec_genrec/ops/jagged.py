@@ -83,3 +83,41 @@ def plan_length_buckets(lengths: np.ndarray, work: Callable[[np.ndarray], np.nda
         i = j
     buckets.reverse()
     return buckets
+
+
+def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int, left: bool = False
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Jagged rows -> a zero-padded ``(B, max_len, D)`` block and its valid mask.
+
+    Right padding goes through fbgemm's ``jagged_to_padded_dense``; left padding (the most
+    recent event last, aligned across rows — what a recency cut slices) is an index-put.
+
+    Args:
+        values (torch.Tensor): ``(T, ...)`` rows of all sequences, sequence after sequence.
+        lengths (torch.Tensor): ``(B,)`` int64, each ``<= max_len``.
+        max_len (int): padded length.
+        left (bool): pad on the left instead of the right.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor]: ``(B, max_len, ...)`` and the ``(B, max_len)``
+        bool mask of real positions.
+
+    Example::
+
+        x, valid = jagged_to_padded(torch.ones(3, 2), torch.tensor([1, 2]), 2, left=True)
+        valid  # tensor([[False, True], [True, True]])
+    """
+    b = lengths.numel()
+    offsets = lengths_to_offsets(lengths)
+    cols = torch.arange(max_len, device=values.device)
+    if not left and values.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        valid = cols.view(1, max_len) < lengths.view(b, 1)
+        return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], padding_value=0.0), valid
+    # Left padding, or a dtype fbgemm's kernel does not take (int64 timestamps): index-put.
+    shift = (max_len - lengths) if left else torch.zeros_like(lengths)
+    valid = (cols.view(1, max_len) >= shift.view(b, 1)) & (cols.view(1, max_len) < (shift + lengths).view(b, 1))
+    positions = positions_in_sequence(offsets, values.shape[0])
+    rows = sequence_ids(offsets, values.shape[0])
+    dest = rows * max_len + positions + shift[rows]
+    out = values.new_zeros((b * max_len,) + tuple(values.shape[1:])).index_put((dest,), values)
+    return out.view((b, max_len) + tuple(values.shape[1:])), valid

@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
@@ -61,27 +61,39 @@ def retrieval_tables(num_items: int, num_actions: int, embedding_dim: int, max_s
 
 
 def onetrans_tables(num_items: int, num_users: int, embedding_dim: int, max_seq_len: int,
-                    num_ratings: int = 5, num_genres: int = 18, num_zip_prefixes: int = 1000) -> List[TableSpec]:
-    """OneTrans's tables on MovieLens-style ranking features.
+                    num_ratings: int = 5, num_genres: int = 19,
+                    ns_rows: Optional[Dict[str, int]] = None) -> List[TableSpec]:
+    """The ranking models' tables on MovieLens-style ranking features (the keys of
+    :mod:`torchrec_genrec.data.ranking_batching`); OneTrans, DCNv2+DIN and the HSTU ranker
+    share them.
 
-    The S-token tables are shared by every behaviour sequence and the target; each
-    NS-token feature has a table of its own.
+    The S-token tables are shared: one item table looked up by the target and by every
+    behaviour sequence, one rating table for every sequence's events, one genre table
+    (sum-pooled bags) for the target's and the sequences' genre profiles. Each NS-token
+    feature has a table of its own.
+
+    Args:
+        max_seq_len (int): events per behaviour sequence (two sequences).
+        ns_rows (Optional[Dict[str, int]]): rows of each NS feature's table (from the
+            data's vocabularies); defaults sized for MovieLens.
     """
     d = table_width(embedding_dim)
     shared = [
-        TableSpec("item", num_items, d, ("target_item", "seq_item"), sharding_types=("row_wise", "table_wise"),
-                  ids_per_sample=1.0 + max_seq_len, description="S-token: item id, shared by target and sequences"),
-        TableSpec("rating", num_ratings + 1, d, ("seq_rating",), sharding_types=("table_wise", "data_parallel"),
-                  ids_per_sample=float(max_seq_len), description="S-token: rating / action of each event"),
-        TableSpec("genre", num_genres + 1, d, ("target_genres", "seq_genres"),
-                  sharding_types=("table_wise", "data_parallel"), pooled=True, ids_per_sample=2.0 * (1 + max_seq_len),
-                  description="multi-hot genres, sum-pooled per item"),
+        TableSpec("item", num_items, d, ("target_item", "liked_item", "other_item"),
+                  sharding_types=("row_wise", "table_wise"), ids_per_sample=1.0 + 2 * max_seq_len,
+                  description="S-token: item id, shared by the target and both sequences"),
+        TableSpec("rating", num_ratings + 1, d, ("liked_rating", "other_rating"), sharding_types=("table_wise",),
+                  ids_per_sample=2.0 * max_seq_len, description="S-token: rating of each event (0 = padding)"),
+        TableSpec("genre", num_genres + 1, d, ("target_genres", "liked_genres", "other_genres"),
+                  sharding_types=("table_wise", "data_parallel"), pooled=True,
+                  ids_per_sample=2.0 * (1 + 2 * max_seq_len), description="multi-hot genres, pooled per bag"),
     ]
-    per_token = [("user_id", num_users, ("row_wise", "table_wise")), ("user_age", 8, None), ("user_gender", 3, None),
-                 ("user_occupation", 22, None), ("user_zip", num_zip_prefixes, None), ("release_year", 128, None),
-                 ("event_hour", 24, None), ("event_weekday", 7, None)]
-    ns = [TableSpec(name, rows, d, (name,), sharding_types=types or ("table_wise", "data_parallel"), pooled=True,
-                    description="NS-token feature (own table)") for name, rows, types in per_token]
+    rows = {"user_id": num_users, "user_age": 8, "user_gender": 3, "user_occupation": 22, "user_zip": 1000,
+            "release_year": 128, "event_hour": 24, "event_weekday": 7}
+    rows.update(ns_rows or {})
+    ns = [TableSpec(name, n, d, (name,),
+                    sharding_types=("row_wise", "table_wise") if name == "user_id" else ("table_wise", "data_parallel"),
+                    pooled=True, description="NS-token feature (own table)") for name, n in rows.items()]
     return shared + ns
 
 

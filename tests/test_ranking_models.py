@@ -1,0 +1,183 @@
+"""Ranking batches, the three rankers (DCNv2+DIN, OneTrans, HSTU), their metrics and the recipe."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from torchrec_genrec.data.ranking import RankingConfig, RankingData
+from torchrec_genrec.data.ranking_batching import (NS_FEATURES, RankingDataset, RequestBatchSampler,
+                                                   make_ranking_loader)
+from torchrec_genrec.data.splits import Split
+from torchrec_genrec.models.ranking import Ranker, RankerConfig
+from torchrec_genrec.ops.jagged import jagged_to_padded
+from torchrec_genrec.train.ranking_metrics import paired_bootstrap_ranking, per_user_auc, ranking_metrics
+
+
+@pytest.fixture(scope="module")
+def data(ml100k):
+    return RankingData.build(ml100k.path, RankingConfig(max_seq_len=8))
+
+
+def test_batches_hold_each_requests_history_once_on_its_first_candidate(data):
+    pointwise = RankingDataset(data, Split.TEST)
+    events = np.array([5, 6, 7, 300, 2000])
+    batch = pointwise[events.tolist()]
+    liked, other = data.history(pointwise.events[events])
+    assert batch.num_requests == batch.num_candidates == 5
+    for name, expected in (("liked", liked), ("other", other)):
+        jt = batch.sequence[f"{name}_item"]
+        values = torch.split(jt.values(), jt.lengths().tolist())
+        for got, want in zip(values, expected):
+            assert got.tolist() == data.item[want].tolist()  # oldest first, the most recent 8
+        assert batch.event_time[name].numel() == jt.values().numel()
+        assert (batch.event_time[name] < batch.target_time.max()).all()
+    assert batch.sequence["target_item"].values().tolist() == data.item[pointwise.events[events]].tolist()
+    assert batch.pooled["user_id"].values().tolist() == data.user[pointwise.events[events]].tolist()
+
+    grouped = RankingDataset(data, Split.TEST, grouped=True)
+    sizes = grouped.candidates_per_request()
+    r = int(np.nonzero(sizes >= 3)[0][0])
+    batch = grouped[[r, r + 1]]
+    assert batch.num_requests == 2 and batch.num_candidates == sizes[r] + sizes[r + 1]
+    lengths = batch.sequence["liked_item"].lengths()
+    first = batch.first_candidate
+    assert first.tolist() == [0, int(sizes[r])]
+    assert lengths.sum() == lengths[first].sum()  # nothing on the other candidates' rows
+    assert (batch.request_index[: sizes[r]] == 0).all() and (batch.request_index[sizes[r]:] == 1).all()
+    # Every candidate of a request comes strictly after its shared history.
+    assert (batch.request_time[batch.request_index] <= batch.target_time).all()
+
+
+def test_request_sampler_packs_whole_requests_to_the_batch_size():
+    sizes = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    sampler = RequestBatchSampler(sizes, batch_size=6, shuffle=True, seed=1)
+    seen = []
+    for requests in sampler:
+        seen += requests
+        total = sizes[requests].sum()
+        assert total >= 6 or requests[-1] == list(sampler)[-1][-1]
+        assert sizes[requests[:-1]].sum() < 6  # closed at the first request reaching the size
+    assert sorted(seen) == list(range(len(sizes)))
+    order0 = [list(b) for b in sampler]
+    sampler.set_epoch(1)
+    assert [list(b) for b in sampler] != order0
+
+
+def test_jagged_to_padded_left_and_right():
+    values = torch.arange(10.0).view(5, 2)
+    lengths = torch.tensor([2, 0, 3])
+    left, lvalid = jagged_to_padded(values, lengths, 3, left=True)
+    right, rvalid = jagged_to_padded(values, lengths, 3)
+    assert left[0].tolist() == [[0, 0], [0, 1], [2, 3]] and lvalid[0].tolist() == [False, True, True]
+    assert right[0].tolist() == [[0, 1], [2, 3], [0, 0]] and rvalid[1].tolist() == [False] * 3
+    ints, _ = jagged_to_padded(torch.arange(5), lengths, 3, left=True)
+    assert ints.tolist() == [[0, 0, 1], [0, 0, 0], [2, 3, 4]]
+
+
+def test_metrics_match_direct_definitions():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    y = (torch.rand(n, generator=g) < 0.5).double()
+    users = torch.randint(20, (n,), generator=g)
+    s = y + torch.randn(n, generator=g)
+    pos, neg = s[y == 1], s[y == 0]
+    pairwise = float((pos[:, None] > neg[None, :]).double().mean())
+    m = ranking_metrics(s, y, users)
+    assert m["auc"] == pytest.approx(pairwise, abs=1e-9)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(s, y)
+    assert m["logloss"] == pytest.approx(float(bce), rel=1e-6)
+    base = float(torch.nn.functional.binary_cross_entropy(torch.full_like(y, float(y.mean())), y))
+    assert m["ne"] == pytest.approx(float(bce) / base, rel=1e-6)
+    ids, aucs, weights = per_user_auc(s, y, users)
+    u = int(ids[0])
+    mine = users == u
+    p, q = s[mine & (y == 1)], s[mine & (y == 0)]
+    assert float(aucs[0]) == pytest.approx(float((p[:, None] > q[None, :]).double().mean()))
+    assert m["gauc"] == pytest.approx(float((aucs * weights).sum() / weights.sum()))
+    # A model against itself differs by exactly 0; a better one's interval sits above 0.
+    assert paired_bootstrap_ranking(s, s, y, users, "auc", 200) == (0.0, 0.0, 0.0)
+    worse = y + 3 * torch.randn(n, generator=g)
+    for metric in ("auc", "gauc"):
+        diff, lo, hi = paired_bootstrap_ranking(torch.stack([s, s]), torch.stack([worse, worse]), y, users, metric, 200)
+        assert lo <= diff <= hi and lo > 0
+
+
+def _model(data, dataset, **overrides):
+    torch.manual_seed(0)
+    cfg = RankerConfig(embedding_dim=8, num_heads=2, tower_dims=(16,), dropout=0.0, **overrides)
+    return Ranker(cfg, data.vocab_sizes, dataset.num_genres, data.config.max_seq_len, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"name": "dlrm"},
+    {"name": "onetrans"},
+    {"name": "onetrans", "merge": "sep", "ns_tokenizer": "group_wise", "selection": "scorer_topk"},
+    {"name": "onetrans", "pyramid": "none", "shared_ns_params": True},
+    {"name": "hstu"},
+])
+def test_rankers_score_a_candidate_the_same_alone_or_in_a_grouped_request(data, overrides):
+    """One pass over a request's candidates (shared history: OneTrans's KV cache, the HSTU
+    ranker's target-aware mask, DIN per candidate) equals each candidate alone with that
+    history; and a training step moves every parameter group."""
+    grouped = RankingDataset(data, Split.TEST, grouped=True)
+    model = _model(data, grouped, **overrides).eval()
+    sizes = grouped.candidates_per_request()
+    requests = [int(r) for r in np.nonzero(sizes >= 2)[0][:3]]
+    batch = grouped[requests]
+    assert int(batch.sequence_lengths("liked").min()) > 0  # real shared histories
+    together = model.predict(batch)
+    alone = []
+    for r in requests:
+        for k in range(sizes[r]):
+            # A one-candidate request with the same history: shrink the request's offsets.
+            single = RankingDataset.__new__(RankingDataset)
+            single.__dict__.update(grouped.__dict__)
+            start = grouped.offsets[r] + k
+            single.offsets = np.array([start, start + 1])
+            single.history_start = grouped.history_start[[r]]
+            single.history_end = grouped.history_end[[r]]
+            alone.append(model.predict(single[[0]]))
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+    model.train()
+    loss, stats = model(batch)
+    assert torch.isfinite(loss) and stats["samples"] == batch.num_candidates
+    loss.backward()
+    dense = [p for n, p in model.named_parameters() if "embeddings" not in n]
+    assert sum(float(p.grad.abs().sum()) for p in dense if p.grad is not None) > 0
+    item_table = model.sequence_embeddings.embeddings["item"].weight
+    assert float(item_table.grad.abs().sum()) > 0
+
+
+def test_ranker_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="model.name"):
+        RankerConfig(name="dien")
+    with pytest.raises(ValueError, match="model.merge"):
+        RankerConfig(merge="zip")
+    with pytest.raises(ValueError, match="divisible"):
+        RankerConfig(embedding_dim=30, num_heads=4)
+
+
+def test_ranking_recipe_trains_and_writes_metrics(ml100k, tmp_path):
+    from torchrec_genrec.config import load_config
+    from torchrec_genrec.train.ranking import RankingRecipeConfig, run_ranking_recipe
+
+    out = tmp_path / "run"
+    cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
+        f"data.dataset={ml100k.path}", "data.grouped=true", "model.name=onetrans", "model.embedding_dim=8",
+        "train.max_steps=3", "train.batch_size=64", f"train.output_dir={out}", "train.progress=false",
+        "train.tensorboard=false", "data.task.max_seq_len=8"])
+    payload = run_ranking_recipe(cfg)
+    test = payload["metrics"]["test"]
+    assert test["samples"] == 10000 and 0.0 < test["auc"] < 1.0 and test["logloss"] > 0
+    assert payload["training"]["steps"] == 3
+    assert json.loads((out / "metrics.json").read_text())["model"] == "onetrans"
+    pred = np.load(out / "test_predictions.npz")
+    assert len(pred["logit"]) == 10000 and set(np.unique(pred["label"])) == {0.0, 1.0}
+    assert os.path.isdir(out / "checkpoints" / "best")
+    assert set(NS_FEATURES) <= {t.name for t in Ranker(cfg.model, RankingData.build(ml100k.path).vocab_sizes, 19, 8)
+                                .table_specs()}

@@ -1,0 +1,315 @@
+"""Batches of the ranking task as TorchRec ``KeyedJaggedTensor``s, pointwise or grouped.
+
+A batch holds ``R`` requests and ``C`` candidates (the samples to score). A request is
+one user's history (two behaviour sequences, ``liked`` and ``other``) shared by its
+candidates:
+
+- **pointwise**: every event is its own request (``R == C``), with its exact history
+  (all the user's strictly earlier events);
+- **grouped**: a user's events in one time window form one request; its candidates
+  share the history before the window's first event (:meth:`RankingData.requests`), so
+  the sequence side — embedding lookups included — is computed once per request.
+
+Every id feature goes through TorchRec tables, so both key sets have one row per
+candidate (a ``KeyedJaggedTensor`` has a single batch size). The sequence features
+(``liked_item``, ...) sit on the request's FIRST candidate row and are empty on the
+others: each history is looked up once, and ``first_candidate`` tells the model where
+to read it. Keys:
+
+- ``sequence`` (for ``EmbeddingCollection``\\s): ``target_item``, ``liked_item``,
+  ``other_item`` (one shared item table), ``liked_rating``, ``other_rating``;
+- ``pooled`` (for ``EmbeddingBagCollection``\\s): the NS-token features ``user_id``,
+  ``user_age``, ``user_gender``, ``user_occupation``, ``user_zip``, ``release_year``,
+  ``event_hour``, ``event_weekday`` (one id each) and the multi-hot ``target_genres``,
+  ``liked_genres``, ``other_genres`` (the genres of the target / of all the sequence's
+  events: a genre profile).
+
+Example::
+
+    data = RankingData.build(store_path)
+    dataset = RankingDataset(data, Split.TRAIN, grouped=True)
+    loader = make_ranking_loader(dataset, batch_size=256, shuffle=True, seed=0)
+    batch = next(iter(loader))
+    batch.sequence["liked_item"].lengths()     # (C,): non-zero on first candidates only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from torchrec_genrec.data.errors import DataError
+from torchrec_genrec.data.ranking import RankingData, _per_second
+from torchrec_genrec.data.splits import Split
+
+__all__ = ["NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "RankingBatch", "RankingDataset",
+           "RequestBatchSampler", "make_ranking_loader"]
+
+#: The behaviour sequences, in the order the models read them.
+SEQUENCES = ("liked", "other")
+#: Non-sequential features with one id per candidate, each its own table (an NS-token each).
+NS_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "user_zip", "release_year",
+               "event_hour", "event_weekday")
+SEQUENCE_KEYS = ("target_item", "liked_item", "other_item", "liked_rating", "other_rating")
+POOLED_KEYS = NS_FEATURES + ("target_genres", "liked_genres", "other_genres")
+
+
+@dataclasses.dataclass
+class RankingBatch(Pipelineable):
+    """``R`` requests and ``C`` candidates.
+
+    Args:
+        sequence (KeyedJaggedTensor): :data:`SEQUENCE_KEYS`, ``C`` rows each; the
+            sequences' rows are non-empty only on each request's first candidate.
+        pooled (KeyedJaggedTensor): :data:`POOLED_KEYS`, ``C`` rows each.
+        event_time (Dict[str, torch.Tensor]): per sequence, ``(n,)`` int64 seconds of each
+            event, aligned with ``sequence[f"{name}_item"].values()``.
+        event_genres (Dict[str, torch.Tensor]): per sequence, ``(n, G)`` float multi-hot
+            genres of each event (dense side information for the S-token MLP).
+        target_genres (torch.Tensor): ``(C, G)`` multi-hot genres of each candidate.
+        first_candidate (torch.Tensor): ``(R,)`` the candidate row holding request ``r``'s
+            sequences.
+        request_index (torch.Tensor): ``(C,)`` the request of each candidate.
+        request_time (torch.Tensor): ``(R,)`` int64 seconds: the first candidate's time.
+        target_time (torch.Tensor): ``(C,)`` int64 seconds of each candidate's event.
+        label (torch.Tensor): ``(C,)`` float, 1 for a positive event.
+        rating (torch.Tensor): ``(C,)`` int64 action id of the event (the rating class).
+        user (torch.Tensor): ``(C,)`` dense user id (GAUC groups by it).
+        event (torch.Tensor): ``(C,)`` the event id in the store.
+    """
+
+    sequence: KeyedJaggedTensor
+    pooled: KeyedJaggedTensor
+    event_time: Dict[str, torch.Tensor]
+    event_genres: Dict[str, torch.Tensor]
+    target_genres: torch.Tensor
+    first_candidate: torch.Tensor
+    request_index: torch.Tensor
+    request_time: torch.Tensor
+    target_time: torch.Tensor
+    label: torch.Tensor
+    rating: torch.Tensor
+    user: torch.Tensor
+    event: torch.Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.label.numel())
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.first_candidate.numel())
+
+    def sequence_lengths(self, name: str) -> torch.Tensor:
+        """``(R,)`` events in request ``r``'s sequence ``name``."""
+        return self.sequence[f"{name}_item"].lengths()[self.first_candidate]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "RankingBatch":
+        def move(x):
+            if isinstance(x, dict):
+                return {k: v.to(device=device, non_blocking=non_blocking) for k, v in x.items()}
+            return x.to(device=device, non_blocking=non_blocking)
+
+        return RankingBatch(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sequence.record_stream(stream)
+        self.pooled.record_stream(stream)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for t in (value.values() if isinstance(value, dict) else [value]):
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(stream)
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(lo[i], hi[i])`` without a Python loop."""
+    lengths = hi - lo
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return starts + np.arange(total, dtype=np.int64)
+
+
+class RankingDataset(Dataset):
+    """The requests of one split; ``dataset[list_of_request_ids]`` builds a whole batch.
+
+    Args:
+        data (RankingData): the features and histories.
+        split (Split): which events are the candidates.
+        grouped (bool): one request per user and time window (shared history), or one
+            per event (its own history).
+
+    Example::
+
+        dataset = RankingDataset(data, Split.TEST)
+        batch = dataset[[0, 1, 2]]       # 3 requests (= 3 candidates when pointwise)
+    """
+
+    def __init__(self, data: RankingData, split: Split, grouped: bool = False) -> None:
+        self.data, self.split, self.grouped = data, split, grouped
+        if grouped:
+            offsets, events = data.requests(split)
+        else:
+            events = data.samples(split)
+            offsets = np.arange(len(events) + 1, dtype=np.int64)
+        if events.size == 0:
+            raise DataError(f"the {split.value} split of the ranking task has no events; check the split fractions "
+                            "(ranking.valid_fraction / ranking.test_fraction) against the data's time span",
+                            path=data.store.path)
+        self.offsets, self.events = offsets, events
+        first = events[offsets[:-1]]
+        self.history_start, self.history_end = data.history_start[first], data.history_end[first]
+        self.num_genres = len(data.vocabularies["genre"])
+        # Multi-hot genres per dense item (row 0 of the vocabulary is "no genre").
+        item_genres = np.zeros((data.store.num_items, self.num_genres), dtype=np.float32)
+        rows = np.repeat(np.arange(data.store.num_items), np.diff(data.genre_offsets))
+        item_genres[rows, data.genre_values - 1] = 1.0
+        self.item_genres = item_genres
+        self._per_second = _per_second(data.store)
+        self._action = np.asarray(data.store.action, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.events)
+
+    def candidates_per_request(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, requests: Sequence[int]) -> RankingBatch:
+        d = self.data
+        requests = np.asarray(requests, dtype=np.int64)
+        cand = _ranges(self.offsets[requests], self.offsets[requests + 1])
+        events = self.events[cand]
+        per_request = self.offsets[requests + 1] - self.offsets[requests]
+        num_c = len(events)
+        first = np.concatenate([[0], np.cumsum(per_request)[:-1]]).astype(np.int64)
+        request_index = np.repeat(np.arange(len(requests)), per_request)
+        bounds = d.sequence_bounds(self.history_start[requests], self.history_end[requests])
+
+        seq_lengths: Dict[str, np.ndarray] = {}
+        seq_values: Dict[str, np.ndarray] = {}
+        event_time, event_genres = {}, {}
+        pooled_lengths: Dict[str, np.ndarray] = {}
+        pooled_values: Dict[str, np.ndarray] = {}
+        seconds = d.timestamp // self._per_second
+        for name, (lo, hi), pool in zip(SEQUENCES, bounds, (d.liked_events, d.other_events)):
+            seq_events = pool[_ranges(lo, hi)]
+            lengths = np.zeros(num_c, dtype=np.int64)
+            lengths[first] = hi - lo
+            items = d.item[seq_events]
+            seq_lengths[f"{name}_item"] = seq_lengths[f"{name}_rating"] = lengths
+            seq_values[f"{name}_item"] = items
+            seq_values[f"{name}_rating"] = self._action[seq_events] + 1  # 0 is padding
+            event_time[name] = torch.from_numpy(seconds[seq_events])
+            event_genres[name] = torch.from_numpy(self.item_genres[items])
+            g_lengths = np.diff(d.genre_offsets)[items]
+            per_request_genres = np.zeros(num_c, dtype=np.int64)
+            np.add.at(per_request_genres, np.repeat(first, hi - lo), g_lengths)
+            pooled_lengths[f"{name}_genres"] = per_request_genres
+            pooled_values[f"{name}_genres"] = d.genre_values[_ranges(d.genre_offsets[items], d.genre_offsets[items + 1])]
+        target_items = d.item[events]
+        seq_lengths["target_item"] = np.ones(num_c, dtype=np.int64)
+        seq_values["target_item"] = target_items
+
+        user = d.user[events]
+        uf = d.user_features
+        ns_ids = {"user_id": user, "user_age": uf["age"][user], "user_gender": uf["gender"][user],
+                  "user_occupation": uf["occupation"][user], "user_zip": uf["zip"][user],
+                  "release_year": d.item_year[target_items], "event_hour": d.hour[events],
+                  "event_weekday": d.weekday[events]}
+        for key, ids in ns_ids.items():
+            pooled_lengths[key] = np.ones(num_c, dtype=np.int64)
+            pooled_values[key] = ids
+        pooled_lengths["target_genres"] = np.diff(d.genre_offsets)[target_items]
+        pooled_values["target_genres"] = d.genre_values[
+            _ranges(d.genre_offsets[target_items], d.genre_offsets[target_items + 1])]
+
+        return RankingBatch(
+            sequence=_kjt(SEQUENCE_KEYS, seq_lengths, seq_values),
+            pooled=_kjt(POOLED_KEYS, pooled_lengths, pooled_values),
+            event_time=event_time,
+            event_genres=event_genres,
+            target_genres=torch.from_numpy(self.item_genres[target_items]),
+            first_candidate=torch.from_numpy(first),
+            request_index=torch.from_numpy(request_index),
+            request_time=torch.from_numpy(seconds[events[first]]),
+            target_time=torch.from_numpy(seconds[events]),
+            label=torch.from_numpy(d.label[events].astype(np.float32)),
+            rating=torch.from_numpy(self._action[events]),
+            user=torch.from_numpy(user),
+            event=torch.from_numpy(events),
+        )
+
+
+def _kjt(keys: Sequence[str], lengths: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(keys),
+        values=torch.from_numpy(np.concatenate([values[k] for k in keys]).astype(np.int64)),
+        lengths=torch.from_numpy(np.concatenate([lengths[k] for k in keys]).astype(np.int64)),
+    )
+
+
+class RequestBatchSampler(Sampler[List[int]]):
+    """Packs requests into batches of about ``batch_size`` candidates.
+
+    Requests are taken in a seeded, epoch-dependent order (or in order) and a batch is
+    closed once it holds at least ``batch_size`` candidates, so a grouped batch carries
+    as many samples as a pointwise one (a request is never split). ``set_epoch`` before
+    each epoch.
+
+    Args:
+        candidates (np.ndarray): ``(R,)`` candidates per request.
+        batch_size (int): candidates per batch.
+        shuffle (bool): shuffle requests every epoch.
+        seed (int): seed of the shuffle.
+    """
+
+    def __init__(self, candidates: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.candidates = np.asarray(candidates, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.epoch = 0
+        self._batches = self._plan()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._batches = self._plan()
+
+    def _plan(self) -> List[np.ndarray]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.candidates)) if self.shuffle
+                 else np.arange(len(self.candidates)))
+        if self.batch_size == 1 or (self.candidates == 1).all():
+            return np.split(order, np.arange(self.batch_size, len(order), self.batch_size))
+        # Greedy: a batch closes at the first request that brings it to batch_size.
+        ends, count = [], 0
+        for i, n in enumerate(self.candidates[order].tolist()):
+            count += n
+            if count >= self.batch_size:
+                ends.append(i + 1)
+                count = 0
+        return [b for b in np.split(order, ends) if len(b)]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(b.tolist() for b in self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def make_ranking_loader(dataset: RankingDataset, batch_size: int, shuffle: bool, seed: int = 0,
+                        num_workers: int = 0) -> DataLoader:
+    """A DataLoader of whole :class:`RankingBatch`\\es (``batch_size`` candidates each)."""
+    sampler = RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle, seed)
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)

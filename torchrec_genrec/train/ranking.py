@@ -1,0 +1,229 @@
+"""The ranking recipe: DCNv2+DIN, OneTrans or the HSTU ranker on the ranking task.
+
+Same machinery as the retrieval recipe: the model's tables are planned and sharded by
+TorchRec (``DistributedModelParallel``, fused row-wise Adagrad), the dense part trains
+with AdamW, validation AUC picks the epoch (early stopping), the best weights are kept
+as a ``torch.distributed.checkpoint`` and tested. Samples come pointwise (one request
+per event) or grouped (one request per user and time window, see
+:mod:`torchrec_genrec.data.ranking_batching`); evaluation is pointwise by default, so
+both formats are scored on the same test samples.
+
+Example::
+
+    cfg = load_config(RankingRecipeConfig, "apps/configs/onetrans_ml100k.toml", ["train.seed=1"])
+    payload = run_ranking_recipe(cfg)      # also writes metrics.json and test_predictions.npz
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from torchrec_genrec import __version__
+from torchrec_genrec.config import to_dict
+from torchrec_genrec.data.datasets import resolve_store
+from torchrec_genrec.data.ranking import RankingConfig, RankingData
+from torchrec_genrec.data.ranking_batching import RankingDataset, make_ranking_loader
+from torchrec_genrec.data.splits import Split
+from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters
+from torchrec_genrec.train.ranking_metrics import ranking_metrics
+from torchrec_genrec.train.trainer import OptimConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RankingDataConfig", "RankingRecipeConfig", "RankingTrainConfig", "evaluate_ranker",
+           "run_ranking_recipe"]
+
+
+@dataclasses.dataclass
+class RankingDataConfig:
+    """Args:
+    dataset (str): a prepared dataset's name or a store path (needs an action column).
+    task (RankingConfig): labels, sequence length, split fractions, request window.
+    grouped (bool): train on grouped requests (shared history per user and window)
+        instead of one request per event.
+    eval_grouped (bool): evaluate on grouped requests too (serving's view: a request's
+        candidates see only the history before it); default pointwise.
+    """
+
+    dataset: str = "movielens-100k"
+    task: RankingConfig = dataclasses.field(default_factory=RankingConfig)
+    grouped: bool = False
+    eval_grouped: bool = False
+
+
+@dataclasses.dataclass
+class RankingTrainConfig:
+    """Args:
+    seed (int): seeds torch, numpy, the tables and the data order.
+    output_dir (str): metrics.json, test_predictions.npz, checkpoints/, tensorboard/.
+    tensorboard (bool): write TensorBoard scalars.
+    epochs (int): epoch cap.
+    batch_size (int): candidates per training batch.
+    eval_batch_size (int): candidates per evaluation batch.
+    patience (int): stop once this many epochs passed since the best validation AUC.
+    max_steps (Optional[int]): stop after this many steps (smoke tests).
+    progress (bool): tqdm progress bars.
+    optim (OptimConfig): optimisers (fused sparse + AdamW dense).
+    """
+
+    seed: int = 0
+    output_dir: str = "runs/ranking"
+    tensorboard: bool = True
+    epochs: int = 10
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    patience: int = 2
+    max_steps: Optional[int] = None
+    progress: bool = True
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, sparse_lr=0.05))
+
+
+@dataclasses.dataclass
+class RankingRecipeConfig:
+    data: RankingDataConfig = dataclasses.field(default_factory=RankingDataConfig)
+    model: RankerConfig = dataclasses.field(default_factory=RankerConfig)
+    train: RankingTrainConfig = dataclasses.field(default_factory=RankingTrainConfig)
+
+
+@torch.no_grad()
+def evaluate_ranker(predict, dataset: RankingDataset, batch_size: int, progress: bool = False,
+                    desc: str = "eval") -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+    """Scores every candidate of ``dataset``; returns the metrics and the predictions
+    (``event``, ``user``, ``label``, ``logit``, in the dataset's order)."""
+    loader = make_ranking_loader(dataset, batch_size, shuffle=False)
+    logits, labels, users, events = [], [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        logits.append(predict(batch).float())
+        labels.append(batch.label)
+        users.append(batch.user)
+        events.append(batch.event)
+    out = {"logit": torch.cat(logits), "label": torch.cat(labels), "user": torch.cat(users),
+           "event": torch.cat(events)}
+    metrics = ranking_metrics(out["logit"], out["label"], out["user"])
+    return metrics, {k: v.numpy() for k, v in out.items()}
+
+
+def _fingerprint(cfg: RankingRecipeConfig) -> str:
+    keep = {"data": to_dict(cfg.data), "model": to_dict(cfg.model),
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "optim", "batch_size")}}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
+    """Trains and tests ``cfg``; returns what it writes to ``metrics.json``."""
+    from torchrec_genrec.train.distributed import init_distributed
+    from torchrec_genrec.train.recipe import _seed_everything, _write_json_atomic
+    from torchrec_genrec.train.trainer import Checkpointer, build_optimizer, shard
+
+    _seed_everything(cfg.train.seed)
+    start = time.perf_counter()
+    store_path = resolve_store(cfg.data.dataset)
+    data = RankingData.build(store_path, cfg.data.task)
+    train_set = RankingDataset(data, Split.TRAIN, grouped=cfg.data.grouped)
+    valid_set = RankingDataset(data, Split.VALID, grouped=cfg.data.eval_grouped)
+    test_set = RankingDataset(data, Split.TEST, grouped=cfg.data.eval_grouped)
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    ctx = init_distributed()
+    if ctx.world_size > 1:
+        raise NotImplementedError("the ranking recipe runs on one process for now (its batches are not split "
+                                  "across ranks yet); launch it without torchrun")
+    writer = None
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+    model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,
+                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed)
+    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
+    optimizer = build_optimizer(dmp, cfg.train.optim)
+    checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=1)
+    loader = make_ranking_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    ranker: Ranker = dmp.module  # type: ignore[assignment]
+
+    history: List[Dict[str, float]] = []
+    best, best_epoch, step = -1.0, -1, 0
+    train_seconds, train_samples = 0.0, 0
+    for epoch in range(cfg.train.epochs):
+        loader.sampler.set_epoch(epoch)
+        dmp.train()
+        loss_sum, batches, samples = 0.0, 0, 0
+        epoch_start = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not cfg.train.progress)
+        for batch in bar:
+            loss, stats = dmp(batch.to(ctx.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            batches += 1
+            samples += batch.num_candidates
+            loss_sum += float(stats["bce"])
+            rate = samples / max(time.perf_counter() - epoch_start, 1e-9)
+            bar.set_postfix(bce=f"{float(stats['bce']):.4f}", samples_s=f"{rate:,.0f}")
+            if writer is not None:
+                writer.add_scalar("train/bce", float(stats["bce"]), step)
+                writer.add_scalar("train/samples_per_s", rate, step)
+            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                break
+        seconds = time.perf_counter() - epoch_start
+        train_seconds += seconds
+        train_samples += samples
+        dmp.eval()
+        valid, _ = evaluate_ranker(ranker.predict, valid_set, cfg.train.eval_batch_size, cfg.train.progress, "valid")
+        record = {"epoch": epoch, "train_bce": loss_sum / max(batches, 1), "samples_per_s": samples / seconds,
+                  **{f"valid_{k}": v for k, v in valid.items()}}
+        history.append(record)
+        if writer is not None:
+            for k in ("auc", "gauc", "logloss", "ne"):
+                writer.add_scalar(f"valid/{k}", valid[k], epoch)
+        logger.info("epoch %d train_bce %.4f valid auc %.4f gauc %.4f (%.0f samples/s)", epoch, record["train_bce"],
+                    valid["auc"], valid["gauc"], record["samples_per_s"])
+        if valid["auc"] > best:
+            best, best_epoch = valid["auc"], epoch
+            checkpointer.save("best", {"model": dmp.state_dict()},
+                              {"fingerprint": _fingerprint(cfg), "epoch": epoch, "valid": valid})
+        stop = epoch - best_epoch >= cfg.train.patience or (
+            cfg.train.max_steps is not None and step >= cfg.train.max_steps)
+        if stop:
+            break
+    state = {"model": dmp.state_dict()}
+    checkpointer.load("best", state)
+    dmp.load_state_dict(state["model"])
+    dmp.eval()
+    test, predictions = evaluate_ranker(ranker.predict, test_set, cfg.train.eval_batch_size, cfg.train.progress, "test")
+    (best_record,) = [r for r in history if r["epoch"] == best_epoch]
+    payload = {
+        "task": "ranking",
+        "model": cfg.model.name,
+        "dataset": {"path": store_path, "source": data.store.manifest.get("source"), **data.stats()},
+        "protocol": (f"label = action >= {cfg.data.task.positive_threshold}; global time split; "
+                     f"{'grouped' if cfg.data.grouped else 'pointwise'} training, "
+                     f"{'grouped' if cfg.data.eval_grouped else 'pointwise'} evaluation"),
+        "metrics": {"valid": {k[len('valid_'):]: v for k, v in best_record.items() if k.startswith("valid_")},
+                    "test": test},
+        "training": {"best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
+                     "train_seconds": round(train_seconds, 2),
+                     "train_samples_per_s": round(train_samples / max(train_seconds, 1e-9), 1),
+                     "dense_parameters": count_dense_parameters(ranker), "history": history},
+        "seconds": round(time.perf_counter() - start, 2),
+        "config": to_dict(cfg),
+        "torchrec_genrec": __version__,
+    }
+    if writer is not None:
+        for k in ("auc", "gauc", "logloss", "ne"):
+            writer.add_scalar(f"final/test/{k}", test[k], 0)
+        writer.close()
+    np.savez(os.path.join(cfg.train.output_dir, "test_predictions.npz"), **predictions)
+    _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
+    return payload
+
