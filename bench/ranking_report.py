@@ -6,6 +6,8 @@ over seeds of each test metric, then ``model - baseline`` for AUC and GAUC with 
 interval from one bootstrap over users that resamples all seeds alike.
 
     .venv/bin/python bench/ranking_report.py --baseline dlrm --models dlrm onetrans hstu --seeds 0 1 2
+    .venv/bin/python bench/ranking_report.py --named base=runs/rank_onetrans_s0 shared=runs/abl_shared
+        (any runs, NAME=DIR[,DIR...]; the first is the baseline)
 """
 
 from __future__ import annotations
@@ -39,9 +41,17 @@ def main() -> None:
     parser.add_argument("--baseline", default="dlrm")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--named", nargs="+", metavar="NAME=DIR[,DIR]",
+                        help="compare these runs instead (seeds joined by commas); the first is the baseline")
     args = parser.parse_args()
 
-    runs = {m: [load(os.path.join(args.runs, f"{args.prefix}{m}_s{s}")) for s in args.seeds] for m in args.models}
+    if args.named:
+        groups = dict(item.split("=", 1) for item in args.named)
+        runs = {name: [load(d) for d in dirs.split(",")] for name, dirs in groups.items()}
+        args.baseline = next(iter(groups))
+    else:
+        runs = {m: [load(os.path.join(args.runs, f"{args.prefix}{m}_s{s}")) for s in args.seeds]
+                for m in args.models}
     ref = runs[args.baseline][0][1]
     labels, users = torch.from_numpy(ref["label"]).double(), torch.from_numpy(ref["user"])
     for m, rs in runs.items():
@@ -49,7 +59,8 @@ def main() -> None:
             if not np.array_equal(p["event"], ref["event"]):
                 raise SystemExit(f"{m}: its test samples differ from {args.baseline}'s; compare runs of one split")
     logits = {m: torch.stack([torch.from_numpy(p["logit"]).double() for _, p in rs]) for m, rs in runs.items()}
-    print(f"test set: {len(labels):,} samples, {len(np.unique(ref['user']))} users; seeds {args.seeds}")
+    print(f"test set: {len(labels):,} samples, {len(np.unique(ref['user']))} users; "
+          f"{len(runs[args.baseline])} run(s) per row; baseline {args.baseline}")
     header = ["model", "AUC", "GAUC", "logloss", "NE", "train samples/s", "best epoch",
               "AUC - base [95% CI]", "GAUC - base [95% CI]"]
     print("| " + " | ".join(header) + " |")

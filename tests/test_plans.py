@@ -48,6 +48,21 @@ def test_onetrans_tables_on_two_cpu_ranks_every_table_placed():
     assert placed["item"].sharding_type in ("row_wise", "table_wise")
 
 
+def test_onetrans_dense_banks_match_the_module_and_can_be_planned_as_a_table():
+    from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
+    from torchrec_genrec.plans.models import ns_bank_table, onetrans_dense_banks
+
+    shared, per_token = onetrans_dense_banks(embedding_dim=16, num_ns_tokens=3, num_layers=2)
+    module = OneTrans(OneTransConfig(embedding_dim=16, num_layers=2, num_heads=1, num_ns_tokens=3))
+    assert shared.shape[0] + per_token.shape[0] * per_token.shape[1] == sum(p.numel() for p in module.parameters())
+    assert per_token.shape[0] == 3 and per_token.placement == "data_parallel"
+    table = ns_bank_table(per_token, num_layers=2)
+    assert table.num_embeddings == 6 and table.embedding_dim * 2 >= per_token.shape[1]
+    tables = onetrans_tables(num_items=100, num_users=50, embedding_dim=16, max_seq_len=8) + [table]
+    report = plan_tables(tables, cluster_topology(1, 2, hbm_gb=1, ddr_gb=8, compute_device="cpu"), batch_size=16)
+    assert "ns_token_weights" in {t.name for t in report.tables}
+
+
 def test_cpu_drops_what_fbgemm_cannot_run_and_says_so_when_nothing_is_left():
     seq_dp = TableSpec("seq", 100, 8, ("f",), sharding_types=("data_parallel", "table_wise"))
     assert parameter_constraints([seq_dp], "cpu")["seq"].sharding_types == ["table_wise"]

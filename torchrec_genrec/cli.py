@@ -116,6 +116,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                       max_seq_len=args.max_seq_len, num_actions=args.num_actions)
     if args.content_dim:
         tables += content_tables(num_items, args.content_dim)
+    banks = []
+    if args.model == "onetrans":
+        from torchrec_genrec.plans.models import ns_bank_table, onetrans_dense_banks
+
+        banks = onetrans_dense_banks(args.embedding_dim, args.ns_tokens, args.layers)
+        if args.ns_banks == "table":
+            tables.append(ns_bank_table(banks[-1], args.layers))
+            banks[-1] = dataclasses.replace(banks[-1], placement="table")
     if args.cache_load_factor is not None:
         tables = [dataclasses.replace(t, cache_load_factor=args.cache_load_factor)
                   if t.num_bytes >= 1024**3 else t for t in tables]
@@ -127,6 +135,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"weights; {args.nodes} node(s) x {args.gpus_per_node} {args.compute_device} rank(s), batch "
           f"{args.batch_size} per rank")
     print(format_report(report, tables))
+    for bank in banks:
+        where = ("replicated on every rank (data-parallel)" if bank.placement == "data_parallel"
+                 else "held as table ns_token_weights (placed above)")
+        print(f"dense {bank.name}: shape {list(bank.shape)}, {bank.num_bytes / 1024**2:,.2f} MiB, {where}")
     return 0
 
 
@@ -257,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cache-load-factor", type=float, default=None,
                       help="CUDA: let tables of 1 GiB or more keep only this share of rows in HBM, the rest "
                            "in host memory (fbgemm's UVM cache), e.g. 0.2")
+    plan.add_argument("--ns-tokens", type=int, default=8, help="onetrans: NS tokens (L_NS)")
+    plan.add_argument("--layers", type=int, default=4, help="onetrans: transformer layers")
+    plan.add_argument("--ns-banks", choices=["replicated", "table"], default="replicated",
+                      help="onetrans: keep the per-NS-token weight banks replicated (default) or as a TorchRec "
+                           "table the planner shards")
     plan.add_argument("--verbose", action="store_true", help="also print TorchRec's planner statistics")
     plan.set_defaults(func=_cmd_plan)
 

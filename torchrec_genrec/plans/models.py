@@ -20,12 +20,15 @@ Example::
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
 
 from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["MODEL_TABLES", "TOKEN_TABLE", "RETRIEVAL_FEATURES", "content_tables", "onetrans_tables",
+__all__ = ["DenseBank", "onetrans_dense_banks", "ns_bank_table", "MODEL_TABLES", "TOKEN_TABLE", "RETRIEVAL_FEATURES", "content_tables", "onetrans_tables",
            "retrieval_tables", "table_width"]
 
 #: Name of the unified token table of the generative-retrieval models.
@@ -95,6 +98,65 @@ def onetrans_tables(num_items: int, num_users: int, embedding_dim: int, max_seq_
                     sharding_types=("row_wise", "table_wise") if name == "user_id" else ("table_wise", "data_parallel"),
                     pooled=True, description="NS-token feature (own table)") for name, n in rows.items()]
     return shared + ns
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseBank:
+    """A stacked dense weight bank of the model and where it lives (the planner places
+    only tables; dense banks are declared here so a plan states them too).
+
+    Args:
+        name (str): parameter group.
+        shape (Tuple[int, ...]): ``(L_NS, per-token parameters)`` for a per-token bank.
+        placement (str): ``data_parallel`` (replicated, gradients all-reduced) or
+            ``table`` (held as a TorchRec table indexed by token, placed by the planner).
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    placement: str = "data_parallel"
+
+    @property
+    def num_bytes(self) -> int:
+        n = 4
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def onetrans_dense_banks(embedding_dim: int, num_ns_tokens: int, num_layers: int,
+                         ffn_dim: Optional[int] = None) -> List[DenseBank]:
+    """OneTrans's dense weights: the shared S-token set per layer, and the per-token NS
+    banks ``[L_NS, ...]`` (QKV, output projection, FFN, norms of every NS token), counted
+    from the module itself.
+
+    Placement trade-off: a replicated bank costs every rank its full size and an
+    all-reduce of its gradient per step, but its lookup is free (every token's weights are
+    local). Held as a TorchRec table indexed by token (one row per NS token and layer),
+    the planner can shard it like any table, which pays off only once ``L_NS x per-token
+    size`` is a sizeable share of a rank's memory — at the paper's scale (tens of NS
+    tokens, D ~ 256-1024) a bank is tens to hundreds of MiB, so replication is the default.
+    """
+    from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
+
+    with torch.device("meta"):
+        model = OneTrans(OneTransConfig(embedding_dim=embedding_dim, num_layers=num_layers, num_heads=1,
+                                        num_ns_tokens=num_ns_tokens, ffn_dim=ffn_dim))
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".s_weights." in n)
+    per_token = sum(p.numel() for n, p in model.named_parameters()
+                    if ".ns_weights." in n or n.startswith("final_norm")) // num_ns_tokens
+    return [DenseBank("s_token_weights (shared by all S-tokens)", (shared,)),
+            DenseBank("ns_token_weights (one set per NS-token)", (num_ns_tokens, per_token))]
+
+
+def ns_bank_table(bank: DenseBank, num_layers: int) -> TableSpec:
+    """The per-token bank as a TorchRec table (one row per NS token and layer), for the
+    planner to place when replication is too costly."""
+    tokens, per_token = bank.shape
+    per_layer = -(-per_token // num_layers)
+    return TableSpec("ns_token_weights", tokens * num_layers, table_width(per_layer), ("ns_token",),
+                     sharding_types=("row_wise", "table_wise"), pooled=True, ids_per_sample=float(tokens * num_layers),
+                     description="OneTrans per-NS-token weights, one row per token and layer")
 
 
 def content_tables(num_items: int, embedding_dim: int) -> List[TableSpec]:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# OneTrans ablations and scaling on ML-100K (seed 0), against the default recipe's run
+# runs/rank_onetrans_s0 (bench/ranking_ml100k.sh): shared-only vs mixed parameters, no
+# pyramid, learned-scorer selection (top-k / threshold), [SEP] merge, group-wise NS
+# tokens, grouped training; depth 1/4 and sequence length 10/25. Then the table, each
+# row's AUC/GAUC difference from the default with its paired-bootstrap interval.
+# Finished runs are skipped. Training speed of the variants: bench/onetrans_bench.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run() {
+  local name=$1; shift
+  [ -f runs/abl_$name/metrics.json ] && return 0
+  .venv/bin/genrec rank --config apps/configs/ranking_ml100k.toml --set model.name=onetrans \
+    --set train.output_dir=runs/abl_$name --set train.progress=false "$@"
+}
+run shared --set model.shared_ns_params=true
+run nopyramid --set model.pyramid=none
+run scorer_topk --set model.selection=scorer_topk
+run scorer_threshold --set model.selection=scorer_threshold
+run sep --set model.merge=sep
+run groupwise --set model.ns_tokenizer=group_wise
+run grouped --set data.grouped=true
+run depth1 --set model.num_layers=1
+run depth4 --set model.num_layers=4
+run len10 --set data.task.max_seq_len=10
+run len25 --set data.task.max_seq_len=25
+names=(shared nopyramid scorer_topk scorer_threshold sep groupwise grouped depth1 depth4 len10 len25)
+args=(default=runs/rank_onetrans_s0)
+for n in "${names[@]}"; do args+=("$n=runs/abl_$n"); done
+.venv/bin/python bench/ranking_report.py --named "${args[@]}"
