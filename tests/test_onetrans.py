@@ -286,3 +286,115 @@ def test_flops_pyramid_saves() -> None:
     assert flops_per_sample(config, 0, pyramid="none") == 3 * per_layer
     scored = dataclasses.replace(config, selection="scorer_topk", pyramid="none")
     assert flops_per_sample(scored, 64) == flops_per_sample(config, 64, pyramid="none") + 3 * 64 * D
+
+
+@pytest.mark.parametrize("request_index", [
+    [1, 0, 2, 0, 1, 0],  # interleaved candidates, uneven counts: the padded per-request grid
+    [0, 1, 2],  # one candidate per request, in order: the grid is the candidates themselves
+    [2, 2, 0, 0],  # request 1 has no candidate
+    [0, 0, 1, 0, 0, 0, 0, 2, 0, 0],  # skewed counts: request 0 takes several grid rows
+    [],  # no candidate at all
+])
+def test_cached_forward_candidate_layouts(request_index: list) -> None:
+    model = _model(num_layers=3)
+    s_tokens, s_valid, _ = _inputs()
+    index = torch.tensor(request_index, dtype=torch.int64)
+    candidates = torch.randn(len(request_index), L_NS, D)
+    cached = model.forward_cached(model.encode_sequence(s_tokens, s_valid), candidates, index)
+    assert cached.shape == (len(request_index), L_NS, D)
+    torch.testing.assert_close(cached, model(s_tokens[index], s_valid[index], candidates), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])  # 7, 4 and 0 valid S-tokens
+@pytest.mark.parametrize("selection", ["recency", "scorer_threshold"])
+def test_cached_forward_single_request(row: int, selection: str) -> None:
+    """The serving case: one request (its padding dropped from the cache) and many candidates."""
+    model = _model(num_layers=3, selection=selection, score_threshold=0.45)
+    s_tokens, s_valid, _ = _inputs()
+    s_tokens, s_valid = s_tokens[row:row + 1], s_valid[row:row + 1]
+    candidates, index = torch.randn(5, L_NS, D), torch.zeros(5, dtype=torch.int64)
+    cached = model.forward_cached(model.encode_sequence(s_tokens, s_valid), candidates, index)
+    full = model(s_tokens.expand(5, -1, -1), s_valid.expand(5, -1), candidates)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    # No S column at all.
+    empty = model.encode_sequence(torch.zeros(1, 0, D), torch.zeros(1, 0, dtype=torch.bool))
+    torch.testing.assert_close(model.forward_cached(empty, candidates, index),
+                               model(torch.zeros(5, 0, D), torch.zeros(5, 0, dtype=torch.bool), candidates))
+
+
+def test_cached_forward_rejects_unknown_requests() -> None:
+    model = _model()
+    s_tokens, s_valid, ns_tokens = _inputs()
+    cache = model.encode_sequence(s_tokens, s_valid)
+    for index in ([0, 1, 3], [0, -1, 1]):
+        with pytest.raises(ValueError, match="request_index"):
+            model.forward_cached(cache, ns_tokens, torch.tensor(index))
+    with pytest.raises(ValueError, match="request_index"):
+        model.forward_cached(model.encode_sequence(s_tokens[:1], s_valid[:1]), ns_tokens, torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("request_index, selection, shared_ns_params", [
+    ([1, 0, 2, 0, 1, 0], "recency", False),  # several requests: the padded grid
+    ([1, 0, 2, 0, 1, 0], "scorer_topk", True),
+    ([0, 0, 0], "scorer_topk", False),  # one request: its cache without padding
+])
+def test_cached_forward_gradients_match_full_forward(request_index: list, selection: str,
+                                                     shared_ns_params: bool) -> None:
+    """Training runs Stage II too: its gradients (into the NS-tokens, and through the cached keys
+    and values into the S-tokens and every weight) equal the full forward's."""
+    model = _model(selection=selection, shared_ns_params=shared_ns_params, num_layers=3).double().train()
+    s_tokens, s_valid, _ = _inputs()
+    index = torch.tensor(request_index)
+    if len(set(request_index)) == 1:  # a single cached request
+        s_tokens, s_valid, index = s_tokens[1:2], s_valid[1:2], torch.zeros_like(index)
+    s_tokens = s_tokens.double()
+    candidates = torch.randn(len(request_index), L_NS, D, dtype=torch.float64)
+    weights = torch.randn(len(request_index), L_NS, D, dtype=torch.float64)
+
+    def grads(cached: bool):
+        model.zero_grad()
+        s = s_tokens.clone().requires_grad_(True)
+        ns = candidates.clone().requires_grad_(True)
+        if cached:
+            out = model.forward_cached(model.encode_sequence(s, s_valid), ns, index)
+        else:
+            out = model(s[index], s_valid[index], ns)
+        (out * weights).sum().backward()
+        return [s.grad, ns.grad] + [p.grad if p.grad is not None else torch.zeros_like(p)
+                                    for p in model.parameters()]
+
+    for got, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_cached_forward_dropout_in_training() -> None:
+    model = _model(dropout=0.5).train()
+    s_tokens, s_valid, _ = _inputs()
+    index = torch.tensor([0, 2, 1, 0])
+    candidates = torch.randn(4, L_NS, D, requires_grad=True)
+    out = model.forward_cached(model.encode_sequence(s_tokens, s_valid), candidates, index)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(candidates.grad).all()
+    with torch.no_grad():
+        again = model.forward_cached(model.encode_sequence(s_tokens, s_valid), candidates, index)
+    assert not torch.allclose(out, again)  # dropout is live in training mode
+    model.eval()
+    with torch.no_grad():
+        cached = model.forward_cached(model.encode_sequence(s_tokens, s_valid), candidates, index)
+        torch.testing.assert_close(cached, model(s_tokens[index], s_valid[index], candidates), atol=1e-5, rtol=0)
+
+
+def test_cached_forward_many_ns_tokens_and_wide_heads() -> None:
+    """Larger NS-part matrices (8 NS-tokens, heads of 32) take the batched-matmul branch."""
+    torch.manual_seed(0)
+    model = OneTrans(OneTransConfig(embedding_dim=64, num_heads=2, num_layers=2, num_ns_tokens=8)).eval()
+    g = torch.Generator().manual_seed(1)
+    s_tokens = torch.randn(2, 6, 64, generator=g)
+    s_valid = torch.tensor([[True] * 6, [False] * 4 + [True] * 2])
+    for index in ([1, 0, 0, 1, 0], [0, 0, 0]):
+        request_index = torch.tensor(index)
+        rows = slice(None) if len(set(index)) > 1 else slice(1, 2)  # [0, 0, 0]: request 1 alone
+        candidates = torch.randn(len(index), 8, 64, generator=g)
+        cached = model.forward_cached(model.encode_sequence(s_tokens[rows], s_valid[rows]), candidates, request_index)
+        full = model(s_tokens[rows][request_index], s_valid[rows][request_index], candidates)
+        torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)

@@ -87,3 +87,26 @@ def test_movielens_features(ml100k):
     stats = data.stats()
     assert stats["train_samples"] + stats["valid_samples"] + stats["test_samples"] == 100000
     assert 0.4 < stats["test_positive_rate"] < 0.7
+
+
+def test_the_builder_reads_movielens_1m_files(tmp_path):
+    """ML-1M's users.dat / movies.dat carry the same features in another format (age
+    codes, genres in the title file, the year inside the title)."""
+    from torchrec_genrec.data.readers import read_movielens_1m
+
+    raw = tmp_path / "ml-1m"
+    raw.mkdir()
+    (raw / "ratings.dat").write_text("1::1193::5::978300760\n1::661::3::978302109\n1::914::4::978301968\n"
+                                     "2::1193::2::978298413\n2::914::5::978299000\n")
+    (raw / "movies.dat").write_text("1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+                                    "661::James and the Giant Peach (1996)::Animation|Children's|Musical\n"
+                                    "914::My Fair Lady (1964)::Musical|Romance\n", encoding="latin-1")
+    (raw / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    write_store(read_movielens_1m(raw), str(tmp_path / "store"))
+    data = RankingData.build(str(tmp_path / "store"), RankingConfig(valid_fraction=0.2, test_fraction=0.2))
+    assert data.label.tolist() == [1, 1, 0, 0, 1]  # user 1 by time: 5, 4, 3; user 2: 2, 5
+    assert data.vocab_sizes["gender"] == 3 and sorted(data.vocabularies["gender"]) == ["F", "M"]
+    assert sorted(data.vocabularies["year"]) == ["1964", "1975", "1996"]
+    assert "Musical" in data.vocabularies["genre"] and data.vocab_sizes["age"] == 8
+    assert set(data.vocabularies["zip"]) == {"480", "700"}
+    assert sorted(data.user_features["age"].tolist()) == [1, 7]  # "Under 18" and "56+"

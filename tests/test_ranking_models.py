@@ -126,7 +126,8 @@ def test_rankers_score_a_candidate_the_same_alone_or_in_a_grouped_request(data, 
     grouped = RankingDataset(data, Split.TEST, grouped=True)
     model = _model(data, grouped, **overrides).eval()
     sizes = grouped.candidates_per_request()
-    requests = [int(r) for r in np.nonzero(sizes >= 2)[0][:3]]
+    (liked_lo, liked_hi), _ = data.sequence_bounds(grouped.history_start, grouped.history_end)
+    requests = [int(r) for r in np.nonzero((sizes >= 2) & (liked_hi > liked_lo))[0][:3]]
     batch = grouped[requests]
     assert int(batch.sequence_lengths("liked").min()) > 0  # real shared histories
     together = model.predict(batch)

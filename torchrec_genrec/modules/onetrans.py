@@ -195,7 +195,7 @@ def flops_per_sample(config: OneTransConfig, s_len: int, pyramid: Optional[str] 
 
 class _PerTokenLinear(nn.Module):
     """A linear layer per token: token ``i`` of ``x (..., L, in)`` goes through its own
-    ``weight[i] (in, out)`` and ``bias[i]``, all tokens in one ``einsum``.
+    ``weight[i] (in, out)`` and ``bias[i]``, all tokens in one batched matmul.
 
     Args:
         num_tokens (int): L.
@@ -214,6 +214,11 @@ class _PerTokenLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., L, in)`` -> ``(..., L, out)``."""
+        if x.dim() == 3:
+            # One batched matmul per token with the bias folded in (the result stays token-major
+            # in memory, a transposed view): a separate broadcast bias add over a transposed
+            # einsum result costs as much as the matmul at serving sizes.
+            return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight).transpose(0, 1)
         return torch.einsum("...li,lio->...lo", x, self.weight) + self.bias
 
 
@@ -316,6 +321,95 @@ class _KeptSTokens:
     gate: Optional[torch.Tensor]
 
 
+@dataclasses.dataclass
+class _CandidateGrid:
+    """Stage II's layout of C candidates by request: a padded grid of ``num_rows`` rows of
+    ``slots`` candidates, each grid row holding candidates of one request (its ``source`` cache
+    row), flattened to ``num_rows * slots`` entries. Attention then runs per grid row against
+    that row's cached keys and values, with no copy of them per candidate; unused entries hold
+    zeros and are never read back.
+
+    ``slots = ceil(C / requests with a candidate)``, and a request with more candidates than
+    that takes several grid rows. So the grid has at most about ``2 C`` entries however skewed
+    the candidate counts are (one row per request would pad every request to the largest), and
+    at most about twice as many rows as requests. One request: one row of C slots. One
+    candidate per request, in order (pointwise batches): one row per request of one slot.
+
+    Args:
+        num_rows (int): grid rows.
+        slots (int): candidates per grid row.
+        sources (Optional[torch.Tensor]): ``(num_rows,)`` int64 cache row of each grid row;
+            None when grid row ``i`` is cache row ``i``, for every cache row.
+        positions (Optional[torch.Tensor]): ``(C,)`` int64 flat grid entry of each candidate;
+            None when the grid is the candidates themselves, in order (no scatter or gather).
+    """
+
+    num_rows: int
+    slots: int
+    sources: Optional[torch.Tensor]
+    positions: Optional[torch.Tensor]
+
+    @classmethod
+    def build(cls, request_index: torch.Tensor, num_requests: int) -> "_CandidateGrid":
+        """The grid of ``request_index`` ``(C,)`` over ``num_requests`` cache rows."""
+        c = request_index.shape[0]
+        if c:
+            low, high = torch.aminmax(request_index)
+            if int(low) < 0 or int(high) >= num_requests:
+                raise ValueError(f"request_index must lie in [0, {num_requests}), got values in "
+                                 f"[{int(low)}, {int(high)}]")
+        if num_requests == 1 or c == 0:
+            return cls(num_requests, c if num_requests == 1 else 0, None, None)
+        counts = torch.bincount(request_index, minlength=num_requests)
+        slots = -(-c // int(torch.count_nonzero(counts)))
+        row_counts = (counts + slots - 1) // slots  # grid rows per request
+        num_rows = int(row_counts.sum())
+        # Rank of each candidate among its request's, in input order: a stable sort groups them.
+        sorted_index, order = torch.sort(request_index, stable=True)
+        rank = torch.arange(c, device=request_index.device) - (counts.cumsum(0) - counts)[sorted_index]
+        first_row = row_counts.cumsum(0) - row_counts
+        entry = (first_row[sorted_index] + rank // slots) * slots + rank % slots
+        positions = torch.empty_like(request_index).scatter_(0, order, entry)
+        sources = torch.repeat_interleave(torch.arange(num_requests, device=counts.device), row_counts,
+                                          output_size=num_rows)
+        if num_rows == num_requests and torch.equal(sources, torch.arange(num_requests, device=sources.device)):
+            sources = None
+        if num_rows * slots == c and torch.equal(positions, torch.arange(c, device=positions.device)):
+            positions = None
+        return cls(num_rows, slots, sources, positions)
+
+    def cache_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R, ...)`` cache rows -> ``(num_rows, ...)``, one per grid row."""
+        return x if self.sources is None else x.index_select(0, self.sources)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """``(C, ...)`` -> ``(num_rows * slots, ...)``, zeros in the unused entries."""
+        if self.positions is None:
+            return x
+        return x.new_zeros((self.num_rows * self.slots, *x.shape[1:])).index_copy(0, self.positions, x)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``(num_rows * slots, ...)`` -> ``(C, ...)``."""
+        return x if self.positions is None else x.index_select(0, self.positions)
+
+
+def _add_weighted_values(out: torch.Tensor, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out + weights @ values`` for a batch of tiny matrices: ``(B, Q, V)``, ``(B, Q, K)``,
+    ``(B, K, V)``.
+
+    PyTorch's CPU ``bmm`` runs matrices under 400 multiply-adds (``Q * K * V``) through a scalar
+    loop, far slower than one broadcast multiply-add per key, which is what it does for them
+    here (the NS-part of Stage II with few NS-tokens and narrow heads); larger ones, and other
+    devices, go to ``baddbmm``.
+    """
+    num_keys = weights.shape[-1]
+    if out.device.type != "cpu" or weights.shape[1] * num_keys * values.shape[-1] >= 400:
+        return torch.baddbmm(out, weights, values)
+    for key in range(num_keys):
+        out = torch.addcmul(out, weights[..., key:key + 1], values[:, key:key + 1])
+    return out
+
+
 def _attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
                     key_valid: torch.Tensor) -> torch.Tensor:
     """``(B, 1, Q, K)`` bool, True = attend: causal by input position, valid keys only.
@@ -335,8 +429,8 @@ class OneTransBlock(nn.Module):
 
     Three ways to run it, all computing the same numbers for the NS-tokens:
     :meth:`forward` attends over the joint ``[S ; NS]`` sequence; :meth:`encode_sequence`
-    runs the S side alone (Stage I); :meth:`forward_ns` runs the NS side against given S keys
-    and values (Stage II).
+    runs the S side alone (Stage I); :meth:`forward_ns` runs the NS side of C candidates
+    against the S keys and values cached per request (Stage II).
 
     Scorer selections (``scorer_topk``, ``scorer_threshold``): a ``Linear(D, 1)`` scores each
     normalised S input state; the top-``keep`` valid ones survive, in temporal order. The
@@ -430,31 +524,55 @@ class OneTransBlock(nn.Module):
         kept.states = self._s_update(kept, attended)
         return s_keys, s_values, kept
 
-    def forward_ns(self, ns_states: torch.Tensor, ns_positions: torch.Tensor, s_keys: torch.Tensor,
-                   s_values: torch.Tensor, s_valid: torch.Tensor, s_positions: torch.Tensor) -> torch.Tensor:
-        """The NS side of the layer against given S keys and values.
+    def forward_ns(self, ns_states: torch.Tensor, s_keys: torch.Tensor, s_values: torch.Tensor,
+                   s_valid: Optional[torch.Tensor], causal_bias: torch.Tensor, grid: _CandidateGrid) -> torch.Tensor:
+        """The NS side of the layer against cached S keys and values, one row of them per grid row.
+
+        Every S position precedes the NS positions, so the NS queries see all valid S keys,
+        and the NS keys causally. The S-part scores are one batched matmul per (grid row, head)
+        against that row's keys, no copy of them per candidate; the NS-part scores one small
+        product per (candidate, head); one softmax covers both. NS-token ``i`` always sees
+        itself, so no row is fully masked, even for a request without a valid S-token.
 
         Args:
             ns_states (torch.Tensor): ``(C, L_NS, D)``.
-            ns_positions (torch.Tensor): ``(C, L_NS)`` int64.
-            s_keys (torch.Tensor): ``(C, S_l, D)``.
-            s_values (torch.Tensor): ``(C, S_l, D)``.
-            s_valid (torch.Tensor): ``(C, S_l)`` bool.
-            s_positions (torch.Tensor): ``(C, S_l)`` int64.
+            s_keys (torch.Tensor): ``(N, S_l, D)``, N = ``grid.num_rows``.
+            s_values (torch.Tensor): ``(N, S_l, D)``.
+            s_valid (Optional[torch.Tensor]): ``(N, S_l)`` bool; None when all are valid.
+            causal_bias (torch.Tensor): ``(L_NS, L_NS)``, 0 where NS key ``j <= i``, else -inf.
+            grid (_CandidateGrid): where each candidate sits.
 
         Returns:
             torch.Tensor: ``(C, L_NS, D)`` NS states after the layer.
         """
-        ns_queries, ns_keys, ns_values = self._ns_qkv(ns_states)
-        attended = self._attend(
-            ns_queries,
-            torch.cat([s_keys, ns_keys], dim=1),
-            torch.cat([s_values, ns_values], dim=1),
-            ns_positions,
-            torch.cat([s_positions, ns_positions], dim=1),
-            torch.cat([s_valid, torch.ones_like(ns_positions, dtype=torch.bool)], dim=1),
-        )
-        return self._residual_and_ffn(self._ns, ns_states, attended)
+        num_ns, d = ns_states.shape[1:]
+        h, m = self.num_heads, grid.slots
+        dh = d // h
+        n, s_len = s_keys.shape[:2]
+        rows = n * h * m  # (grid row, head, slot) triples
+        ns = self._ns
+        qkv = grid.scatter(ns.qkv(ns.attention_norm(ns_states)))  # (N * slots, L_NS, 3D)
+        # Heads first, (N, H, slots, L_NS, D / H) each: one copy of the (small) NS projections.
+        q, k, v = qkv.view(n, m, num_ns, 3, h, dh).permute(3, 0, 4, 1, 2, 5).contiguous()
+        # (N * H, D / H, S_l) and (N * H, S_l, D / H): copies of the cache rows, not per candidate.
+        s_keys = s_keys.reshape(n, s_len, h, dh).permute(0, 2, 3, 1).reshape(n * h, dh, s_len)
+        s_values = s_values.reshape(n, s_len, h, dh).transpose(1, 2).reshape(n * h, s_len, dh)
+        q = q * (1.0 / math.sqrt(dh))  # scaled here: q is smaller than the scores
+        # S part, (N * H, slots * L_NS, S_l): all NS queries of a grid row against its S keys.
+        if s_valid is None:
+            s_scores = torch.bmm(q.view(n * h, m * num_ns, dh), s_keys)
+        else:  # -inf on the invalid keys, a (N * H, 1, S_l) bias
+            s_bias = s_keys.new_zeros(n, 1, 1, s_len).masked_fill_(~s_valid.view(n, 1, 1, s_len), float("-inf"))
+            s_scores = torch.baddbmm(s_bias.expand(n, h, 1, s_len).reshape(n * h, 1, s_len),
+                                     q.view(n * h, m * num_ns, dh), s_keys)
+        # NS part, (N * H * slots, L_NS, L_NS): each candidate's NS queries against its NS keys.
+        ns_scores = torch.baddbmm(causal_bias, q.view(rows, num_ns, dh), k.view(rows, num_ns, dh).transpose(1, 2))
+        weights = torch.cat([s_scores.view(rows, num_ns, s_len), ns_scores], dim=-1).softmax(dim=-1)
+        s_weights, ns_weights = weights.split([s_len, num_ns], dim=-1)
+        attended = torch.bmm(s_weights.reshape(n * h, m * num_ns, s_len), s_values).view(rows, num_ns, dh)
+        attended = _add_weighted_values(attended, ns_weights, v.view(rows, num_ns, dh))
+        attended = attended.view(n, h, m, num_ns, dh).permute(0, 2, 3, 1, 4).reshape(n * m, num_ns, d)
+        return self._residual_and_ffn(ns, ns_states, grid.gather(attended))
 
     def _s_keys_values(self, s_normed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every S-token (the q rows of the shared QKV are skipped)."""
@@ -622,11 +740,17 @@ class OneTrans(nn.Module):
                        request_index: torch.Tensor) -> torch.Tensor:
         """Stage II: the NS side of every layer for C candidates, against the cached S side.
 
+        The cache is never copied per candidate: candidates are laid out by request
+        (:class:`_CandidateGrid`; in any order, a request may have none) and attend to their
+        request's cached keys and values as they are. With a single cached request (serving
+        one user), its padded and dropped S-tokens are also removed from the keys up front.
+        Differentiable like :meth:`forward` (training runs it too), dropout included.
+
         Args:
             cache (OneTransCache): :meth:`encode_sequence` of B requests.
             ns_tokens (torch.Tensor): ``(C, L_NS, D)``, one row per candidate.
             request_index (torch.Tensor): ``(C,)`` int64, the cache row (request) of each
-                candidate.
+                candidate, in ``[0, B)``.
 
         Returns:
             torch.Tensor: ``(C, L_NS, D)`` = :meth:`forward` on the candidates' requests.
@@ -634,11 +758,19 @@ class OneTrans(nn.Module):
         self._check_ns(ns_tokens, None)
         if request_index.shape != (ns_tokens.shape[0],):
             raise ValueError(f"request_index must be ({ns_tokens.shape[0]},), got {tuple(request_index.shape)}")
-        ns_states, ns_positions = ns_tokens, self._ns_positions(cache.s_len, ns_tokens)
-        for layer, keys, values, valid, positions in zip(
-                self.layers, cache.keys, cache.values, cache.valid, cache.positions):
-            ns_states = layer.forward_ns(ns_states, ns_positions, keys[request_index], values[request_index],
-                                         valid[request_index], positions[request_index])
+        grid = _CandidateGrid.build(request_index, cache.num_requests)
+        num_ns = ns_tokens.shape[1]
+        # NS-token i sees NS-tokens j <= i; the cached S positions all precede the NS ones.
+        causal_bias = ns_tokens.new_full((num_ns, num_ns), float("-inf")).triu_(1)
+        ns_states = ns_tokens
+        for layer, keys, values, valid in zip(self.layers, cache.keys, cache.values, cache.valid):
+            if cache.num_requests == 1:
+                # Keep only the request's valid keys: padding costs nothing, and no S mask.
+                kept = valid[0].nonzero().squeeze(1)
+                keys, values, valid = keys.index_select(1, kept), values.index_select(1, kept), None
+            else:
+                keys, values, valid = grid.cache_rows(keys), grid.cache_rows(values), grid.cache_rows(valid)
+            ns_states = layer.forward_ns(ns_states, keys, values, valid, causal_bias, grid)
         return self.final_norm(ns_states)
 
     def _s_inputs(self, s_tokens: torch.Tensor, s_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
