@@ -163,16 +163,24 @@ def test_ranker_config_errors_name_the_field():
         RankerConfig(embedding_dim=30, num_heads=4)
 
 
-def test_ranking_recipe_trains_and_writes_metrics(ml100k, tmp_path):
+@pytest.fixture(scope="module")
+def ranking_run(ml100k, tmp_path_factory):
+    """A few steps of the ranking recipe (OneTrans, grouped training) on ML-100K."""
     from torchrec_genrec.config import load_config
     from torchrec_genrec.train.ranking import RankingRecipeConfig, run_ranking_recipe
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("ranking") / "run"
     cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
         f"data.dataset={ml100k.path}", "data.grouped=true", "model.name=onetrans", "model.embedding_dim=8",
         "train.max_steps=3", "train.batch_size=64", f"train.output_dir={out}", "train.progress=false",
         "train.tensorboard=false", "data.task.max_seq_len=8"])
-    payload = run_ranking_recipe(cfg)
+    run_ranking_recipe(cfg)
+    return out
+
+
+def test_ranking_recipe_trains_and_writes_metrics(ml100k, ranking_run):
+    out = ranking_run
+    payload = json.loads((out / "metrics.json").read_text())
     test = payload["metrics"]["test"]
     assert test["samples"] == 10000 and 0.0 < test["auc"] < 1.0 and test["logloss"] > 0
     assert payload["training"]["steps"] == 3
@@ -180,5 +188,49 @@ def test_ranking_recipe_trains_and_writes_metrics(ml100k, tmp_path):
     pred = np.load(out / "test_predictions.npz")
     assert len(pred["logit"]) == 10000 and set(np.unique(pred["label"])) == {0.0, 1.0}
     assert os.path.isdir(out / "checkpoints" / "best")
-    assert set(NS_FEATURES) <= {t.name for t in Ranker(cfg.model, RankingData.build(ml100k.path).vocab_sizes, 19, 8)
+    cfg = RankerConfig(**{k: v for k, v in payload["config"]["model"].items() if k != "tower_dims"})
+    assert set(NS_FEATURES) <= {t.name for t in Ranker(cfg, RankingData.build(ml100k.path).vocab_sizes, 19, 8)
                                 .table_specs()}
+
+
+def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
+    """The predictor rebuilds each request from raw ids (history split by rating, side
+    features from the artifact) and must give the trained model's scores."""
+    from torchrec_genrec.inference.artifact import ArtifactError
+    from torchrec_genrec.inference.predictor import History, RequestError
+    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
+
+    out = str(tmp_path / "artifact")
+    export_ranker(str(ranking_run), out)
+    predictor = RankerPredictor.load(out)
+    model, cfg, data = load_trained_ranker(str(ranking_run))
+    dataset = RankingDataset(data, Split.TEST)
+    store = data.store
+    raw_items, raw_users = store.item_raw_ids(), store.user_raw_ids()
+    values = np.asarray(store.action_values)
+    with torch.no_grad():
+        for r in (0, 17, 4000, 9999):
+            batch = dataset[[r]]
+            expected = torch.sigmoid(model.predict(batch)).numpy()
+            e = int(dataset.events[r])
+            past = np.arange(data.history_start[e], data.history_end[e])
+            history = History(items=raw_items[data.item[past]].tolist(),
+                              actions=values[np.asarray(store.action)[past]].tolist(),
+                              timestamps=data.timestamp[past].tolist())
+            got = predictor.score(raw_users[data.user[e]], history, [raw_items[data.item[e]]],
+                                  int(data.timestamp[e]))
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # One pass over many candidates = each alone.
+    many = raw_items[:20].tolist()
+    together = predictor.score(raw_users[0], history, many, int(data.timestamp[e]))
+    alone = np.concatenate([predictor.score(raw_users[0], history, [i], int(data.timestamp[e])) for i in many])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RequestError, match="unknown item"):
+        predictor.score(raw_users[0], history, ["no-such-item"], int(data.timestamp[e]))
+    with pytest.raises(RequestError, match="strictly before"):
+        predictor.score(raw_users[0], history, many, int(data.timestamp[past[0]]))
+    with open(os.path.join(out, "ranker.safetensors"), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    with pytest.raises(ArtifactError, match="sha256"):
+        RankerPredictor.load(out)

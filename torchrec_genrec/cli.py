@@ -185,8 +185,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from torchrec_genrec.data.errors import DataError
     from torchrec_genrec.inference.export import export_run, table_bytes
+    from torchrec_genrec.inference.ranker import export_ranker, is_ranking_run
 
+    if is_ranking_run(args.run):
+        if args.target != "predictor":
+            raise DataError(f"{args.run} is a ranking run: it exports for the RankerPredictor only (--target predictor)")
+        manifest = export_ranker(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+        print(f"wrote {args.out}: {manifest['model']['name']} ranker (fp32 weights; --precision applies to retrieval "
+              "artifacts), load it with torchrec_genrec.inference.ranker.RankerPredictor")
+        for name, entry in manifest["files"].items():
+            print(f"  {name:<24} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
+        return 0
     if args.target == "torchrec-package":
         from torchrec_genrec.inference.export import export_torchrec_package
 

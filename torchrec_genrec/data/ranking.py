@@ -34,7 +34,7 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.splits import GlobalTimeSplit, Split
 from torchrec_genrec.data.store import SequenceStore
 
-__all__ = ["AGE_BUCKETS", "RankingConfig", "RankingData"]
+__all__ = ["AGE_BUCKETS", "RankingConfig", "RankingData", "hour_and_weekday"]
 
 #: MovieLens's age groups (lower bounds); bucket 0 is "unknown".
 AGE_BUCKETS = (1, 18, 25, 35, 45, 50, 56)
@@ -97,9 +97,7 @@ class RankingData:
         self.item = np.asarray(store.item, dtype=np.int64)
         ts = np.asarray(store.timestamp, dtype=np.int64)
         self.timestamp = ts
-        seconds = ts // _per_second(store)
-        self.hour = ((seconds // 3600) % 24).astype(np.int64)
-        self.weekday = (((seconds // 86400) + 3) % 7).astype(np.int64)  # 1970-01-01 was a Thursday: Monday = 0
+        self.hour, self.weekday = hour_and_weekday(ts // _per_second(store))
         self.split = GlobalTimeSplit(config.valid_fraction, config.test_fraction).labels(store)
 
         # History bounds: within each user (sorted by time), the first event with the same timestamp.
@@ -233,6 +231,13 @@ class RankingData:
             offsets, _ = self.requests(split)
             out[f"{split.value}_requests"] = int(len(offsets) - 1)
         return out
+
+
+def hour_and_weekday(seconds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """UTC hour (0-23) and weekday (Monday = 0) of Unix times in seconds."""
+    seconds = np.asarray(seconds, dtype=np.int64)
+    # 1970-01-01 was a Thursday.
+    return ((seconds // 3600) % 24).astype(np.int64), (((seconds // 86400) + 3) % 7).astype(np.int64)
 
 
 def _per_second(store: SequenceStore) -> int:

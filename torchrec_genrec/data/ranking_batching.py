@@ -48,8 +48,8 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.ranking import RankingData, _per_second
 from torchrec_genrec.data.splits import Split
 
-__all__ = ["NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "RankingBatch", "RankingDataset",
-           "RequestBatchSampler", "make_ranking_loader"]
+__all__ = ["NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "EventSequences", "ItemSides",
+           "RankingBatch", "RankingDataset", "RequestBatchSampler", "assemble_batch", "make_ranking_loader"]
 
 #: The behaviour sequences, in the order the models read them.
 SEQUENCES = ("liked", "other")
@@ -168,11 +168,7 @@ class RankingDataset(Dataset):
         first = events[offsets[:-1]]
         self.history_start, self.history_end = data.history_start[first], data.history_end[first]
         self.num_genres = len(data.vocabularies["genre"])
-        # Multi-hot genres per dense item (row 0 of the vocabulary is "no genre").
-        item_genres = np.zeros((data.store.num_items, self.num_genres), dtype=np.float32)
-        rows = np.repeat(np.arange(data.store.num_items), np.diff(data.genre_offsets))
-        item_genres[rows, data.genre_values - 1] = 1.0
-        self.item_genres = item_genres
+        self.item_sides = ItemSides.from_csr(data.genre_offsets, data.genre_values, self.num_genres)
         self._per_second = _per_second(data.store)
         self._action = np.asarray(data.store.action, dtype=np.int64)
 
@@ -192,64 +188,118 @@ class RankingDataset(Dataset):
         cand = _ranges(self.offsets[requests], self.offsets[requests + 1])
         events = self.events[cand]
         per_request = self.offsets[requests + 1] - self.offsets[requests]
-        num_c = len(events)
-        first = np.concatenate([[0], np.cumsum(per_request)[:-1]]).astype(np.int64)
-        request_index = np.repeat(np.arange(len(requests)), per_request)
         bounds = d.sequence_bounds(self.history_start[requests], self.history_end[requests])
 
-        seq_lengths: Dict[str, np.ndarray] = {}
-        seq_values: Dict[str, np.ndarray] = {}
-        event_time, event_genres = {}, {}
-        pooled_lengths: Dict[str, np.ndarray] = {}
-        pooled_values: Dict[str, np.ndarray] = {}
         seconds = d.timestamp // self._per_second
+        sequences = {}
         for name, (lo, hi), pool in zip(SEQUENCES, bounds, (d.liked_events, d.other_events)):
             seq_events = pool[_ranges(lo, hi)]
-            lengths = np.zeros(num_c, dtype=np.int64)
-            lengths[first] = hi - lo
-            items = d.item[seq_events]
-            seq_lengths[f"{name}_item"] = seq_lengths[f"{name}_rating"] = lengths
-            seq_values[f"{name}_item"] = items
-            seq_values[f"{name}_rating"] = self._action[seq_events] + 1  # 0 is padding
-            event_time[name] = torch.from_numpy(seconds[seq_events])
-            event_genres[name] = torch.from_numpy(self.item_genres[items])
-            g_lengths = np.diff(d.genre_offsets)[items]
-            per_request_genres = np.zeros(num_c, dtype=np.int64)
-            np.add.at(per_request_genres, np.repeat(first, hi - lo), g_lengths)
-            pooled_lengths[f"{name}_genres"] = per_request_genres
-            pooled_values[f"{name}_genres"] = d.genre_values[_ranges(d.genre_offsets[items], d.genre_offsets[items + 1])]
-        target_items = d.item[events]
-        seq_lengths["target_item"] = np.ones(num_c, dtype=np.int64)
-        seq_values["target_item"] = target_items
-
+            sequences[name] = EventSequences(d.item[seq_events], self._action[seq_events], seconds[seq_events], hi - lo)
         user = d.user[events]
+        target_items = d.item[events]
         uf = d.user_features
         ns_ids = {"user_id": user, "user_age": uf["age"][user], "user_gender": uf["gender"][user],
                   "user_occupation": uf["occupation"][user], "user_zip": uf["zip"][user],
                   "release_year": d.item_year[target_items], "event_hour": d.hour[events],
                   "event_weekday": d.weekday[events]}
-        for key, ids in ns_ids.items():
-            pooled_lengths[key] = np.ones(num_c, dtype=np.int64)
-            pooled_values[key] = ids
-        pooled_lengths["target_genres"] = np.diff(d.genre_offsets)[target_items]
-        pooled_values["target_genres"] = d.genre_values[
-            _ranges(d.genre_offsets[target_items], d.genre_offsets[target_items + 1])]
+        return assemble_batch(
+            sequences, per_request, target_items, seconds[events], ns_ids, self.item_sides,
+            label=d.label[events].astype(np.float32), rating=self._action[events], user=user, event=events)
 
-        return RankingBatch(
-            sequence=_kjt(SEQUENCE_KEYS, seq_lengths, seq_values),
-            pooled=_kjt(POOLED_KEYS, pooled_lengths, pooled_values),
-            event_time=event_time,
-            event_genres=event_genres,
-            target_genres=torch.from_numpy(self.item_genres[target_items]),
-            first_candidate=torch.from_numpy(first),
-            request_index=torch.from_numpy(request_index),
-            request_time=torch.from_numpy(seconds[events[first]]),
-            target_time=torch.from_numpy(seconds[events]),
-            label=torch.from_numpy(d.label[events].astype(np.float32)),
-            rating=torch.from_numpy(self._action[events]),
-            user=torch.from_numpy(user),
-            event=torch.from_numpy(events),
-        )
+
+@dataclasses.dataclass
+class EventSequences:
+    """One behaviour sequence of ``R`` requests, flat: ``lengths[r]`` events per request,
+    oldest first. ``actions`` are action ids (``0..A-1``), ``seconds`` event times."""
+
+    items: np.ndarray
+    actions: np.ndarray
+    seconds: np.ndarray
+    lengths: np.ndarray
+
+
+@dataclasses.dataclass
+class ItemSides:
+    """Item side information: genres as CSR ids (from 1) and as a multi-hot ``(I, G)``."""
+
+    genre_offsets: np.ndarray
+    genre_values: np.ndarray
+    multi_hot: np.ndarray
+
+    @classmethod
+    def from_csr(cls, genre_offsets: np.ndarray, genre_values: np.ndarray, num_genres: int) -> "ItemSides":
+        num_items = len(genre_offsets) - 1
+        multi_hot = np.zeros((num_items, num_genres), dtype=np.float32)
+        rows = np.repeat(np.arange(num_items), np.diff(genre_offsets))
+        multi_hot[rows, np.asarray(genre_values, dtype=np.int64) - 1] = 1.0
+        return cls(np.asarray(genre_offsets, dtype=np.int64), np.asarray(genre_values, dtype=np.int64), multi_hot)
+
+
+def assemble_batch(sequences: Dict[str, EventSequences], candidates_per_request: np.ndarray,
+                   target_items: np.ndarray, target_seconds: np.ndarray, ns_ids: Dict[str, np.ndarray],
+                   items: ItemSides, label: Optional[np.ndarray] = None, rating: Optional[np.ndarray] = None,
+                   user: Optional[np.ndarray] = None, event: Optional[np.ndarray] = None) -> RankingBatch:
+    """A :class:`RankingBatch` from dense ids: what the training data and the serving
+    predictor both build batches with.
+
+    Args:
+        sequences (Dict[str, EventSequences]): each of :data:`SEQUENCES`, per request.
+        candidates_per_request (np.ndarray): ``(R,)``, each >= 1; candidates are contiguous
+            per request.
+        target_items, target_seconds (np.ndarray): ``(C,)`` each.
+        ns_ids (Dict[str, np.ndarray]): :data:`NS_FEATURES` ids, ``(C,)`` each.
+        items (ItemSides): genres of every dense item.
+        label, rating, user, event (Optional[np.ndarray]): ``(C,)`` each (zeros / -1 when
+            serving, where they are unknown).
+    """
+    per_request = np.asarray(candidates_per_request, dtype=np.int64)
+    num_c = int(per_request.sum())
+    first = np.concatenate([[0], np.cumsum(per_request)[:-1]]).astype(np.int64)
+    seq_lengths: Dict[str, np.ndarray] = {}
+    seq_values: Dict[str, np.ndarray] = {}
+    event_time, event_genres = {}, {}
+    pooled_lengths: Dict[str, np.ndarray] = {}
+    pooled_values: Dict[str, np.ndarray] = {}
+    genre_counts = np.diff(items.genre_offsets)
+    for name in SEQUENCES:
+        seq = sequences[name]
+        lengths = np.zeros(num_c, dtype=np.int64)
+        lengths[first] = seq.lengths
+        seq_lengths[f"{name}_item"] = seq_lengths[f"{name}_rating"] = lengths
+        seq_values[f"{name}_item"] = seq.items
+        seq_values[f"{name}_rating"] = np.asarray(seq.actions) + 1  # 0 is padding
+        event_time[name] = torch.from_numpy(np.asarray(seq.seconds, dtype=np.int64))
+        event_genres[name] = torch.from_numpy(items.multi_hot[seq.items])
+        per_request_genres = np.zeros(num_c, dtype=np.int64)
+        np.add.at(per_request_genres, np.repeat(first, seq.lengths), genre_counts[seq.items])
+        pooled_lengths[f"{name}_genres"] = per_request_genres
+        pooled_values[f"{name}_genres"] = items.genre_values[
+            _ranges(items.genre_offsets[seq.items], items.genre_offsets[seq.items + 1])]
+    seq_lengths["target_item"] = np.ones(num_c, dtype=np.int64)
+    seq_values["target_item"] = target_items
+    for key in NS_FEATURES:
+        pooled_lengths[key] = np.ones(num_c, dtype=np.int64)
+        pooled_values[key] = ns_ids[key]
+    pooled_lengths["target_genres"] = genre_counts[target_items]
+    pooled_values["target_genres"] = items.genre_values[
+        _ranges(items.genre_offsets[target_items], items.genre_offsets[target_items + 1])]
+    target_seconds = np.asarray(target_seconds, dtype=np.int64)
+    zeros = np.zeros(num_c, dtype=np.int64)
+    return RankingBatch(
+        sequence=_kjt(SEQUENCE_KEYS, seq_lengths, seq_values),
+        pooled=_kjt(POOLED_KEYS, pooled_lengths, pooled_values),
+        event_time=event_time,
+        event_genres=event_genres,
+        target_genres=torch.from_numpy(items.multi_hot[target_items]),
+        first_candidate=torch.from_numpy(first),
+        request_index=torch.from_numpy(np.repeat(np.arange(len(per_request)), per_request)),
+        request_time=torch.from_numpy(target_seconds[first]),
+        target_time=torch.from_numpy(target_seconds),
+        label=torch.from_numpy(np.zeros(num_c, np.float32) if label is None else np.asarray(label, np.float32)),
+        rating=torch.from_numpy(zeros if rating is None else np.asarray(rating, np.int64)),
+        user=torch.from_numpy(zeros - 1 if user is None else np.asarray(user, np.int64)),
+        event=torch.from_numpy(zeros - 1 if event is None else np.asarray(event, np.int64)),
+    )
 
 
 def _kjt(keys: Sequence[str], lengths: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> KeyedJaggedTensor:

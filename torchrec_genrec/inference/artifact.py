@@ -77,7 +77,7 @@ def file_entry(path: str) -> Dict[str, Any]:
     return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def read_manifest(directory: str) -> Dict[str, Any]:
+def read_manifest(directory: str, expected_format: str = ARTIFACT_FORMAT) -> Dict[str, Any]:
     """Reads and checks ``manifest.json`` (format and version), nothing else.
 
     Raises:
@@ -93,9 +93,9 @@ def read_manifest(directory: str) -> Dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"malformed JSON ({e.msg}); the artifact is corrupt, export it again",
                             path=path, line=e.lineno) from e
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != expected_format:
         raise ArtifactError(f"format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                            f"expected {ARTIFACT_FORMAT!r}", path=path)
+                            f"expected {expected_format!r}", path=path)
     version = manifest.get("format_version")
     if version != ARTIFACT_VERSION:
         raise ArtifactError(f"artifact format version {version}; this torchrec-genrec reads version "
@@ -107,7 +107,8 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def verify_artifact(directory: str, check_versions: bool = True) -> Dict[str, Any]:
+def verify_artifact(directory: str, check_versions: bool = True,
+                    expected_format: str = ARTIFACT_FORMAT) -> Dict[str, Any]:
     """Checks an artifact before it is loaded: manifest, every file's size and sha256, and
     (unless ``check_versions=False``) that torch, TorchRec and fbgemm match the exporting
     install to the minor version.
@@ -115,6 +116,7 @@ def verify_artifact(directory: str, check_versions: bool = True) -> Dict[str, An
     Args:
         directory (str): the artifact directory.
         check_versions (bool): refuse a different torch / TorchRec / fbgemm minor version.
+        expected_format (str): the artifact kind (retrieval or ranking).
 
     Returns:
         Dict[str, Any]: the manifest.
@@ -122,7 +124,7 @@ def verify_artifact(directory: str, check_versions: bool = True) -> Dict[str, An
     Raises:
         ArtifactError: naming the file and what is wrong with it.
     """
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, expected_format)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError("the manifest lists no files", path=os.path.join(directory, MANIFEST))

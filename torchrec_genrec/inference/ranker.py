@@ -1,0 +1,237 @@
+"""Rankers for serving: export a ranking run, load it, score a user's candidates in one pass.
+
+``genrec export RUN --out DIR`` on a ``genrec rank`` run writes a directory holding the
+model's weights (every table and dense parameter, fp32, safetensors), the item and user
+side features it reads (genres, release year, age, gender, occupation, zip; safetensors),
+the raw ids (``vocab.json``) and a ``manifest.json`` (config, stack versions, each file's
+size and sha256) — nothing pickled; it is checked like a retrieval artifact before it
+loads. :class:`RankerPredictor` rebuilds the model from the config and scores one
+request: all candidates share the user's history, which is encoded once (OneTrans: the
+Stage I cache; HSTU ranker: one target-aware pass; DCNv2+DIN: one lookup).
+
+Example::
+
+    predictor = RankerPredictor.load("artifacts/onetrans")
+    history = History(items=[50, 172], actions=[5, 3], timestamps=[881250949, 881251000])
+    probs = predictor.score(user=196, history=history, candidates=[1, 2, 3], timestamp=881260000)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from typing import Any, Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+
+from torchrec_genrec.config import from_dict, to_dict
+from torchrec_genrec.data.errors import DataError
+from torchrec_genrec.data.ranking import RankingData, hour_and_weekday
+from torchrec_genrec.data.ranking_batching import SEQUENCES, EventSequences, ItemSides, assemble_batch
+from torchrec_genrec.inference import artifact as art
+from torchrec_genrec.inference.predictor import History, RequestError
+from torchrec_genrec.models.ranking import Ranker, RankerConfig
+
+__all__ = ["RANKER_FORMAT", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker"]
+
+RANKER_FORMAT = "torchrec-genrec/ranking"
+WEIGHTS = "ranker.safetensors"
+FEATURES = "features.safetensors"
+_USER_SIDES = ("age", "gender", "occupation", "zip")
+
+
+def _run_record(run_dir: str) -> Dict[str, Any]:
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.exists(path):
+        raise DataError(f"{run_dir} has no metrics.json: is it a finished run's train.output_dir?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_ranking_run(run_dir: str) -> bool:
+    """Whether ``run_dir`` was written by ``genrec rank`` (rather than ``genrec train``)."""
+    return _run_record(run_dir).get("task") == "ranking"
+
+
+def load_trained_ranker(run_dir: str, checkpoint: str = "best") -> Tuple[Ranker, Any, RankingData]:
+    """The run's ranker, unsharded on CPU in eval mode, its config and its ranking data.
+
+    Raises:
+        DataError: no metrics.json, not a ranking run, or no such checkpoint.
+    """
+    from torchrec_genrec.train import storage
+    from torchrec_genrec.train.ranking import RankingRecipeConfig
+
+    record = _run_record(run_dir)
+    if record.get("task") != "ranking":
+        raise DataError(f"{run_dir} is not a ranking run (genrec rank); export retrieval runs the same way")
+    cfg = from_dict(RankingRecipeConfig, record["config"], os.path.join(run_dir, "metrics.json"))
+    data = RankingData.build(record["dataset"]["path"], cfg.data.task)
+    path = storage.join(os.path.join(run_dir, "checkpoints"), checkpoint)
+    if not storage.exists(storage.join(path, ".metadata")):
+        raise DataError(f"no complete checkpoint {checkpoint!r} in {os.path.join(run_dir, 'checkpoints')}")
+    model = Ranker(cfg.model, data.vocab_sizes, num_genres=len(data.vocabularies["genre"]),
+                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, device=torch.device("cpu"))
+    state = {"model": model.state_dict()}
+    dcp.load(state, storage_reader=storage.IOPathReader(path))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, data
+
+
+def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrite: bool = False) -> Dict[str, Any]:
+    """Writes the serving artifact of a ranking run (see the module docstring).
+
+    Returns:
+        Dict[str, Any]: the manifest.
+    """
+    from safetensors.torch import save_file
+
+    from torchrec_genrec.data.store import atomic_dir, publish_dir
+
+    if os.path.exists(out_dir) and not overwrite:
+        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
+    model, cfg, data = load_trained_ranker(run_dir, checkpoint)
+    store = data.store
+    tmp = atomic_dir(out_dir)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, WEIGHTS))
+        sides = {"genre_offsets": data.genre_offsets, "genre_values": data.genre_values, "item_year": data.item_year,
+                 **{f"user_{k}": data.user_features[k] for k in _USER_SIDES}}
+        save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in sides.items()},
+                  os.path.join(tmp, FEATURES))
+        vocab = {"item_ids": store.item_raw_ids().tolist(), "user_ids": store.user_raw_ids().tolist(),
+                 "action_values": list(store.action_values), "genres": data.vocabularies["genre"],
+                 "timestamp_unit": store.manifest.get("timestamp_unit", "s")}
+        with open(os.path.join(tmp, art.VOCAB), "w") as f:  # the directory is published atomically
+            json.dump(vocab, f)
+        record = _run_record(run_dir)
+        manifest = {
+            "format": RANKER_FORMAT, "format_version": art.ARTIFACT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": art.stack_versions(), "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
+            "vocab_sizes": data.vocab_sizes, "num_genres": len(data.vocabularies["genre"]),
+            "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
+                    "test": record.get("metrics", {}).get("test")},
+            "files": {name: art.file_entry(os.path.join(tmp, name)) for name in (WEIGHTS, FEATURES, art.VOCAB)},
+        }
+        with open(os.path.join(tmp, art.MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+class RankerPredictor:
+    """Scores candidates for one user request with an exported ranker.
+
+    Args:
+        model (Ranker): the ranker in eval mode.
+        manifest, vocab (Dict[str, Any]): the artifact's.
+        features (Dict[str, torch.Tensor]): its side features.
+    """
+
+    def __init__(self, model: Ranker, manifest: Dict[str, Any], vocab: Dict[str, Any],
+                 features: Dict[str, torch.Tensor]) -> None:
+        self.model, self.manifest = model.eval(), manifest
+        self.max_seq_len = int(manifest["task"]["max_seq_len"])
+        self.positive_threshold = float(manifest["task"]["positive_threshold"])
+        self._item_index = {raw: i for i, raw in enumerate(vocab["item_ids"])}
+        self._user_index = {raw: i for i, raw in enumerate(vocab["user_ids"])}
+        self._action_index = {float(v): i for i, v in enumerate(vocab["action_values"])}
+        self._action_values = np.asarray(vocab["action_values"], dtype=np.float64)
+        self._per_second = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}.get(vocab.get("timestamp_unit", "s"), 1)
+        f = {k: v.numpy() for k, v in features.items()}
+        self._items = ItemSides.from_csr(f["genre_offsets"], f["genre_values"], int(manifest["num_genres"]))
+        self._item_year = f["item_year"]
+        self._user_sides = {k: f[f"user_{k}"] for k in _USER_SIDES}
+
+    @classmethod
+    def load(cls, directory: str, check_versions: bool = True) -> "RankerPredictor":
+        """Verifies (sizes, sha256, versions) and loads an artifact of ``export_ranker``."""
+        from safetensors.torch import load_file
+
+        manifest = art.verify_artifact(directory, check_versions, expected_format=RANKER_FORMAT)
+        with open(os.path.join(directory, art.VOCAB)) as f:
+            vocab = json.load(f)
+        config = from_dict(RankerConfig, manifest["model"], os.path.join(directory, art.MANIFEST))
+        model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
+                       max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"))
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS)))
+        return cls(model, manifest, vocab, load_file(os.path.join(directory, FEATURES)))
+
+    def _dense(self, index: Dict[Any, int], raw: Sequence[Any], what: str) -> np.ndarray:
+        ids, unknown = [], []
+        for r in raw:
+            i = index.get(r)
+            if i is None:
+                unknown.append(r)
+            ids.append(i)
+        if unknown:
+            raise RequestError(f"unknown {what} id(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: "
+                               "the model knows only the ids of its training data")
+        return np.asarray(ids, dtype=np.int64)
+
+    def _sequences(self, history: History, timestamp: int) -> Dict[str, EventSequences]:
+        n = len(history.items)
+        if history.actions is None or history.timestamps is None or len(history.actions) != n \
+                or len(history.timestamps) != n:
+            raise RequestError("a ranking history needs items, actions and timestamps of the same length")
+        items = self._dense(self._item_index, history.items, "item")
+        try:
+            actions = np.asarray([self._action_index[float(a)] for a in history.actions], dtype=np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise RequestError(f"history actions must be among {self._action_values.tolist()}") from None
+        times = np.asarray(history.timestamps, dtype=np.int64)
+        if n and (np.any(np.diff(times) < 0) or times[-1] >= timestamp):
+            raise RequestError("history timestamps must be non-decreasing and strictly before the request's")
+        seconds = times // self._per_second
+        liked = self._action_values[actions] >= self.positive_threshold
+        out = {}
+        for name, keep in zip(SEQUENCES, (liked, ~liked)):
+            idx = np.nonzero(keep)[0][-self.max_seq_len:]  # the most recent of each kind
+            out[name] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
+        return out
+
+    @torch.no_grad()
+    def score(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> np.ndarray:
+        """Like-probabilities of ``candidates`` for ``user`` at ``timestamp``, in one pass.
+
+        Args:
+            user: raw user id (its side features come from the artifact).
+            history (History): the user's events before ``timestamp`` (items, actions,
+                timestamps; raw ids and values), oldest first.
+            candidates (Sequence): raw item ids to score.
+            timestamp (int): the request time (the dataset's timestamp unit).
+
+        Returns:
+            np.ndarray: ``(C,)`` probabilities, in the candidates' order.
+
+        Raises:
+            RequestError: unknown ids, mismatched or unordered history, no candidates.
+        """
+        if len(candidates) == 0:
+            raise RequestError("no candidates to score")
+        (u,) = self._dense(self._user_index, [user], "user")
+        targets = self._dense(self._item_index, candidates, "item")
+        c = len(targets)
+        seconds = np.full(c, int(timestamp) // self._per_second, dtype=np.int64)
+        hour, weekday = hour_and_weekday(seconds)
+        users = np.full(c, u, dtype=np.int64)
+        ns_ids = {"user_id": users, **{f"user_{k}": self._user_sides[k][users] for k in _USER_SIDES},
+                  "release_year": self._item_year[targets], "event_hour": hour, "event_weekday": weekday}
+        batch = assemble_batch(self._sequences(history, int(timestamp)), np.asarray([c]), targets, seconds, ns_ids,
+                               self._items, user=users)
+        return torch.sigmoid(self.model.predict(batch)).numpy()
+
+    def info(self) -> Dict[str, Any]:
+        return {"model": self.manifest["model"]["name"], "test": self.manifest["run"].get("test"),
+                "items": len(self._item_index), "users": len(self._user_index)}
+
+
+
