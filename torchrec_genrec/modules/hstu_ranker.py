@@ -40,9 +40,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from torchrec_genrec.modules.hstu import HSTUConfig, HSTULayer
+from torchrec_genrec.modules.hstu import HSTUEncoder, HSTULayer
 from torchrec_genrec.ops.hstu_attention import padded_hstu_attention, time_bucket
 
 __all__ = ["HSTURankerEncoder", "target_aware_hstu_layer", "target_aware_reference"]
@@ -186,15 +185,16 @@ def _candidates_layer(
     return _gate_and_project(layer, u_c, out.reshape(b, c, h * dv), candidates)
 
 
-class HSTURankerEncoder(nn.Module):
+class HSTURankerEncoder(HSTUEncoder):
     """Stacked HSTU layers scoring ``C`` candidates per request against the request's history
     in one pass, under the target-aware mask (see the module docstring).
 
     Input preprocessing is :class:`~torchrec_genrec.modules.hstu.HSTUEncoder`'s: embeddings
     times ``sqrt(D)`` plus a learned position embedding (candidates get the one of position
     ``lengths[b]``, the next position), then dropout. Padded history positions are zeroed
-    first, so whatever they hold (even NaN) never reaches a valid output. Parameter names match
-    ``HSTUEncoder``'s, so its ``state_dict`` loads here: with one candidate, the output is
+    first, so whatever they hold (even NaN) never reaches a valid output. It is an
+    ``HSTUEncoder`` (same parameters) with a target-aware forward, so an encoder's
+    ``state_dict`` loads here: with one candidate, the output is
     ``HSTUEncoder`` on the history followed by that candidate, read at the candidate.
 
     Args:
@@ -211,14 +211,6 @@ class HSTURankerEncoder(nn.Module):
         cand_ts = torch.tensor([[20, 20, 20], [9, 9, 9]])  # the request time
         out = enc(history, lengths, hist_ts, candidates, cand_ts)  # (2, 3, 8)
     """
-
-    def __init__(self, config: HSTUConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.position_embedding = nn.Embedding(config.max_seq_len, config.embedding_dim)
-        nn.init.trunc_normal_(self.position_embedding.weight, std=math.sqrt(1.0 / config.embedding_dim))
-        self.input_dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_blocks))
 
     def forward(
         self,
