@@ -61,16 +61,16 @@ def main() -> None:
     logits = {m: torch.stack([torch.from_numpy(p["logit"]).double() for _, p in rs]) for m, rs in runs.items()}
     print(f"test set: {len(labels):,} samples, {len(np.unique(ref['user']))} users; "
           f"{len(runs[args.baseline])} run(s) per row; baseline {args.baseline}")
-    header = ["model", "AUC", "GAUC", "logloss", "NE", "train samples/s", "best epoch",
+    # Training speed is not shown: runs often share the CPU; bench/onetrans_bench.py measures it.
+    header = ["model", "AUC", "GAUC", "logloss", "NE", "best epoch",
               "AUC - base [95% CI]", "GAUC - base [95% CI]"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for m, rs in runs.items():
         mean = {k: float(np.mean([r["metrics"]["test"][k] for r, _ in rs])) for k in ("auc", "gauc", "logloss", "ne")}
-        speed = float(np.mean([r["training"]["train_samples_per_s"] for r, _ in rs]))
         epochs = ",".join(str(r["training"]["best_epoch"]) for r, _ in rs)
         cells = [m, f"{mean['auc']:.4f}", f"{mean['gauc']:.4f}", f"{mean['logloss']:.4f}", f"{mean['ne']:.4f}",
-                 f"{speed:,.0f}", epochs]
+                 epochs]
         for metric in ("auc", "gauc"):
             if m == args.baseline:
                 cells.append("-")
