@@ -62,14 +62,14 @@ def main() -> None:
     print(f"test set: {len(labels):,} samples, {len(np.unique(ref['user']))} users; "
           f"{len(runs[args.baseline])} run(s) per row; baseline {args.baseline}")
     # Training speed is not shown: runs often share the CPU; bench/onetrans_bench.py measures it.
-    header = ["model", "AUC", "GAUC", "logloss", "NE", "best epoch",
+    header = ["model", "runs", "AUC", "GAUC", "logloss", "NE", "best epoch",
               "AUC - base [95% CI]", "GAUC - base [95% CI]"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for m, rs in runs.items():
         mean = {k: float(np.mean([r["metrics"]["test"][k] for r, _ in rs])) for k in ("auc", "gauc", "logloss", "ne")}
         epochs = ",".join(str(r["training"]["best_epoch"]) for r, _ in rs)
-        cells = [m, f"{mean['auc']:.4f}", f"{mean['gauc']:.4f}", f"{mean['logloss']:.4f}", f"{mean['ne']:.4f}",
+        cells = [m, str(len(rs)), f"{mean['auc']:.4f}", f"{mean['gauc']:.4f}", f"{mean['logloss']:.4f}", f"{mean['ne']:.4f}",
                  epochs]
         for metric in ("auc", "gauc"):
             if m == args.baseline:

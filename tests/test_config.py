@@ -1,8 +1,7 @@
 import dataclasses
 import enum
-from typing import Literal, Optional, Tuple
-
 import os
+from typing import Literal, Optional, Tuple
 
 import pytest
 

@@ -107,10 +107,11 @@ def paired_bootstrap_ranking(logits_a: torch.Tensor, logits_b: torch.Tensor, lab
     Users are resampled with replacement (a user's samples are not independent of each
     other); a resample weights every sample by its user's multiplicity, and both models
     are scored on the same resample. With several runs per model (seeds), the statistic
-    is the mean over runs of ``metric(a_s) - metric(b_s)``, every run on the same resample.
+    is ``mean_s metric(a_s) - mean_t metric(b_t)``, every run on the same resample.
 
     Args:
-        logits_a, logits_b (torch.Tensor): ``(N,)``, or ``(S, N)`` for S runs (seeds).
+        logits_a, logits_b (torch.Tensor): ``(N,)``, or ``(S, N)`` for S runs (seeds); the
+            two models may have different numbers of runs.
         labels, users (torch.Tensor): ``(N,)`` each, aligned with the logits.
         metric (str): ``auc`` or ``gauc``.
 
@@ -126,14 +127,14 @@ def paired_bootstrap_ranking(logits_a: torch.Tensor, logits_b: torch.Tensor, lab
     a, b = (x.detach().double().cpu() for x in (logits_a, logits_b))
     a, b = (x.unsqueeze(0) if x.dim() == 1 else x for x in (a, b))
     y, u = labels.detach().double().cpu(), users.detach().cpu()
-    if a.shape != b.shape or a.shape[1:] != y.shape or y.shape != u.shape:
+    if a.shape[1:] != y.shape or b.shape[1:] != y.shape or y.shape != u.shape:
         raise ValueError(f"logits (S, N) of both models must align with labels and users (N,): got "
                          f"{tuple(logits_a.shape)}, {tuple(logits_b.shape)}, {tuple(labels.shape)}, {tuple(users.shape)}")
     generator = torch.Generator().manual_seed(seed)
-    runs = a.shape[0]
     if metric == "gauc":
-        per_run = [(per_user_auc(a[s], y, u)[1] - per_user_auc(b[s], y, u)[1]) for s in range(runs)]
-        delta = torch.stack(per_run).mean(0)  # (U,) mean over runs of each user's AUC difference
+        mean_a = torch.stack([per_user_auc(x, y, u)[1] for x in a]).mean(0)
+        mean_b = torch.stack([per_user_auc(x, y, u)[1] for x in b]).mean(0)
+        delta = mean_a - mean_b  # (U,) each user's AUC difference, averaged over runs
         w = per_user_auc(a[0], y, u)[2]
         diff = float((delta * w).sum() / w.sum())
         m = delta.numel()
@@ -144,12 +145,13 @@ def paired_bootstrap_ranking(logits_a: torch.Tensor, logits_b: torch.Tensor, lab
         stats = (ww * delta).sum(1) / ww.sum(1)
     else:
         ones = torch.ones_like(y)
-        diff = sum(_auc(a[s], y, ones) - _auc(b[s], y, ones) for s in range(runs)) / runs
+        diff = sum(_auc(x, y, ones) for x in a) / len(a) - sum(_auc(x, y, ones) for x in b) / len(b)
         uniq, inverse = torch.unique(u, return_inverse=True)
         m = uniq.numel()
         # Each model's order does not depend on the weights: sort once, then every resample
         # is a cumulative sum over its sample weights (TorchRec's AUC formula, batched).
-        orders = [(torch.argsort(a[s], descending=True), torch.argsort(b[s], descending=True)) for s in range(runs)]
+        orders = [(torch.argsort(x, descending=True), 1.0 / len(a)) for x in a] + \
+                 [(torch.argsort(x, descending=True), -1.0 / len(b)) for x in b]
         stats = torch.zeros(num_samples, dtype=torch.float64)
         chunk = max(1, (1 << 22) // max(y.numel(), 1))
         for lo in range(0, num_samples, chunk):
@@ -157,9 +159,8 @@ def paired_bootstrap_ranking(logits_a: torch.Tensor, logits_b: torch.Tensor, lab
             draws = torch.randint(m, (k, m), generator=generator)
             mult = torch.zeros(k, m, dtype=torch.float64).scatter_add_(1, draws, torch.ones(k, m, dtype=torch.float64))
             weights = mult[:, inverse]  # (k, N)
-            for order_a, order_b in orders:
-                stats[lo:lo + k] += (_weighted_sorted_auc(y[order_a], weights[:, order_a])
-                                     - _weighted_sorted_auc(y[order_b], weights[:, order_b])) / runs
+            for order, sign in orders:
+                stats[lo:lo + k] += sign * _weighted_sorted_auc(y[order], weights[:, order])
     alpha = (1.0 - confidence) / 2.0
     lo, hi = torch.quantile(stats, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
     return diff, lo, hi
