@@ -104,6 +104,10 @@ def test_metrics_match_direct_definitions():
     for metric in ("auc", "gauc"):
         diff, lo, hi = paired_bootstrap_ranking(torch.stack([s, s]), torch.stack([worse, worse]), y, users, metric, 200)
         assert lo <= diff <= hi and lo > 0
+    # Unequal run counts: the difference of the two models' mean AUCs.
+    diff, _, _ = paired_bootstrap_ranking(torch.stack([s, worse]), s, y, users, "auc", 50)
+    expected = (m["auc"] + ranking_metrics(worse, y, users)["auc"]) / 2 - m["auc"]
+    assert diff == pytest.approx(expected, abs=1e-9)
 
 
 def _model(data, dataset, **overrides):
