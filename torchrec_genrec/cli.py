@@ -219,7 +219,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from torchrec_genrec.serving.app import ServeConfig, serve
 
-    print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score /healthz /metrics)",
+    print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score or /rank, /healthz /metrics)",
           flush=True)
     serve(args.artifact, args.host, args.port, ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                                            max_body_bytes=args.max_body_bytes),
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(func=_cmd_export)
 
-    serve = sub.add_parser("serve", help="serve an artifact over HTTP (/recommend /score /healthz /metrics)")
+    serve = sub.add_parser("serve", help="serve an artifact over HTTP (/recommend /score, or /rank for rankers; /healthz /metrics)")
     serve.add_argument("artifact", help="a directory written by `genrec export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -36,7 +37,7 @@ from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.predictor import History, RequestError
 from torchrec_genrec.models.ranking import Ranker, RankerConfig
 
-__all__ = ["RANKER_FORMAT", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker"]
+__all__ = ["RANKER_FORMAT", "RankRequest", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker"]
 
 RANKER_FORMAT = "torchrec-genrec/ranking"
 WEIGHTS = "ranker.safetensors"
@@ -127,6 +128,16 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
     return manifest
 
 
+@dataclasses.dataclass
+class RankRequest:
+    """A validated ranking request in dense ids (:meth:`RankerPredictor.prepare`)."""
+
+    user: int
+    sequences: Dict[str, EventSequences]
+    targets: np.ndarray
+    seconds: int
+
+
 class RankerPredictor:
     """Scores candidates for one user request with an exported ranker.
 
@@ -198,7 +209,40 @@ class RankerPredictor:
             out[name] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
         return out
 
+    def prepare(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> "RankRequest":
+        """Validates one request and maps it to dense ids (what :meth:`score_prepared` takes).
+
+        Raises:
+            RequestError: unknown ids, mismatched or unordered history, no candidates.
+        """
+        if len(candidates) == 0:
+            raise RequestError("no candidates to score")
+        (u,) = self._dense(self._user_index, [user], "user")
+        targets = self._dense(self._item_index, candidates, "item")
+        return RankRequest(u, self._sequences(history, int(timestamp)), targets, int(timestamp) // self._per_second)
+
     @torch.no_grad()
+    def score_prepared(self, requests: Sequence["RankRequest"]) -> list:
+        """Like-probabilities for several prepared requests, all in one batch: each
+        request's history is encoded once and shared by its candidates.
+
+        Returns:
+            list: per request, ``(C_r,)`` probabilities in its candidates' order.
+        """
+        counts = np.asarray([len(r.targets) for r in requests], dtype=np.int64)
+        targets = np.concatenate([r.targets for r in requests])
+        seconds = np.repeat(np.asarray([r.seconds for r in requests], dtype=np.int64), counts)
+        users = np.repeat(np.asarray([r.user for r in requests], dtype=np.int64), counts)
+        hour, weekday = hour_and_weekday(seconds)
+        ns_ids = {"user_id": users, **{f"user_{k}": self._user_sides[k][users] for k in _USER_SIDES},
+                  "release_year": self._item_year[targets], "event_hour": hour, "event_weekday": weekday}
+        sequences = {name: EventSequences(*(np.concatenate([getattr(r.sequences[name], f) for r in requests])
+                                            for f in ("items", "actions", "seconds", "lengths")))
+                     for name in SEQUENCES}
+        batch = assemble_batch(sequences, counts, targets, seconds, ns_ids, self._items, user=users)
+        probs = torch.sigmoid(self.model.predict(batch)).numpy()
+        return np.split(probs, np.cumsum(counts)[:-1])
+
     def score(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> np.ndarray:
         """Like-probabilities of ``candidates`` for ``user`` at ``timestamp``, in one pass.
 
@@ -215,22 +259,10 @@ class RankerPredictor:
         Raises:
             RequestError: unknown ids, mismatched or unordered history, no candidates.
         """
-        if len(candidates) == 0:
-            raise RequestError("no candidates to score")
-        (u,) = self._dense(self._user_index, [user], "user")
-        targets = self._dense(self._item_index, candidates, "item")
-        c = len(targets)
-        seconds = np.full(c, int(timestamp) // self._per_second, dtype=np.int64)
-        hour, weekday = hour_and_weekday(seconds)
-        users = np.full(c, u, dtype=np.int64)
-        ns_ids = {"user_id": users, **{f"user_{k}": self._user_sides[k][users] for k in _USER_SIDES},
-                  "release_year": self._item_year[targets], "event_hour": hour, "event_weekday": weekday}
-        batch = assemble_batch(self._sequences(history, int(timestamp)), np.asarray([c]), targets, seconds, ns_ids,
-                               self._items, user=users)
-        return torch.sigmoid(self.model.predict(batch)).numpy()
+        return self.score_prepared([self.prepare(user, history, candidates, timestamp)])[0]
 
     def info(self) -> Dict[str, Any]:
-        return {"model": self.manifest["model"]["name"], "test": self.manifest["run"].get("test"),
+        return {"task": "ranking", "model": self.manifest["model"]["name"], "test": self.manifest["run"].get("test"),
                 "items": len(self._item_index), "users": len(self._user_index)}
 
 

@@ -8,6 +8,8 @@ thread, and answers each. Endpoints::
     POST /recommend  {"history": {"items": [...], "actions": [...], "timestamps": [...]},
                       "k": 10, "exclude": [...]}       -> {"items": [...], "scores": [...]}
     POST /score      {"history": {...}, "candidates": [...]}  -> {"scores": [...]}
+    POST /rank       (ranker artifacts) {"user": id, "history": {...}, "candidates": [...],
+                      "timestamp": t}                    -> {"scores": [...]} (probabilities)
     GET  /healthz    -> {"status": "ok", "model": ...}
     GET  /metrics    -> Prometheus text: requests by endpoint and status, latency, batch sizes
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
+import os
 import time
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -36,7 +40,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from torchrec_genrec.inference.predictor import PreparedHistory, Predictor, RequestError
+from torchrec_genrec.inference.predictor import Predictor, RequestError
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 
@@ -78,6 +82,14 @@ class ScoreIn(BaseModel):
     candidates: List[RawId]
 
 
+class RankIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: RawId
+    history: HistoryIn
+    candidates: List[RawId]
+    timestamp: StrictInt
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -93,8 +105,9 @@ class _Metrics:
 class _MicroBatcher:
     """Gathers validated requests into batches for one inference thread."""
 
-    def __init__(self, predictor: Predictor, config: ServeConfig, metrics: _Metrics) -> None:
-        self.predictor = predictor
+    def __init__(self, runners: Dict[str, Any], config: ServeConfig, metrics: _Metrics) -> None:
+        # kind -> f(prepared requests, their arguments) -> one result per request
+        self.runners = runners
         self.config = config
         self.metrics = metrics
         self.queue: Optional[asyncio.Queue] = None
@@ -110,16 +123,15 @@ class _MicroBatcher:
             self.task.cancel()
         self.executor.shutdown(wait=False)
 
-    async def submit(self, kind: str, prepared: PreparedHistory, arg: Any) -> Any:
+    async def submit(self, kind: str, prepared: Any, arg: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((kind, prepared, arg, future))
         self.metrics.queue.set(self.queue.qsize())
         return await future
 
-    def _infer(self, batch: List[Tuple[str, PreparedHistory, Any, asyncio.Future]]) -> List[Any]:
+    def _infer(self, batch: List[Tuple[str, Any, Any, asyncio.Future]]) -> List[Any]:
         results: List[Any] = [None] * len(batch)
-        run = {"recommend": self.predictor.recommend_prepared, "score": self.predictor.score_prepared}
-        for kind, answer in run.items():
+        for kind, answer in self.runners.items():
             mine = [i for i, item in enumerate(batch) if item[0] == kind]
             if mine:
                 for i, result in zip(mine, answer([batch[i][1] for i in mine], [batch[i][2] for i in mine])):
@@ -210,19 +222,25 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(predictor: Predictor, config: Optional[ServeConfig] = None) -> Any:
+def create_app(predictor: Union[Predictor, "RankerPredictor"], config: Optional[ServeConfig] = None) -> Any:
     """The FastAPI application serving ``predictor`` (see the module docstring).
 
     Args:
-        predictor (Predictor): a loaded artifact.
+        predictor (Union[Predictor, RankerPredictor]): a loaded artifact: retrieval
+            (``/recommend``, ``/score``) or ranking (``/rank``).
         config (Optional[ServeConfig]): batching and request limits.
 
     Returns:
         the ASGI app (FastAPI behind a body-size limit); run it with uvicorn.
     """
+    from torchrec_genrec.inference.ranker import RankerPredictor
+
     config = config or ServeConfig()
     metrics = _Metrics()
-    batcher = _MicroBatcher(predictor, config, metrics)
+    ranking = isinstance(predictor, RankerPredictor)
+    runners = ({"rank": lambda prepared, _: predictor.score_prepared(prepared)} if ranking else
+               {"recommend": predictor.recommend_prepared, "score": predictor.score_prepared})
+    batcher = _MicroBatcher(runners, config, metrics)
 
     from contextlib import asynccontextmanager
 
@@ -263,6 +281,25 @@ def create_app(predictor: Predictor, config: Optional[ServeConfig] = None) -> An
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def check_candidates(candidates: List[Any]) -> None:
+        if not candidates:
+            raise RequestError("no candidates to score")
+        if len(candidates) > config.max_candidates:
+            raise RequestError(f"{len(candidates)} candidates, at most {config.max_candidates} per request")
+
+    if ranking:
+        @app.post("/rank")
+        async def rank(body: RankIn) -> Dict[str, Any]:
+            from torchrec_genrec.inference.predictor import History
+
+            check_candidates(body.candidates)
+            prepared = predictor.prepare(body.user, History(**body.history.model_dump()), body.candidates,
+                                         body.timestamp)
+            scores: np.ndarray = await batcher.submit("rank", prepared, None)
+            return {"scores": scores.tolist()}
+
+        return _BodyLimit(app, config.max_body_bytes, metrics)
+
     @app.post("/recommend")
     async def recommend(body: RecommendIn) -> Dict[str, Any]:
         k = predictor.check_k(body.k)
@@ -272,10 +309,7 @@ def create_app(predictor: Predictor, config: Optional[ServeConfig] = None) -> An
 
     @app.post("/score")
     async def score(body: ScoreIn) -> Dict[str, Any]:
-        if not body.candidates:
-            raise RequestError("no candidates to score")
-        if len(body.candidates) > config.max_candidates:
-            raise RequestError(f"{len(body.candidates)} candidates, at most {config.max_candidates} per request")
+        check_candidates(body.candidates)
         prepared = predictor.prepare(body.history.model_dump())
         candidates = predictor.dense_item_ids(body.candidates, "candidate")
         scores: np.ndarray = await batcher.submit("score", prepared, candidates)
@@ -289,5 +323,14 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Opti
     """Loads ``artifact`` and serves it until interrupted."""
     import uvicorn
 
-    predictor = Predictor.load(artifact, check_versions=check_versions)
+    from torchrec_genrec.inference.artifact import MANIFEST
+    from torchrec_genrec.inference.ranker import RANKER_FORMAT, RankerPredictor
+
+    try:
+        with open(os.path.join(artifact, MANIFEST)) as f:
+            kind = json.load(f).get("format")
+    except (OSError, ValueError):
+        kind = None  # Predictor.load says what is wrong with it
+    loader = RankerPredictor if kind == RANKER_FORMAT else Predictor
+    predictor = loader.load(artifact, check_versions=check_versions)
     uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning", access_log=False)
