@@ -82,7 +82,8 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     cfg = load_config(RankingRecipeConfig, args.config, args.set)
     result = run_ranking_recipe(cfg)
     ds = result["dataset"]
-    print(f"{result['model']} ranker on {ds['source']} ({ds['train_samples']:,} train / {ds['valid_samples']:,} valid / "
+    print(f"{result['model']} ranker on {ds['source']} ({ds['train_samples']:,} train / "
+          f"{ds['valid_samples']:,} valid / "
           f"{ds['test_samples']:,} test samples); {result['protocol']}")
     for split, metrics in result["metrics"].items():
         cells = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("auc", "gauc", "logloss", "ne"))
@@ -191,7 +192,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if is_ranking_run(args.run):
         if args.target != "predictor":
-            raise DataError(f"{args.run} is a ranking run: it exports for the RankerPredictor only (--target predictor)")
+            raise DataError(f"{args.run} is a ranking run: it exports for the RankerPredictor only "
+                            "(--target predictor)")
         manifest = export_ranker(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
         print(f"wrote {args.out}: {manifest['model']['name']} ranker (fp32 weights; --precision applies to retrieval "
               "artifacts), load it with torchrec_genrec.inference.ranker.RankerPredictor")
@@ -308,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(func=_cmd_export)
 
-    serve = sub.add_parser("serve", help="serve an artifact over HTTP (/recommend /score, or /rank for rankers; /healthz /metrics)")
+    serve = sub.add_parser("serve", help="serve an artifact over HTTP (/recommend /score, or /rank for rankers; "
+                                         "/healthz /metrics)")
     serve.add_argument("artifact", help="a directory written by `genrec export`")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

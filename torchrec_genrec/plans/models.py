@@ -28,7 +28,8 @@ import torch
 from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["DenseBank", "onetrans_dense_banks", "ns_bank_table", "MODEL_TABLES", "TOKEN_TABLE", "RETRIEVAL_FEATURES", "content_tables", "onetrans_tables",
+__all__ = ["DenseBank", "onetrans_dense_banks", "ns_bank_table", "MODEL_TABLES", "TOKEN_TABLE", "RETRIEVAL_FEATURES",
+           "content_tables", "onetrans_tables",
            "retrieval_tables", "table_width"]
 
 #: Name of the unified token table of the generative-retrieval models.
