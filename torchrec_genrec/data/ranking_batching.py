@@ -316,20 +316,27 @@ class RequestBatchSampler(Sampler[List[int]]):
     Requests are taken in a seeded, epoch-dependent order (or in order) and a batch is
     closed once it holds at least ``batch_size`` candidates, so a grouped batch carries
     as many samples as a pointwise one (a request is never split). ``set_epoch`` before
-    each epoch.
+    each epoch. In a job of ``world_size`` ranks every rank plans the same batches and
+    takes every ``world_size``-th one, so global step ``s`` covers the batches a single
+    process would take at ``world_size`` times the batch size; with ``even=True`` the
+    last few are dropped so that every rank takes as many steps.
 
     Args:
         candidates (np.ndarray): ``(R,)`` candidates per request.
-        batch_size (int): candidates per batch.
+        batch_size (int): candidates per batch (per rank).
         shuffle (bool): shuffle requests every epoch.
         seed (int): seed of the shuffle.
+        rank, world_size (int): this rank's share of the batches.
+        even (bool): the same number of batches on every rank (training).
     """
 
-    def __init__(self, candidates: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, candidates: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, even: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.candidates = np.asarray(candidates, dtype=np.int64)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.even = rank, world_size, even
         self.epoch = 0
         self._batches = self._plan()
 
@@ -341,15 +348,21 @@ class RequestBatchSampler(Sampler[List[int]]):
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.candidates)) if self.shuffle
                  else np.arange(len(self.candidates)))
         if self.batch_size == 1 or (self.candidates == 1).all():
-            return np.split(order, np.arange(self.batch_size, len(order), self.batch_size))
-        # Greedy: a batch closes at the first request that brings it to batch_size.
-        ends, count = [], 0
-        for i, n in enumerate(self.candidates[order].tolist()):
-            count += n
-            if count >= self.batch_size:
-                ends.append(i + 1)
-                count = 0
-        return [b for b in np.split(order, ends) if len(b)]
+            batches = np.split(order, np.arange(self.batch_size, len(order), self.batch_size))
+        else:
+            # Greedy: a batch closes at the first request that brings it to batch_size.
+            ends, count = [], 0
+            for i, n in enumerate(self.candidates[order].tolist()):
+                count += n
+                if count >= self.batch_size:
+                    ends.append(i + 1)
+                    count = 0
+            batches = [b for b in np.split(order, ends) if len(b)]
+        if self.world_size > 1:
+            if self.even:
+                batches = batches[:len(batches) - len(batches) % self.world_size]
+            batches = batches[self.rank::self.world_size]
+        return batches
 
     def __iter__(self) -> Iterator[List[int]]:
         return iter(b.tolist() for b in self._batches)
@@ -359,7 +372,8 @@ class RequestBatchSampler(Sampler[List[int]]):
 
 
 def make_ranking_loader(dataset: RankingDataset, batch_size: int, shuffle: bool, seed: int = 0,
-                        num_workers: int = 0) -> DataLoader:
-    """A DataLoader of whole :class:`RankingBatch`\\es (``batch_size`` candidates each)."""
-    sampler = RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle, seed)
+                        num_workers: int = 0, rank: int = 0, world_size: int = 1, even: bool = False) -> DataLoader:
+    """A DataLoader of whole :class:`RankingBatch`\\es (``batch_size`` candidates each),
+    this rank's share of them (:class:`RequestBatchSampler`)."""
+    sampler = RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle, seed, rank, world_size, even)
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)

@@ -6,7 +6,9 @@ with AdamW, validation AUC picks the epoch (early stopping), the best weights ar
 as a ``torch.distributed.checkpoint`` and tested. Samples come pointwise (one request
 per event) or grouped (one request per user and time window, see
 :mod:`torchrec_genrec.data.ranking_batching`); evaluation is pointwise by default, so
-both formats are scored on the same test samples.
+both formats are scored on the same test samples. Under ``torchrun`` every rank takes its
+share of each global batch (the losses weighted so the step equals one process at the
+global batch size) and of the evaluation, whose predictions are gathered on every rank.
 
 Example::
 
@@ -32,10 +34,11 @@ from torchrec_genrec import __version__
 from torchrec_genrec.config import to_dict
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
-from torchrec_genrec.data.ranking_batching import RankingDataset, make_ranking_loader
+from torchrec_genrec.data.ranking_batching import RankingDataset, RequestBatchSampler, make_ranking_loader
 from torchrec_genrec.data.splits import Split
 from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters
 from torchrec_genrec.train.ranking_metrics import ranking_metrics
+from torchrec_genrec.train.recipe import PlanConfig
 from torchrec_genrec.train.trainer import OptimConfig
 
 logger = logging.getLogger(__name__)
@@ -68,7 +71,8 @@ class RankingTrainConfig:
     output_dir (str): metrics.json, test_predictions.npz, checkpoints/, tensorboard/.
     tensorboard (bool): write TensorBoard scalars.
     epochs (int): epoch cap.
-    batch_size (int): candidates per training batch.
+    batch_size (int): candidates per training batch (per rank: the global batch is
+        ``batch_size x ranks``).
     eval_batch_size (int): candidates per evaluation batch.
     patience (int): stop once this many epochs passed since the best validation AUC.
     max_steps (Optional[int]): stop after this many steps (smoke tests).
@@ -93,24 +97,48 @@ class RankingRecipeConfig:
     data: RankingDataConfig = dataclasses.field(default_factory=RankingDataConfig)
     model: RankerConfig = dataclasses.field(default_factory=RankerConfig)
     train: RankingTrainConfig = dataclasses.field(default_factory=RankingTrainConfig)
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
 
 
 @torch.no_grad()
 def evaluate_ranker(predict, dataset: RankingDataset, batch_size: int, progress: bool = False,
-                    desc: str = "eval") -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+                    desc: str = "eval", rank: int = 0, world_size: int = 1
+                    ) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
     """Scores every candidate of ``dataset``; returns the metrics and the predictions
-    (``event``, ``user``, ``label``, ``logit``, in the dataset's order)."""
-    loader = make_ranking_loader(dataset, batch_size, shuffle=False)
+    (``event``, ``user``, ``label``, ``logit``, ordered by event). In a job of several
+    ranks each scores its share of the batches and every rank gets all predictions."""
+    loader = make_ranking_loader(dataset, batch_size, shuffle=False, rank=rank, world_size=world_size)
+    # Sharded tables answer a lookup only when every rank looks up: ranks with fewer batches
+    # repeat their last one (its scores dropped) so all take the same number of steps.
+    steps = -(-len(_global_eval_plan(dataset, batch_size)) // world_size)
     logits, labels, users, events = [], [], [], []
+    last = None
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        last = batch
         logits.append(predict(batch).float())
         labels.append(batch.label)
         users.append(batch.user)
         events.append(batch.event)
-    out = {"logit": torch.cat(logits), "label": torch.cat(labels), "user": torch.cat(users),
-           "event": torch.cat(events)}
+    for _ in range(steps - len(logits)):
+        predict(last if last is not None else dataset[[0]])
+    cat = (lambda xs, dtype: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype))  # noqa: E731
+    out = {"logit": cat(logits, torch.float32), "label": cat(labels, torch.float32),
+           "user": cat(users, torch.int64), "event": cat(events, torch.int64)}
+    if world_size > 1:
+        import torch.distributed as dist
+
+        shares: List[Any] = [None] * world_size
+        dist.all_gather_object(shares, {k: v.numpy() for k, v in out.items()})
+        out = {k: torch.from_numpy(np.concatenate([share[k] for share in shares])) for k in out}
+    order = torch.argsort(out["event"])
+    out = {k: v[order] for k, v in out.items()}
     metrics = ranking_metrics(out["logit"], out["label"], out["user"])
     return metrics, {k: v.numpy() for k, v in out.items()}
+
+
+def _global_eval_plan(dataset: RankingDataset, batch_size: int) -> RequestBatchSampler:
+    """The global (single-process) evaluation plan, to count its batches."""
+    return RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle=False)
 
 
 def _fingerprint(cfg: RankingRecipeConfig) -> str:
@@ -134,20 +162,21 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
     test_set = RankingDataset(data, Split.TEST, grouped=cfg.data.eval_grouped)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     ctx = init_distributed()
-    if ctx.world_size > 1:
-        raise NotImplementedError("the ranking recipe runs on one process for now (its batches are not split "
-                                  "across ranks yet); launch it without torchrun")
     writer = None
-    if cfg.train.tensorboard:
+    if cfg.train.tensorboard and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,
                    max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed)
-    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
+    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
     optimizer = build_optimizer(dmp, cfg.train.optim)
     checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=1)
-    loader = make_ranking_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    loader = make_ranking_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                 rank=ctx.rank, world_size=ctx.world_size, even=True)
+    evaluate = lambda split_set, desc: evaluate_ranker(  # noqa: E731
+        ranker.predict, split_set, cfg.train.eval_batch_size, cfg.train.progress and ctx.is_main, desc,
+        ctx.rank, ctx.world_size)
     ranker: Ranker = dmp.module  # type: ignore[assignment]
 
     history: List[Dict[str, float]] = []
@@ -158,36 +187,51 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         dmp.train()
         loss_sum, batches, samples = 0.0, 0, 0
         epoch_start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not cfg.train.progress)
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   disable=not (cfg.train.progress and ctx.is_main))
         for batch in bar:
             loss, stats = dmp(batch.to(ctx.device))
+            bce = float(stats["bce"])
+            if ctx.world_size > 1:
+                # Gradients are averaged over ranks (DDP for dense, TorchRec's gradient
+                # division for tables): weight each rank's mean by its share of the global batch.
+                import torch.distributed as dist
+
+                sums = torch.tensor([float(batch.num_candidates), bce * batch.num_candidates], dtype=torch.float64)
+                dist.all_reduce(sums)
+                loss = loss * (batch.num_candidates * ctx.world_size / float(sums[0]))
+                bce = float(sums[1] / sums[0])
+                samples += int(sums[0]) // ctx.world_size  # this rank's share, for the rate below
+            else:
+                samples += batch.num_candidates
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
             batches += 1
-            samples += batch.num_candidates
-            loss_sum += float(stats["bce"])
-            rate = samples / max(time.perf_counter() - epoch_start, 1e-9)
-            bar.set_postfix(bce=f"{float(stats['bce']):.4f}", samples_s=f"{rate:,.0f}")
+            loss_sum += bce
+            rate = samples * ctx.world_size / max(time.perf_counter() - epoch_start, 1e-9)
+            bar.set_postfix(bce=f"{bce:.4f}", samples_s=f"{rate:,.0f}")
             if writer is not None:
-                writer.add_scalar("train/bce", float(stats["bce"]), step)
+                writer.add_scalar("train/bce", bce, step)
                 writer.add_scalar("train/samples_per_s", rate, step)
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                 break
         seconds = time.perf_counter() - epoch_start
         train_seconds += seconds
-        train_samples += samples
+        train_samples += samples * ctx.world_size
         dmp.eval()
-        valid, _ = evaluate_ranker(ranker.predict, valid_set, cfg.train.eval_batch_size, cfg.train.progress, "valid")
-        record = {"epoch": epoch, "train_bce": loss_sum / max(batches, 1), "samples_per_s": samples / seconds,
+        valid, _ = evaluate(valid_set, "valid")
+        record = {"epoch": epoch, "train_bce": loss_sum / max(batches, 1),
+                  "samples_per_s": samples * ctx.world_size / seconds,
                   **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(record)
         if writer is not None:
             for k in ("auc", "gauc", "logloss", "ne"):
                 writer.add_scalar(f"valid/{k}", valid[k], epoch)
-        logger.info("epoch %d train_bce %.4f valid auc %.4f gauc %.4f (%.0f samples/s)", epoch, record["train_bce"],
-                    valid["auc"], valid["gauc"], record["samples_per_s"])
+        if ctx.is_main:
+            logger.info("epoch %d train_bce %.4f valid auc %.4f gauc %.4f (%.0f samples/s)", epoch, record["train_bce"],
+                        valid["auc"], valid["gauc"], record["samples_per_s"])
         if valid["auc"] > best:
             best, best_epoch = valid["auc"], epoch
             checkpointer.save("best", {"model": dmp.state_dict()},
@@ -200,7 +244,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
     checkpointer.load("best", state)
     dmp.load_state_dict(state["model"])
     dmp.eval()
-    test, predictions = evaluate_ranker(ranker.predict, test_set, cfg.train.eval_batch_size, cfg.train.progress, "test")
+    test, predictions = evaluate(test_set, "test")
     (best_record,) = [r for r in history if r["epoch"] == best_epoch]
     payload = {
         "task": "ranking",
@@ -212,6 +256,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         "metrics": {"valid": {k[len('valid_'):]: v for k, v in best_record.items() if k.startswith("valid_")},
                     "test": test},
         "training": {"best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
+                     "world_size": ctx.world_size, "global_batch_size": cfg.train.batch_size * ctx.world_size,
                      "train_seconds": round(train_seconds, 2),
                      "train_samples_per_s": round(train_samples / max(train_seconds, 1e-9), 1),
                      "dense_parameters": count_dense_parameters(ranker), "history": history},
@@ -223,7 +268,8 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         for k in ("auc", "gauc", "logloss", "ne"):
             writer.add_scalar(f"final/test/{k}", test[k], 0)
         writer.close()
-    np.savez(os.path.join(cfg.train.output_dir, "test_predictions.npz"), **predictions)
-    _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
+    if ctx.is_main:
+        np.savez(os.path.join(cfg.train.output_dir, "test_predictions.npz"), **predictions)
+        _write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
     return payload
 

@@ -110,7 +110,8 @@ def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float =
 
     TorchRec materialises each shard with the rank's generator, so without this the same
     seed gives a different model under a different plan or world size. Each rank writes
-    only its own shards (row and column offsets from the shard metadata), in chunks.
+    only its own shards (row and column offsets from the shard metadata), in chunks;
+    data-parallel (replicated) tables are written whole on every rank.
 
     Returns:
         int: the number of table elements this rank wrote.
@@ -122,10 +123,18 @@ def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float =
     written = 0
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
-            if not (isinstance(value, ShardedTensor) and key.endswith(".weight")):
+            if not key.endswith(".weight"):
                 continue
             table = key.split(".")[-2]
             table_key = int(hash32(torch.tensor(sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(table)))))
+            if not isinstance(value, ShardedTensor):
+                # A data-parallel (replicated) table: every rank writes the same full copy.
+                if key.split(".")[-3] in ("embeddings", "embedding_bags") and value.dim() == 2:
+                    rows, cols = value.shape
+                    value.copy_(keyed_truncated_normal(std, bound, seed, table_key, torch.arange(rows).unsqueeze(1),
+                                                       torch.arange(cols)))
+                    written += value.numel()
+                continue
             for shard in value.local_shards():
                 row0, col0 = shard.metadata.shard_offsets
                 rows, cols = shard.metadata.shard_sizes
