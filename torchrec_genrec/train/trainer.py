@@ -123,17 +123,19 @@ def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float =
     written = 0
     with torch.no_grad():
         for key, value in dmp.state_dict().items():
-            if not key.endswith(".weight"):
+            parts = key.split(".")
+            replicated = (not isinstance(value, ShardedTensor) and len(parts) >= 3
+                          and parts[-3] in ("embeddings", "embedding_bags") and value.dim() == 2)
+            if not (key.endswith(".weight") and (isinstance(value, ShardedTensor) or replicated)):
                 continue
-            table = key.split(".")[-2]
+            table = parts[-2]
             table_key = int(hash32(torch.tensor(sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(table)))))
-            if not isinstance(value, ShardedTensor):
+            if replicated:
                 # A data-parallel (replicated) table: every rank writes the same full copy.
-                if key.split(".")[-3] in ("embeddings", "embedding_bags") and value.dim() == 2:
-                    rows, cols = value.shape
-                    value.copy_(keyed_truncated_normal(std, bound, seed, table_key, torch.arange(rows).unsqueeze(1),
-                                                       torch.arange(cols)))
-                    written += value.numel()
+                rows, cols = value.shape
+                value.copy_(keyed_truncated_normal(std, bound, seed, table_key, torch.arange(rows).unsqueeze(1),
+                                                   torch.arange(cols)))
+                written += value.numel()
                 continue
             for shard in value.local_shards():
                 row0, col0 = shard.metadata.shard_offsets
