@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -59,3 +60,30 @@ def tiny_artifacts(tiny_run, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("artifacts")
     return {p: export_run(tiny_run[0], str(root / p), precision=p) and str(root / p) for p in ("fp32", "fp16", "int8")}
+
+
+@contextlib.contextmanager
+def http_server(app):
+    """Serves an ASGI app with uvicorn on a free local port in a thread; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

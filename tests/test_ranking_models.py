@@ -241,14 +241,11 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
 
 
 def test_rank_endpoint_batches_requests_and_answers_like_the_predictor(ranking_run, tmp_path):
-    import socket
-    import threading
-    import time
+    import concurrent.futures
     import urllib.error
     import urllib.request
 
-    import uvicorn
-
+    from conftest import http_server
     from torchrec_genrec.inference.predictor import History
     from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker
     from torchrec_genrec.serving.app import ServeConfig, create_app
@@ -257,18 +254,9 @@ def test_rank_endpoint_batches_requests_and_answers_like_the_predictor(ranking_r
     export_ranker(str(ranking_run), out)
     predictor = RankerPredictor.load(out)
     app = create_app(predictor, ServeConfig(max_batch=8, max_wait_ms=20, max_candidates=30))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
 
-    def call(body):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/rank", data=json.dumps(body).encode(),
+    def call(url, body):
+        request = urllib.request.Request(f"{url}/rank", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as r:
@@ -281,24 +269,19 @@ def test_rank_endpoint_batches_requests_and_answers_like_the_predictor(ranking_r
     bodies = [{"user": u, "history": {"items": items[:3 + i], "actions": [5] * (3 + i),
                                       "timestamps": list(range(1000, 1003 + i))},
                "candidates": items[i:i + 4 + i], "timestamp": 5000} for i, u in enumerate(users)]
-    try:
-        import concurrent.futures
-
+    with http_server(app) as url:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(call, bodies))
+            answers = list(pool.map(lambda body: call(url, body), bodies))
         for body, (status, answer) in zip(bodies, answers):
             assert status == 200
             expected = predictor.score(body["user"], History(**body["history"]), body["candidates"], 5000)
             assert answer["scores"] == pytest.approx(expected.tolist(), abs=1e-6)
-        status, answer = call({**bodies[0], "candidates": ["nope"]})
+        status, answer = call(url, {**bodies[0], "candidates": ["nope"]})
         assert status == 422 and "unknown item" in answer["error"]
-        status, answer = call({**bodies[0], "candidates": items * 3})
+        status, answer = call(url, {**bodies[0], "candidates": items * 3})
         assert status == 422 and "at most 30" in answer["error"]
-        status, answer = call({**bodies[0], "timestamp": 1001})
+        status, answer = call(url, {**bodies[0], "timestamp": 1001})
         assert status == 422 and "strictly before" in answer["error"]
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_two_ranks_train_the_same_model_as_one_at_the_same_global_batch(ml100k, tmp_path):

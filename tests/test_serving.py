@@ -3,7 +3,6 @@
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,27 +12,15 @@ import pytest
 from torchrec_genrec.inference.predictor import History, Predictor
 from torchrec_genrec.serving.app import ServeConfig, create_app
 
+from conftest import http_server
+
 
 @pytest.fixture(scope="module")
 def server(tiny_artifacts):
-    import uvicorn
-
     predictor = Predictor.load(tiny_artifacts["int8"])
     app = create_app(predictor, ServeConfig(max_batch=16, max_wait_ms=20, max_body_bytes=20000, max_candidates=50))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", predictor
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with http_server(app) as url:
+        yield url, predictor
 
 
 def _call(url, path, body=None, raw=None):

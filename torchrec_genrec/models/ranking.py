@@ -229,8 +229,6 @@ class Ranker(nn.Module):
             out[f"{name}_events"] = self.event_mlps[name](
                 torch.cat([items, ratings, batch.event_genres[name], gap], dim=-1))
             out[f"{name}_request"] = request_of_event
-            out[f"{name}_raw_items"] = items
-            out[f"{name}_raw_ratings"] = ratings
         return out
 
     def _ns_inputs(self, f: Dict[str, torch.Tensor]) -> torch.Tensor:
