@@ -40,7 +40,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # pip warns about every absent local index directory; the warnings are not errors.
 filter() { grep -v -E "^WARNING: Location '.*' is ignored" || true; }
 "${pip[@]}" -r "requirements/$variant.txt" 2>&1 | filter
-"${pip[@]}" -r requirements/base.txt -r requirements/test.txt -r requirements/kubernetes.txt 2>&1 | filter
+"${pip[@]}" -r requirements/base.txt -r requirements/test.txt -r requirements/kubernetes.txt -r requirements/content.txt 2>&1 | filter
 "${pip[@]}" --no-deps -r requirements/torchrec.txt 2>&1 | filter
 "${pip[@]}" --no-deps --no-build-isolation -e . 2>&1 | filter
 # Fail here, not in the first test, if the stack does not import together.

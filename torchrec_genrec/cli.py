@@ -94,6 +94,69 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_content(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from torchrec_genrec.data.content import load_side_features
+    from torchrec_genrec.data.datasets import resolve_store
+    from torchrec_genrec.data.ranking import RankingData, RankingConfig
+    from torchrec_genrec.data.splits import Split
+    from torchrec_genrec.data.store import SequenceStore
+    from torchrec_genrec.modules.das import DASConfig
+    from torchrec_genrec.train import content as pipeline
+
+    torch.manual_seed(args.seed)
+    store = SequenceStore.open(resolve_store(args.dataset))
+    log = pipeline.behaviour_log(store, args.valid_fraction, args.test_fraction)
+    rows = {"item": store.num_items}
+    load = lambda name: load_side_features(store.path, name, rows)["item"]  # noqa: E731
+    show = lambda d: print(json.dumps(d, indent=2, default=float))  # noqa: E731
+    if args.action == "embed":
+        vectors = pipeline.embed_content(store, args.encoder, args.name or args.encoder, args.dim, args.model_dir,
+                                         progress=True)
+        print(f"{vectors.shape[0]} items x {vectors.shape[1]} ({args.encoder}) -> "
+              f"{store.path}/content/{args.name or args.encoder}.safetensors")
+    elif args.action == "adapt":
+        adapted, stats = pipeline.adapt_content_moco(log, load(args.content), epochs=args.epochs, seed=args.seed,
+                                                     progress=True)
+        name = args.name or f"{args.content}_scl"
+        from torchrec_genrec.data.content import save_side_features
+
+        save_side_features(store.path, name, {"item": adapted},
+                           {"kind": "content", "adapted_from": args.content, "method": "moco", **stats,
+                            "behaviour_cutoff": log.cutoff})
+        show({"name": name, **stats})
+    elif args.action == "sid":
+        out = pipeline.build_semantic_ids(store, log, load(args.content), args.method, args.levels, args.codebook_size,
+                                          args.seed, args.name or f"sid_{args.method}_{args.content}",
+                                          progress=True)
+        show({"item": out["item_stats"], "user": out["user_stats"],
+              "co_consumption": pipeline.co_consumption_lift(log, out["item_codes"])})
+    elif args.action == "das":
+        cfg = DASConfig(content_dim=load(args.content).shape[1], num_levels=args.levels,
+                        codebook_size=args.codebook_size, lambda_align=args.lambda_align)
+        out = pipeline.train_das(store, log, load(args.content), cfg, epochs=args.epochs, seed=args.seed,
+                                 name=args.name or f"das_{args.content}", progress=True)
+        show({"item": out["item_stats"], "user": out["user_stats"], "final": out["history"][-1],
+              "co_consumption": pipeline.co_consumption_lift(log, out["item_codes"])})
+    else:  # report
+        data = RankingData.build(store.path, RankingConfig(valid_fraction=args.valid_fraction,
+                                                           test_fraction=args.test_fraction))
+        test = data.samples(Split.TEST)
+        for name in args.sets:
+            side = load_side_features(store.path, name)
+            report = {"name": name, "kind": side.meta.get("kind")}
+            if "item" in side:
+                report["test_i2i"] = pipeline.content_i2i_recall(store, side["item"], test, data.label)
+            if "item_codes" in side:
+                report["item_stats"] = side.meta.get("item_stats")
+                report["co_consumption"] = pipeline.co_consumption_lift(log, side["item_codes"])
+            show(report)
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     import dataclasses
     import logging
@@ -263,6 +326,25 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, e.g. --set model.name=dlrm (repeatable)")
     rank.set_defaults(func=_cmd_rank)
+    content = sub.add_parser("content", help="content embeddings, MoCo adaptation, semantic IDs, DAS, reports")
+    content.add_argument("action", choices=["embed", "adapt", "sid", "das", "report"])
+    content.add_argument("--dataset", default="movielens-100k", help="a prepared dataset's name or store path")
+    content.add_argument("--name", default="", help="name of the side-feature set written")
+    content.add_argument("--encoder", choices=["minilm", "tfidf"], default="minilm", help="embed: text encoder")
+    content.add_argument("--model-dir", default=None, help="embed: a sentence-transformers directory")
+    content.add_argument("--dim", type=int, default=64, help="embed: tfidf width")
+    content.add_argument("--content", default="minilm", help="adapt/sid/das: the content set to start from")
+    content.add_argument("--method", choices=["rqkmeans", "rqvae"], default="rqkmeans", help="sid: quantiser")
+    content.add_argument("--levels", type=int, default=3, help="sid/das: semantic-ID levels")
+    content.add_argument("--codebook-size", type=int, default=64, help="sid/das: codes per level")
+    content.add_argument("--epochs", type=int, default=20, help="adapt/das: epochs")
+    content.add_argument("--lambda-align", type=float, default=0.1, help="das: alignment weight")
+    content.add_argument("--seed", type=int, default=0)
+    content.add_argument("--valid-fraction", type=float, default=0.1,
+                         help="the ranking split: behaviour models see only events before validation")
+    content.add_argument("--test-fraction", type=float, default=0.1)
+    content.add_argument("--sets", nargs="*", default=[], help="report: side-feature sets to report on")
+    content.set_defaults(func=_cmd_content)
     plan = sub.add_parser("plan", help="dry-run the sharding planner for a model on a (hypothetical) cluster")
     plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans"], default="hstu")
     plan.add_argument("--num-items", default="1e6", help="catalogue size, e.g. 1e9")

@@ -50,6 +50,9 @@ class RankingConfig:
     test_fraction (float): share of events, by time, in test.
     zip_prefix (int): leading characters of the zip code kept as a feature.
     window_seconds (int): grouped format: one request per user per window of this length.
+    lifelong_len (int): also carry each request's whole history (its most recent
+        ``lifelong_len`` events, any label) as the ``lifelong`` sequence, for lifelong-interest
+        models (MUSE); 0 leaves it out.
     """
 
     positive_threshold: float = 4.0
@@ -58,6 +61,7 @@ class RankingConfig:
     test_fraction: float = 0.1
     zip_prefix: int = 3
     window_seconds: int = 86400
+    lifelong_len: int = 0
 
 
 def _vocab(values: List[Optional[str]]) -> Tuple[np.ndarray, List[str]]:

@@ -48,7 +48,7 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.ranking import RankingData, _per_second
 from torchrec_genrec.data.splits import Split
 
-__all__ = ["NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "EventSequences", "ItemSides",
+__all__ = ["LIFELONG_KEY", "NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "EventSequences", "ItemSides",
            "RankingBatch", "RankingDataset", "RequestBatchSampler", "assemble_batch", "make_ranking_loader"]
 
 #: The behaviour sequences, in the order the models read them.
@@ -57,6 +57,8 @@ SEQUENCES = ("liked", "other")
 NS_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "user_zip", "release_year",
                "event_hour", "event_weekday")
 SEQUENCE_KEYS = ("target_item", "liked_item", "other_item", "liked_rating", "other_rating")
+#: Extra sequence key when the task carries the whole history (``RankingConfig.lifelong_len``).
+LIFELONG_KEY = "lifelong_item"
 POOLED_KEYS = NS_FEATURES + ("target_genres", "liked_genres", "other_genres")
 
 
@@ -198,13 +200,20 @@ class RankingDataset(Dataset):
         user = d.user[events]
         target_items = d.item[events]
         uf = d.user_features
+        lifelong = None
+        if d.config.lifelong_len > 0:
+            end = self.history_end[requests]
+            lo = np.maximum(self.history_start[requests], end - d.config.lifelong_len)
+            life_events = _ranges(lo, end)
+            lifelong = EventSequences(d.item[life_events], self._action[life_events], seconds[life_events], end - lo)
         ns_ids = {"user_id": user, "user_age": uf["age"][user], "user_gender": uf["gender"][user],
                   "user_occupation": uf["occupation"][user], "user_zip": uf["zip"][user],
                   "release_year": d.item_year[target_items], "event_hour": d.hour[events],
                   "event_weekday": d.weekday[events]}
         return assemble_batch(
             sequences, per_request, target_items, seconds[events], ns_ids, self.item_sides,
-            label=d.label[events].astype(np.float32), rating=self._action[events], user=user, event=events)
+            label=d.label[events].astype(np.float32), rating=self._action[events], user=user, event=events,
+            lifelong=lifelong)
 
 
 @dataclasses.dataclass
@@ -238,7 +247,8 @@ class ItemSides:
 def assemble_batch(sequences: Dict[str, EventSequences], candidates_per_request: np.ndarray,
                    target_items: np.ndarray, target_seconds: np.ndarray, ns_ids: Dict[str, np.ndarray],
                    items: ItemSides, label: Optional[np.ndarray] = None, rating: Optional[np.ndarray] = None,
-                   user: Optional[np.ndarray] = None, event: Optional[np.ndarray] = None) -> RankingBatch:
+                   user: Optional[np.ndarray] = None, event: Optional[np.ndarray] = None,
+                   lifelong: Optional[EventSequences] = None) -> RankingBatch:
     """A :class:`RankingBatch` from dense ids: what the training data and the serving
     predictor both build batches with.
 
@@ -251,6 +261,8 @@ def assemble_batch(sequences: Dict[str, EventSequences], candidates_per_request:
         items (ItemSides): genres of every dense item.
         label, rating, user, event (Optional[np.ndarray]): ``(C,)`` each (zeros / -1 when
             serving, where they are unknown).
+        lifelong (Optional[EventSequences]): the whole history per request (key
+            :data:`LIFELONG_KEY`), when the model reads it.
     """
     per_request = np.asarray(candidates_per_request, dtype=np.int64)
     num_c = int(per_request.sum())
@@ -285,8 +297,14 @@ def assemble_batch(sequences: Dict[str, EventSequences], candidates_per_request:
         _ranges(items.genre_offsets[target_items], items.genre_offsets[target_items + 1])]
     target_seconds = np.asarray(target_seconds, dtype=np.int64)
     zeros = np.zeros(num_c, dtype=np.int64)
+    sequence_keys = SEQUENCE_KEYS
+    if lifelong is not None:
+        lengths = np.zeros(num_c, dtype=np.int64)
+        lengths[first] = lifelong.lengths
+        seq_lengths[LIFELONG_KEY], seq_values[LIFELONG_KEY] = lengths, lifelong.items
+        sequence_keys = SEQUENCE_KEYS + (LIFELONG_KEY,)
     return RankingBatch(
-        sequence=_kjt(SEQUENCE_KEYS, seq_lengths, seq_values),
+        sequence=_kjt(sequence_keys, seq_lengths, seq_values),
         pooled=_kjt(POOLED_KEYS, pooled_lengths, pooled_values),
         event_time=event_time,
         event_genres=event_genres,

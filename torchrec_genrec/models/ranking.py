@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,16 +37,20 @@ from torch import nn
 from torchrec.modules.crossnet import CrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_genrec.data.ranking_batching import NS_FEATURES, SEQUENCES, RankingBatch
+from torchrec_genrec.data.ranking_batching import LIFELONG_KEY, NS_FEATURES, SEQUENCES, RankingBatch
 from torchrec_genrec.modules.hstu import HSTUConfig
 from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
+from torchrec_genrec.modules.muse import SimilarityAwareTargetAttention, SimTier, gsu_top_k
 from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
 from torchrec_genrec.ops.jagged import jagged_to_padded
+from torchrec_genrec.modules.semantic_ids import semantic_id_tables
 from torchrec_genrec.plans.models import onetrans_tables, table_width
+from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
 from torchrec_genrec.plans.spec import TableSpec
 
-__all__ = ["NS_GROUPS", "Ranker", "RankerConfig"]
+__all__ = ["NS_GROUPS", "Ranker", "RankerConfig", "count_dense_parameters", "count_table_parameters"]
 
 #: Feature groups of the group-wise NS tokenizer (one MLP, one token each).
 NS_GROUPS: Dict[str, Tuple[str, ...]] = {
@@ -56,6 +60,12 @@ NS_GROUPS: Dict[str, Tuple[str, ...]] = {
     "profile": ("liked_genres", "other_genres"),
 }
 _NS_INPUTS = tuple(f for group in NS_GROUPS.values() for f in group)
+_SID_PREFIXES = ("sid_", "usid_")
+
+
+def _pad_columns(weight: torch.Tensor, width: int) -> torch.Tensor:
+    return weight if weight.shape[1] == width else torch.cat(
+        [weight, weight.new_zeros(weight.shape[0], width - weight.shape[1])], dim=1)
 
 
 @dataclasses.dataclass
@@ -82,6 +92,20 @@ class RankerConfig:
         ``scorer_topk`` or ``scorer_threshold``.
     shared_ns_params (bool): onetrans ablation: NS tokens use the S-tokens' weights.
     rating_loss_weight (float): hstu: weight of the rating-class task.
+    item_ids (str): the item-ID table: ``full`` (one row per item), ``hashed`` (ids modulo
+        ``item_hash_rows``: a smaller table that semantic IDs complement) or ``none`` (no
+        ID table: semantic IDs replace it; needs ``sid``).
+    item_hash_rows (int): rows of the hashed item table.
+    sid (str): a side-feature set (``genrec content sid`` / ``genrec content das``) whose
+        ``item_codes`` (and ``user_codes``) become semantic-ID tables, one per level, summed
+        into every item's (and the user's) representation; empty: none.
+    das (str): a DAS side-feature set whose fused item and user vectors (``item_fused``,
+        ``user_fused``) are read from a frozen table as extra NS features; empty: none.
+    content (str): a content side-feature set (``genrec content embed``) loaded into a
+        frozen table (MUSE's multimodal table); needed by ``muse``.
+    muse (str): lifelong-interest features from MUSE over the ``lifelong`` sequence
+        (``data.task.lifelong_len`` > 0): ``none``, ``simtier``, ``sata`` or ``both``.
+    muse_top_k (int): behaviours the GSU retrieves.
     """
 
     name: Literal["dlrm", "onetrans", "hstu"] = "onetrans"
@@ -100,16 +124,32 @@ class RankerConfig:
     selection: Literal["recency", "scorer_topk", "scorer_threshold"] = "recency"
     shared_ns_params: bool = False
     rating_loss_weight: float = 0.5
+    item_ids: Literal["full", "hashed", "none"] = "full"
+    item_hash_rows: int = 256
+    sid: str = ""
+    das: str = ""
+    content: str = ""
+    muse: Literal["none", "simtier", "sata", "both"] = "none"
+    muse_top_k: int = 50
 
     def __post_init__(self) -> None:
         choices = {"name": ("dlrm", "onetrans", "hstu"), "merge": ("timestamp", "sep"),
-                   "ns_tokenizer": ("auto_split", "group_wise")}
+                   "ns_tokenizer": ("auto_split", "group_wise"), "item_ids": ("full", "hashed", "none"),
+                   "muse": ("none", "simtier", "sata", "both")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"model.{field} must be one of {', '.join(allowed)}, not {getattr(self, field)!r}")
         if self.embedding_dim < 4 or self.embedding_dim % self.num_heads:
             raise ValueError(f"model.embedding_dim ({self.embedding_dim}) must be >= 4 and divisible by "
                              f"model.num_heads ({self.num_heads})")
+        if self.item_ids == "none" and not self.sid:
+            raise ValueError("model.item_ids = 'none' leaves items with no representation: give model.sid "
+                             "(semantic IDs replace the item-ID table)")
+        if self.muse != "none" and not self.content:
+            raise ValueError(f"model.muse = {self.muse!r} needs model.content (the content vectors its GSU "
+                             "compares); build them with `genrec content embed`")
+        if self.item_hash_rows < 1 or self.muse_top_k < 1:
+            raise ValueError("model.item_hash_rows and model.muse_top_k must be >= 1")
 
 
 def _mlp(dims: List[int], dropout: float, last_activation: bool = True) -> nn.Sequential:
@@ -139,19 +179,56 @@ class Ranker(nn.Module):
     """
 
     def __init__(self, config: RankerConfig, vocab_sizes: Dict[str, int], num_genres: int, max_seq_len: int,
-                 seed: int = 0, device: torch.device = torch.device("meta")) -> None:
+                 seed: int = 0, device: torch.device = torch.device("meta"),
+                 side: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
         self.config, self.seed, self.max_seq_len = config, seed, max_seq_len
         self.vocab_sizes, self.num_genres = dict(vocab_sizes), num_genres
         self.num_ratings = vocab_sizes["rating"]
         d = config.embedding_dim
         self.table_dim = table_width(d)
+        side = dict(side or {})
+        self._check_side(side)
+        # Semantic-ID codes are part of the model (cached for serving): buffers, saved with it.
+        for key in ("item_codes", "user_codes"):
+            self.register_buffer(key, side[key].to(torch.int64) if key in side else None)
+        self.sid_levels = int(self.item_codes.shape[1]) if self.item_codes is not None else 0
+        self.user_sid_levels = int(self.user_codes.shape[1]) if self.user_codes is not None else 0
+        # Frozen tables' contents, written into the (sharded) tables by ``shard``.
+        self._frozen_weights: Dict[str, torch.Tensor] = {}
+        if "content" in side:
+            self._frozen_weights["content"] = side["content"].float()
+        if "item_fused" in side:
+            self._frozen_weights["das"] = torch.cat([side["item_fused"], side["user_fused"]]).float()
+        self.content_dim = int(side["content"].shape[1]) if "content" in side else 0
+        self.das_dim = int(side["item_fused"].shape[1]) if "item_fused" in side else 0
         init = partial(nn.init.trunc_normal_, mean=0.0, std=0.02, a=-0.04, b=0.04)
         specs = self.table_specs()
+        ec = lambda chosen: [EmbeddingConfig(  # noqa: E731
+            name=s.name, embedding_dim=s.embedding_dim, num_embeddings=s.num_embeddings,
+            feature_names=list(s.feature_names), init_fn=init) for s in chosen]
         self.sequence_embeddings = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=s.name, embedding_dim=s.embedding_dim, num_embeddings=s.num_embeddings,
-                                    feature_names=list(s.feature_names), init_fn=init) for s in specs if not s.pooled],
+            tables=ec([s for s in specs if not s.pooled and s.trainable and not s.name.startswith(_SID_PREFIXES)]),
             device=device)
+        self._sequence_features = [f for t in self.sequence_embeddings.embedding_configs() for f in t.feature_names]
+        sid_specs = [s for s in specs if s.name.startswith(_SID_PREFIXES)]
+        self.sid_embeddings = EmbeddingCollection(tables=ec(sid_specs), device=device) if sid_specs else None
+        # One frozen collection per frozen table (a collection's tables share one width).
+        frozen = {s.name: s for s in specs if not s.trainable}
+        self.content_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["content"]]), device=device) \
+            if "content" in frozen else None
+        self.das_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["das"]]), device=device) \
+            if "das" in frozen else None
+        self.ns_inputs = _NS_INPUTS + self._extra_ns_inputs()
+        self.ns_groups = self._groups()
+        if self.das_dim:
+            self.das_projections = nn.ModuleDict({k: nn.Linear(self.das_dim, d) for k in ("das_item", "das_user")})
+        muse = config.muse
+        self.simtier = SimTier() if muse in ("simtier", "both") else None
+        self.sata = SimilarityAwareTargetAttention(d) if muse in ("sata", "both") else None
+        muse_width = (self.simtier.num_bins if self.simtier is not None else 0) + (d if self.sata is not None else 0)
+        if self.simtier is not None and config.name != "dlrm":
+            self.simtier_projection = nn.Linear(self.simtier.num_bins, d)
         self.pooled_embeddings = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=s.name, embedding_dim=s.embedding_dim, num_embeddings=s.num_embeddings,
                                        feature_names=list(s.feature_names), init_fn=init,
@@ -162,7 +239,7 @@ class Ranker(nn.Module):
         event_width = 2 * d + num_genres + 1
         self.event_mlps = nn.ModuleDict({name: _mlp([event_width, d, d], config.dropout, last_activation=False)
                                          for name in SEQUENCES})
-        ns_width = len(_NS_INPUTS) * d
+        ns_width = len(self.ns_inputs) * d
         c = config
         if c.name == "dlrm":
             self.din = nn.ModuleDict({name: _mlp([4 * d, c.din_hidden, 1], 0.0, last_activation=False)
@@ -170,7 +247,7 @@ class Ranker(nn.Module):
             self.target_mlp = _mlp([d + d, d], c.dropout, last_activation=False)
             self.cross = CrossNet(ns_width, c.cross_layers)
             self.deep = _mlp([ns_width, 2 * d, d], c.dropout)
-            tower_in = ns_width + d + len(SEQUENCES) * d
+            tower_in = ns_width + d + len(SEQUENCES) * d + muse_width
         elif c.name == "onetrans":
             self.type_embedding = nn.Embedding(len(SEQUENCES), d)
             self.sep_tokens = nn.Parameter(torch.randn(len(SEQUENCES), d) * 0.02)
@@ -179,9 +256,9 @@ class Ranker(nn.Module):
                 self.ns_tokenizer = _mlp([ns_width, 2 * d * self.num_ns, d * self.num_ns], c.dropout,
                                          last_activation=False)
             else:
-                self.num_ns = len(NS_GROUPS)
+                self.num_ns = len(self.ns_groups)
                 self.ns_group_mlps = nn.ModuleDict({g: _mlp([len(f) * d, d, d], c.dropout, last_activation=False)
-                                                    for g, f in NS_GROUPS.items()})
+                                                    for g, f in self.ns_groups.items()})
             self.onetrans = OneTrans(OneTransConfig(
                 embedding_dim=d, num_layers=c.num_layers, num_heads=c.num_heads, num_ns_tokens=self.num_ns,
                 dropout=c.dropout, pyramid=c.pyramid, pyramid_min_s_tokens=c.pyramid_min_s_tokens,
@@ -205,23 +282,112 @@ class Ranker(nn.Module):
         ns_rows = {"user_id": v["user"], "user_age": v["age"], "user_gender": v["gender"],
                    "user_occupation": v["occupation"], "user_zip": v["zip"], "release_year": v["year"],
                    "event_hour": v["hour"], "event_weekday": v["weekday"]}
-        return onetrans_tables(v["item"], v["user"], self.config.embedding_dim, self.max_seq_len,
-                               num_ratings=self.num_ratings, num_genres=self.num_genres, ns_rows=ns_rows)
+        c, d = self.config, self.config.embedding_dim
+        specs = onetrans_tables(v["item"], v["user"], d, self.max_seq_len,
+                                num_ratings=self.num_ratings, num_genres=self.num_genres, ns_rows=ns_rows)
+        item_keys = self._item_keys()
+        out = []
+        for spec in specs:
+            if spec.name == "item":
+                if c.item_ids == "none":
+                    continue
+                spec = dataclasses.replace(
+                    spec, feature_names=tuple(item_keys),
+                    num_embeddings=min(c.item_hash_rows, v["item"]) if c.item_ids == "hashed" else spec.num_embeddings,
+                    ids_per_sample=spec.ids_per_sample + (c.muse_top_k if c.muse != "none" else 0))
+            out.append(spec)
+        prefixes = [key[:-len("_item")] for key in item_keys]
+        if self.sid_levels:
+            out += semantic_id_tables(self._codebook_sizes(self.item_codes), d, "sid", prefixes)
+        if self.user_sid_levels:
+            out += semantic_id_tables(self._codebook_sizes(self.user_codes), d, "usid", ("user",))
+        if self.content_dim:
+            features = ("target_content",) + (("lifelong_content",) if c.muse != "none" else ())
+            out.append(TableSpec("content", v["item"], table_width(self.content_dim), features, trainable=False,
+                                 sharding_types=("table_wise", "row_wise"), ids_per_sample=1.0 + 100.0,
+                                 description="frozen content vectors (MUSE's multimodal table)"))
+        if self.das_dim:
+            out.append(TableSpec("das", v["item"] + v["user"], table_width(self.das_dim), ("target_das", "user_das"),
+                                 trainable=False, sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
+                                 description="frozen DAS fused vectors: items, then users"))
+        return out
+
+    # ------------------------------------------------------------ side inputs
+    _SIDE_KEYS = ("content", "item_codes", "user_codes", "item_fused", "user_fused")
+
+    def _check_side(self, side: Dict[str, torch.Tensor]) -> None:
+        c, v = self.config, self.vocab_sizes
+        unknown = sorted(set(side) - set(self._SIDE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown side inputs {unknown}; expected some of {self._SIDE_KEYS}")
+        needs = {"content": bool(c.content), "item_codes": bool(c.sid), "item_fused": bool(c.das),
+                 "user_fused": bool(c.das)}
+        for key, needed in needs.items():
+            if needed and key not in side:
+                raise ValueError(f"the model config asks for {key!r} (model.sid / model.das / model.content) but "
+                                 "no such side input was given")
+        for key, rows in (("content", v["item"]), ("item_codes", v["item"]), ("item_fused", v["item"]),
+                          ("user_codes", v["user"]), ("user_fused", v["user"])):
+            if key in side and side[key].shape[0] != rows:
+                raise ValueError(f"side input {key!r} has {side[key].shape[0]} rows, the data has {rows}")
+
+    @staticmethod
+    def _codebook_sizes(codes: torch.Tensor) -> List[int]:
+        return [int(codes[:, level].max()) + 1 for level in range(codes.shape[1])]
+
+    def _item_keys(self) -> List[str]:
+        return ["target_item", "liked_item", "other_item"] + (
+            [LIFELONG_KEY] if self.config.muse != "none" else [])
+
+    def _extra_ns_inputs(self) -> Tuple[str, ...]:
+        extra: List[str] = []
+        if self.sid_levels and self.config.item_ids != "none":
+            extra.append("target_sid")  # with no ID table the target's SIDs ARE its item vector
+        if self.user_sid_levels:
+            extra.append("user_sid")
+        if self.das_dim:
+            extra += ["das_item", "das_user"]
+        if self.config.name != "dlrm":
+            extra += (["muse_simtier"] if self.config.muse in ("simtier", "both") else []) + (
+                ["muse_sata"] if self.config.muse in ("sata", "both") else [])
+        return tuple(extra)
+
+    def _groups(self) -> Dict[str, Tuple[str, ...]]:
+        groups = {g: tuple(f) for g, f in NS_GROUPS.items()}
+        extra = set(self.ns_inputs) - set(_NS_INPUTS)
+        add = {"item": ("target_sid", "das_item"), "user": ("user_sid", "das_user"),
+               "lifelong": ("muse_simtier", "muse_sata")}
+        for group, keys in add.items():
+            chosen = tuple(k for k in keys if k in extra)
+            if chosen:
+                groups[group] = groups.get(group, ()) + chosen
+        return groups
+
+    def frozen_table_weights(self) -> Dict[str, torch.Tensor]:
+        """Rows of the frozen tables (content, DAS vectors), written after sharding."""
+        return {name: _pad_columns(w, table_width(w.shape[1])) for name, w in self._frozen_weights.items()}
 
     # ----------------------------------------------------------------- features
     def _features(self, batch: RankingBatch) -> Dict[str, torch.Tensor]:
         """Looks every table up once: per-candidate NS embeddings ``(C, D)`` and, per
         sequence, its event vectors ``(n, D)`` (request after request, oldest first)."""
         d = self.config.embedding_dim
-        seq = self.sequence_embeddings(batch.sequence)
+        seq = self.sequence_embeddings(self._sequence_input(batch))
         pooled = self.pooled_embeddings(batch.pooled).to_dict()
         first = batch.first_candidate
         out: Dict[str, torch.Tensor] = {k: pooled[k][:, :d] for k in NS_FEATURES + ("target_genres",)}
-        out["target_item"] = seq["target_item"].values()[:, :d]
+        items_by_key = self._item_vectors(batch, seq, out)
+        out["target_item"] = items_by_key["target_item"]
+        if LIFELONG_KEY in items_by_key:
+            out["lifelong_item"] = items_by_key[LIFELONG_KEY]
+        if self.das_dim:
+            frozen = self._frozen_lookup(batch)
+            out["das_item"] = self.das_projections["das_item"](frozen["target_das"])
+            out["das_user"] = self.das_projections["das_user"](frozen["user_das"])
         for name in SEQUENCES:
             # Profiles sit on first candidate rows: broadcast each request's to its candidates.
             out[f"{name}_genres"] = pooled[f"{name}_genres"][:, :d][first][batch.request_index]
-            items = seq[f"{name}_item"].values()[:, :d]
+            items = items_by_key[f"{name}_item"]
             ratings = seq[f"{name}_rating"].values()[:, :d]
             request_of_event = torch.repeat_interleave(torch.arange(batch.num_requests, device=items.device),
                                                        batch.sequence_lengths(name))
@@ -231,8 +397,96 @@ class Ranker(nn.Module):
             out[f"{name}_request"] = request_of_event
         return out
 
+    def _sequence_input(self, batch: RankingBatch) -> KeyedJaggedTensor:
+        """``batch.sequence`` as the item/rating tables read it: item ids hashed or dropped
+        as ``item_ids`` says, keys the model does not read dropped."""
+        kjt = batch.sequence
+        if self.config.item_ids == "full" and list(kjt.keys()) == self._sequence_features:
+            return kjt
+        jt = kjt.to_dict()
+        rows = self.config.item_hash_rows
+        values, lengths = [], []
+        for key in self._sequence_features:
+            ids = jt[key].values()
+            values.append(ids % rows if self.config.item_ids == "hashed" and key.endswith("_item") else ids)
+            lengths.append(jt[key].lengths())
+        return KeyedJaggedTensor.from_lengths_sync(self._sequence_features, torch.cat(values), torch.cat(lengths))
+
+    def _item_vectors(self, batch: RankingBatch, seq: Dict, out: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``(n, D)`` vectors of every item key's ids: the ID table's row (unless
+        ``item_ids = none``) plus the sum of its semantic-ID levels; the target's and the
+        user's SID sums also go to ``out`` (``target_sid``, ``user_sid``)."""
+        d = self.config.embedding_dim
+        keys = self._item_keys()
+        vectors = {k: seq[k].values()[:, :d] for k in keys} if self.config.item_ids != "none" else {}
+        if not (self.sid_levels or self.user_sid_levels):
+            return vectors
+        jt = batch.sequence.to_dict()
+        sid_keys, sid_values, sid_lengths = [], [], []
+        for key in keys if self.sid_levels else []:
+            ids = jt[key].values()
+            for level in range(self.sid_levels):
+                sid_keys.append(f"{key[:-len('_item')]}_sid{level}")
+                sid_values.append(self.item_codes[ids, level])
+                sid_lengths.append(jt[key].lengths())
+        user = batch.pooled["user_id"].values()
+        for level in range(self.user_sid_levels):
+            sid_keys.append(f"user_usid{level}")
+            sid_values.append(self.user_codes[user, level])
+            sid_lengths.append(batch.pooled["user_id"].lengths())
+        looked_up = self.sid_embeddings(KeyedJaggedTensor.from_lengths_sync(
+            sid_keys, torch.cat(sid_values), torch.cat(sid_lengths)))
+        for key in keys if self.sid_levels else []:
+            prefix = key[:-len("_item")]
+            sid = sum(looked_up[f"{prefix}_sid{level}"].values()[:, :d] for level in range(self.sid_levels))
+            if key == "target_item" and self.config.item_ids != "none":
+                out["target_sid"] = sid
+                continue
+            vectors[key] = vectors[key] + sid if key in vectors else sid
+        if self.user_sid_levels:
+            out["user_sid"] = sum(looked_up[f"user_usid{level}"].values()[:, :d]
+                                  for level in range(self.user_sid_levels))
+        return vectors
+
+    def _frozen_lookup(self, batch: RankingBatch) -> Dict[str, torch.Tensor]:
+        """Frozen-table rows: ``target_content`` / ``lifelong_content`` (content) and
+        ``target_das`` / ``user_das`` (DAS vectors; users after the items)."""
+        jt = batch.sequence.to_dict()
+        out: Dict[str, torch.Tensor] = {}
+        requests = []
+        if self.content_dim:
+            keys = ["target_content"] + (["lifelong_content"] if self.config.muse != "none" else [])
+            sources = [jt["target_item"]] + ([jt[LIFELONG_KEY]] if self.config.muse != "none" else [])
+            requests.append((self.content_embeddings, keys, [j.values() for j in sources],
+                             [j.lengths() for j in sources], self.content_dim))
+        if self.das_dim:
+            user = batch.pooled["user_id"]
+            requests.append((self.das_embeddings, ["target_das", "user_das"],
+                             [jt["target_item"].values(), user.values() + self.vocab_sizes["item"]],
+                             [jt["target_item"].lengths(), user.lengths()], self.das_dim))
+        for module, keys, values, lengths, width in requests:
+            looked_up = module(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths)))
+            # Frozen: no gradient flows into the table.
+            out.update({k: looked_up[k].values()[:, :width].detach() for k in keys})
+        return out
+
+    def _muse(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """MUSE over the lifelong sequence: GSU top-K by content similarity, then SimTier
+        ``(C, 21)`` and / or SA-TA ``(C, D)``."""
+        frozen = self._frozen_lookup(batch)
+        lengths = batch.sequence_lengths("lifelong")
+        top = gsu_top_k(frozen["target_content"], frozen["lifelong_content"], lengths, batch.request_index,
+                        self.config.muse_top_k)
+        out = {}
+        if self.simtier is not None:
+            out["muse_simtier"] = self.simtier(top.similarity, top.valid)
+        if self.sata is not None:
+            behaviours = f["lifelong_item"][top.index]
+            out["muse_sata"] = self.sata(f["target_item"], behaviours, top.similarity, top.valid)
+        return out
+
     def _ns_inputs(self, f: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([f[k] for k in _NS_INPUTS], dim=-1)  # (C, |NS| * D)
+        return torch.cat([f[k] for k in self.ns_inputs], dim=-1)  # (C, |NS| * D)
 
     def _merged_history(self, batch: RankingBatch, f: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor],
                         merge: str, left: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -275,6 +529,14 @@ class Ranker(nn.Module):
     def _forward(self, batch: RankingBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         f = self._features(batch)
         name = self.config.name
+        if self.config.muse != "none":
+            muse = self._muse(batch, f)
+            if name == "dlrm":
+                f["muse_tower"] = torch.cat(list(muse.values()), dim=-1)
+            else:
+                if "muse_simtier" in muse:
+                    muse["muse_simtier"] = self.simtier_projection(muse["muse_simtier"])
+                f.update(muse)
         if name == "dlrm":
             return self._dlrm(batch, f), {}
         if name == "onetrans":
@@ -293,6 +555,8 @@ class Ranker(nn.Module):
             # DIN: an MLP scores each event against the target; weights are not normalised.
             weights = self.din[name](torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
             pooled.append((weights * valid).unsqueeze(-1).mul(keys).sum(dim=1))
+        if "muse_tower" in f:
+            pooled.append(f["muse_tower"])
         features = torch.cat([self.cross(ns), self.deep(ns), *pooled], dim=-1)
         return self.tower(features).squeeze(-1)
 
@@ -302,7 +566,7 @@ class Ranker(nn.Module):
             x = self.ns_tokenizer(self._ns_inputs(f))
             return x.view(x.shape[0], self.num_ns, d)
         return torch.stack([self.ns_group_mlps[g](torch.cat([f[k] for k in feats], dim=-1))
-                            for g, feats in NS_GROUPS.items()], dim=1)
+                            for g, feats in self.ns_groups.items()], dim=1)
 
     def _onetrans(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> torch.Tensor:
         tokens = {name: f[f"{name}_events"] + (self.type_embedding.weight[i] if self.config.merge == "timestamp"
@@ -343,6 +607,14 @@ class Ranker(nn.Module):
         stats["loss"] = loss.detach()
         stats["samples"] = torch.tensor(float(batch.num_candidates))
         return loss, stats
+
+
+def count_table_parameters(model: "Ranker") -> Dict[str, int]:
+    """Trainable table parameters (rows x columns) per table, plus ``item_representation``:
+    the item-ID table and the semantic-ID tables together."""
+    out = {s.name: s.num_embeddings * s.embedding_dim for s in model.table_specs() if s.trainable}
+    out["item_representation"] = sum(v for k, v in out.items() if k == "item" or k.startswith("sid_"))
+    return out
 
 
 def count_dense_parameters(model: nn.Module) -> int:

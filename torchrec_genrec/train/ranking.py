@@ -36,7 +36,7 @@ from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
 from torchrec_genrec.data.ranking_batching import RankingDataset, RequestBatchSampler, make_ranking_loader
 from torchrec_genrec.data.splits import Split
-from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters
+from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters, count_table_parameters
 from torchrec_genrec.train.ranking_metrics import ranking_metrics
 from torchrec_genrec.train.recipe import PlanConfig
 from torchrec_genrec.train.trainer import OptimConfig
@@ -44,7 +44,7 @@ from torchrec_genrec.train.trainer import OptimConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["RankingDataConfig", "RankingRecipeConfig", "RankingTrainConfig", "evaluate_ranker",
-           "run_ranking_recipe"]
+           "load_ranker_side_inputs", "run_ranking_recipe"]
 
 
 @dataclasses.dataclass
@@ -141,6 +141,33 @@ def _global_eval_plan(dataset: RankingDataset, batch_size: int) -> RequestBatchS
     return RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle=False)
 
 
+def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: Dict[str, int]
+                            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The side-feature sets ``model`` names (``content``, ``sid``, ``das``), as the
+    :class:`Ranker`'s ``side`` inputs, and what made each (for metrics.json)."""
+    from torchrec_genrec.data.content import load_side_features
+
+    rows = {"item": vocab_sizes["item"], "item_codes": vocab_sizes["item"], "item_fused": vocab_sizes["item"],
+            "user_codes": vocab_sizes["user"], "user_fused": vocab_sizes["user"]}
+    side: Dict[str, torch.Tensor] = {}
+    meta: Dict[str, Any] = {}
+    if model.content:
+        s = load_side_features(store_path, model.content, rows)
+        side["content"] = s["item"]
+        meta["content"] = {"name": s.name, **s.meta}
+    if model.sid:
+        s = load_side_features(store_path, model.sid, rows)
+        side["item_codes"] = s["item_codes"]
+        if "user_codes" in s:
+            side["user_codes"] = s["user_codes"]
+        meta["sid"] = {"name": s.name, **s.meta}
+    if model.das:
+        s = load_side_features(store_path, model.das, rows)
+        side["item_fused"], side["user_fused"] = s["item_fused"], s["user_fused"]
+        meta["das"] = {"name": s.name, **s.meta}
+    return side, meta
+
+
 def _fingerprint(cfg: RankingRecipeConfig) -> str:
     keep = {"data": to_dict(cfg.data), "model": to_dict(cfg.model),
             "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "optim", "batch_size")}}
@@ -167,8 +194,11 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
+    side, side_meta = load_ranker_side_inputs(store_path, cfg.model, data.vocab_sizes)
+    if cfg.model.muse != "none" and cfg.data.task.lifelong_len <= 0:
+        raise ValueError("model.muse reads the whole history: set data.task.lifelong_len (e.g. 1000)")
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,
-                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed)
+                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, side=side)
     dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
     optimizer = build_optimizer(dmp, cfg.train.optim)
     checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=1)
@@ -259,7 +289,9 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
                      "world_size": ctx.world_size, "global_batch_size": cfg.train.batch_size * ctx.world_size,
                      "train_seconds": round(train_seconds, 2),
                      "train_samples_per_s": round(train_samples / max(train_seconds, 1e-9), 1),
-                     "dense_parameters": count_dense_parameters(ranker), "history": history},
+                     "dense_parameters": count_dense_parameters(ranker),
+                     "table_parameters": count_table_parameters(ranker), "history": history},
+        "side_features": side_meta,
         "seconds": round(time.perf_counter() - start, 2),
         "config": to_dict(cfg),
         "torchrec_genrec": __version__,

@@ -101,7 +101,40 @@ def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batc
         sharders=sharders,
     )
     seed_embedding_tables(dmp, model.seed if seed is None else seed)
+    frozen = getattr(model, "frozen_table_weights", None)
+    for table, weight in (frozen() if callable(frozen) else {}).items():
+        write_table_rows(dmp, table, weight)
     return dmp
+
+
+def write_table_rows(dmp: DistributedModelParallel, table: str, weight: torch.Tensor) -> int:
+    """Copies ``weight`` ``(rows, cols)`` into table ``table`` of a sharded model, each rank
+    writing its own shards (or the whole table where it is replicated): how precomputed
+    vectors reach a frozen table. Returns the elements this rank wrote."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    written, found = 0, False
+    with torch.no_grad():
+        for key, value in dmp.state_dict().items():
+            parts = key.split(".")
+            if not (key.endswith(".weight") and len(parts) >= 3 and parts[-2] == table
+                    and parts[-3] in ("embeddings", "embedding_bags")):
+                continue
+            found = True
+            if tuple(value.shape) != tuple(weight.shape):
+                raise ValueError(f"table {table!r} is {tuple(value.shape)}, the rows given are {tuple(weight.shape)}")
+            if not isinstance(value, ShardedTensor):
+                value.copy_(weight.to(value.dtype))
+                written += value.numel()
+                continue
+            for shard in value.local_shards():
+                row0, col0 = shard.metadata.shard_offsets
+                rows, cols = shard.metadata.shard_sizes
+                shard.tensor.copy_(weight[row0:row0 + rows, col0:col0 + cols].to(shard.tensor.dtype))
+                written += rows * cols
+    if not found:
+        raise KeyError(f"no table {table!r} in the sharded model")
+    return written
 
 
 def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float = 0.02, bound: float = 0.04) -> int:
