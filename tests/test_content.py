@@ -350,15 +350,18 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
                      "--name", "t16"]) == 0
     assert cli.main(["content", "sid", "--dataset", ml100k.path, "--content", "t16", "--levels", "2",
                      "--codebook-size", "8", "--name", "sid_t16"]) == 0
+    assert cli.main(["content", "das", "--dataset", ml100k.path, "--content", "t16", "--levels", "2",
+                     "--codebook-size", "8", "--epochs", "1", "--name", "das_t16"]) == 0
     out = tmp_path / "run"
     cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
         f"data.dataset={ml100k.path}", "model.name=dlrm", "model.embedding_dim=8", "model.content=t16",
-        "model.muse=both", "model.sid=sid_t16", "data.task.lifelong_len=100", "data.task.max_seq_len=8",
+        "model.muse=both", "model.sid=sid_t16", "model.das=das_t16", "data.task.lifelong_len=100", "data.task.max_seq_len=8",
         "train.max_steps=3", "train.batch_size=64", f"train.output_dir={out}", "train.progress=false",
         "train.tensorboard=false"])
     payload = run_ranking_recipe(cfg)
     assert payload["side_features"]["content"]["encoder"] == "tfidf"
     assert payload["side_features"]["sid"]["method"] == "rqkmeans"
+    assert payload["side_features"]["das"]["kind"] == "das"
     assert payload["training"]["table_parameters"]["sid_l0"] == 8 * 8
     import torch.distributed.checkpoint as dcp
 
@@ -369,3 +372,28 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     torch.testing.assert_close(state[key], content)
     report = json.loads(json.dumps(payload["side_features"]))
     assert report["sid"]["item_stats"]["items"] == ml100k.num_items
+
+    # Serving: the artifact carries the codes and frozen tables; the predictor (history
+    # from raw ids, lifelong sequence included) scores like the trained model.
+    from torchrec_genrec.inference.predictor import History
+    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
+
+    export_ranker(str(out), str(tmp_path / "artifact"))
+    predictor = RankerPredictor.load(str(tmp_path / "artifact"))
+    model, _, data = load_trained_ranker(str(out))
+    dataset = RankingDataset(data, Split.TEST)
+    store = data.store
+    raw_items, raw_users = store.item_raw_ids(), store.user_raw_ids()
+    values = np.asarray(store.action_values)
+    with torch.no_grad():
+        lengths = data.history_end[dataset.events] - data.history_start[dataset.events]
+        for r in np.nonzero(lengths > 20)[0][[0, -1]].tolist():
+            expected = torch.sigmoid(model.predict(dataset[[r]])).numpy()
+            e = int(dataset.events[r])
+            past = np.arange(data.history_start[e], data.history_end[e])
+            # More history than the two sequences keep (8 each): the lifelong one matters.
+            history = History(items=raw_items[data.item[past]].tolist(),
+                              actions=values[np.asarray(store.action)[past]].tolist(),
+                              timestamps=data.timestamp[past].tolist())
+            got = predictor.score(raw_users[data.user[e]], history, [raw_items[data.item[e]]], int(data.timestamp[e]))
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

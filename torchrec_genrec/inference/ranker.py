@@ -75,8 +75,11 @@ def load_trained_ranker(run_dir: str, checkpoint: str = "best") -> Tuple[Ranker,
     path = storage.join(os.path.join(run_dir, "checkpoints"), checkpoint)
     if not storage.exists(storage.join(path, ".metadata")):
         raise DataError(f"no complete checkpoint {checkpoint!r} in {os.path.join(run_dir, 'checkpoints')}")
+    from torchrec_genrec.train.ranking import load_ranker_side_inputs
+
+    side, _ = load_ranker_side_inputs(record["dataset"]["path"], cfg.model, data.vocab_sizes)
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=len(data.vocabularies["genre"]),
-                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, device=torch.device("cpu"))
+                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, device=torch.device("cpu"), side=side)
     state = {"model": model.state_dict()}
     dcp.load(state, storage_reader=storage.IOPathReader(path))
     model.load_state_dict(state["model"])
@@ -151,6 +154,7 @@ class RankerPredictor:
                  features: Dict[str, torch.Tensor]) -> None:
         self.model, self.manifest = model.eval(), manifest
         self.max_seq_len = int(manifest["task"]["max_seq_len"])
+        self.lifelong_len = int(manifest["task"].get("lifelong_len", 0))
         self.positive_threshold = float(manifest["task"]["positive_threshold"])
         self._item_index = {raw: i for i, raw in enumerate(vocab["item_ids"])}
         self._user_index = {raw: i for i, raw in enumerate(vocab["user_ids"])}
@@ -171,9 +175,12 @@ class RankerPredictor:
         with open(os.path.join(directory, art.VOCAB)) as f:
             vocab = json.load(f)
         config = from_dict(RankerConfig, manifest["model"], os.path.join(directory, art.MANIFEST))
+        weights = load_file(os.path.join(directory, WEIGHTS))
+        # Semantic-ID codes and frozen tables travel inside the weights: rebuild the side inputs.
         model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
-                       max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"))
-        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS)))
+                       max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
+                       side=Ranker.side_inputs_from_state(weights, manifest["vocab_sizes"]))
+        model.load_state_dict(weights)
         return cls(model, manifest, vocab, load_file(os.path.join(directory, FEATURES)))
 
     def _dense(self, index: Dict[Any, int], raw: Sequence[Any], what: str) -> np.ndarray:
@@ -207,6 +214,9 @@ class RankerPredictor:
         for name, keep in zip(SEQUENCES, (liked, ~liked)):
             idx = np.nonzero(keep)[0][-self.max_seq_len:]  # the most recent of each kind
             out[name] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
+        if self.lifelong_len > 0:
+            idx = np.arange(max(n - self.lifelong_len, 0), n)
+            out["lifelong"] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
         return out
 
     def prepare(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> "RankRequest":
@@ -239,7 +249,12 @@ class RankerPredictor:
         sequences = {name: EventSequences(*(np.concatenate([getattr(r.sequences[name], f) for r in requests])
                                             for f in ("items", "actions", "seconds", "lengths")))
                      for name in SEQUENCES}
-        batch = assemble_batch(sequences, counts, targets, seconds, ns_ids, self._items, user=users)
+        lifelong = None
+        if self.lifelong_len > 0:
+            lifelong = EventSequences(*(np.concatenate([getattr(r.sequences["lifelong"], f) for r in requests])
+                                        for f in ("items", "actions", "seconds", "lengths")))
+        batch = assemble_batch(sequences, counts, targets, seconds, ns_ids, self._items, user=users,
+                               lifelong=lifelong)
         probs = torch.sigmoid(self.model.predict(batch)).numpy()
         return np.split(probs, np.cumsum(counts)[:-1])
 

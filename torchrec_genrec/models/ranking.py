@@ -363,6 +363,23 @@ class Ranker(nn.Module):
                 groups[group] = groups.get(group, ()) + chosen
         return groups
 
+    @staticmethod
+    def side_inputs_from_state(state: Dict[str, torch.Tensor], vocab_sizes: Dict[str, int]
+                               ) -> Dict[str, torch.Tensor]:
+        """The ``side`` inputs a saved state dict carries (semantic-ID code buffers, frozen
+        content / DAS tables), so an exported ranker rebuilds without the dataset's sets."""
+        side: Dict[str, torch.Tensor] = {}
+        for key in ("item_codes", "user_codes"):
+            if key in state:
+                side[key] = state[key]
+        content = state.get("content_embeddings.embeddings.content.weight")
+        if content is not None:
+            side["content"] = content
+        das = state.get("das_embeddings.embeddings.das.weight")
+        if das is not None:
+            side["item_fused"], side["user_fused"] = das[:vocab_sizes["item"]], das[vocab_sizes["item"]:]
+        return side
+
     def frozen_table_weights(self) -> Dict[str, torch.Tensor]:
         """Rows of the frozen tables (content, DAS vectors), written after sharding."""
         return {name: _pad_columns(w, table_width(w.shape[1])) for name, w in self._frozen_weights.items()}

@@ -153,7 +153,7 @@ def adapt_content_moco(log: BehaviourLog, content: torch.Tensor, epochs: int = 5
                 slots = (torch.arange(n) + ptr) % queue_size
                 queue[slots] = k
                 ptr = (ptr + n) % queue_size
-            losses.append(float(loss))
+            losses.append(loss.item())
     with torch.no_grad():
         adapted = query(content)
     return adapted, {"pairs": int(a.numel()), "steps": len(losses), "first_loss": losses[0] if losses else None,
@@ -241,7 +241,7 @@ def train_das(store: SequenceStore, log: BehaviourLog, content: torch.Tensor, co
             losses["loss"].backward()
             opt.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             steps += 1
         if epoch % 5 == 4 and epoch < epochs - 5:
             with torch.no_grad():
@@ -301,7 +301,6 @@ def content_i2i_recall(store: SequenceStore, content: torch.Tensor, events: np.n
     cosine) to that previous liked item? Returns recall@k over those events."""
     user = np.repeat(np.arange(store.num_users), store.lengths)
     item = np.asarray(store.item, dtype=np.int64)
-    liked = np.nonzero(label == 1)[0]
     prev = np.full(len(item), -1, dtype=np.int64)
     # The most recent earlier positive of the same user, for every event.
     last_pos = -1
@@ -321,5 +320,4 @@ def content_i2i_recall(store: SequenceStore, content: torch.Tensor, events: np.n
     sims[torch.arange(len(chosen)), anchors] = -2.0  # the anchor itself is not a candidate
     top = sims.topk(k, dim=1).indices
     hits = (top == torch.from_numpy(item[chosen]).unsqueeze(1)).any(dim=1)
-    del liked
     return {"events": int(len(chosen)), f"recall@{k}": float(hits.float().mean())}
