@@ -63,7 +63,6 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, generator: Optional[torch.G
         if empty.numel():
             worst = dist.gather(1, assign.unsqueeze(1)).squeeze(1).argsort(descending=True)[:empty.numel()]
             new[empty] = x[worst]
-        new[counts > 0] = new[counts > 0]
         if torch.allclose(new, centroids):
             break
         centroids = new
