@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2"}
 QUEUES=${QUEUES:-2}
+# EPOCHS=4 PATIENCE=1 PREFIX=c7e VARIANTS="ids sid_only small_sid small": the longer study.
+EPOCHS=${EPOCHS:-1}
+PATIENCE=${PATIENCE:-2}
+PREFIX=${PREFIX:-c7}
 declare -A V
 V[ids]=""
 V[sid]="--set model.sid=sid_rqkmeans"
@@ -28,12 +32,13 @@ run_queue() {
   local q=$1 i=0
   for job in "${jobs[@]}"; do
     if [ $((i % QUEUES)) -eq "$q" ]; then
-      v=${job%:*}; seed=${job#*:}; out=runs/c7_${v}_s${seed}
+      v=${job%:*}; seed=${job#*:}; out=runs/${PREFIX}_${v}_s${seed}
       if [ ! -f "$out/metrics.json" ]; then
         # shellcheck disable=SC2086
         OMP_NUM_THREADS=$((QUEUES > 1 ? 1 : 2)) .venv/bin/genrec rank --config apps/configs/ranking_ml100k.toml \
-          --set model.name=dlrm --set train.seed=$seed --set train.epochs=1 --set train.output_dir=$out \
-          --set train.progress=false ${V[$v]} > "runs/c7_${v}_s${seed}.log" 2>&1 || echo "FAILED $out"
+          --set model.name=dlrm --set train.seed=$seed --set train.epochs=$EPOCHS --set train.patience=$PATIENCE \
+          --set train.output_dir=$out \
+          --set train.progress=false ${V[$v]} > "$out.log" 2>&1 || echo "FAILED $out"
       fi
     fi
     i=$((i + 1))

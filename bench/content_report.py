@@ -2,7 +2,7 @@
 paired-bootstrap intervals against the IDs-only ranker, item-representation parameters,
 and AUC on long-tail / cold items (few / no events before the validation cutoff).
 
-Reads ``runs/c7_<variant>_s<seed>`` (``bench/content_ranking.sh``).
+Reads ``runs/<prefix>_<variant>_s<seed>`` (``bench/content_ranking.sh``).
 
     .venv/bin/python bench/content_report.py
     .venv/bin/python bench/content_report.py --variants ids sid das --seeds 0 1 2
@@ -33,13 +33,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=ALL)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--baseline", default="ids")
+    parser.add_argument("--prefix", default="c7", help="runs are <runs>/<prefix>_<variant>_s<seed>")
     parser.add_argument("--tail", type=int, default=10, help="long tail: items with fewer pre-cutoff events")
     parser.add_argument("--samples", type=int, default=1000, help="bootstrap resamples")
     args = parser.parse_args()
 
     runs = {}
     for v in args.variants:
-        dirs = [os.path.join(args.runs, f"c7_{v}_s{s}") for s in args.seeds]
+        dirs = [os.path.join(args.runs, f"{args.prefix}_{v}_s{s}") for s in args.seeds]
         dirs = [d for d in dirs if os.path.exists(os.path.join(d, "metrics.json"))]
         if dirs:
             runs[v] = [load(d) for d in dirs]
@@ -57,7 +58,7 @@ def main() -> None:
           f"pre-cutoff events): {int(tail.sum()):,} samples; cold (none): {int(cold.sum()):,}")
     base_logits = torch.stack([torch.from_numpy(p["logit"]).double() for _, p in runs[args.baseline]])
     header = ["variant", "runs", "item-repr params", "AUC", "GAUC", "AUC - ids [95% CI]", "GAUC - ids [95% CI]",
-              f"tail AUC", "cold AUC", "best epoch"]
+              "tail AUC (- ids [95% CI])", "cold AUC (- ids [95% CI])", "best epoch"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for v, rs in runs.items():
@@ -81,7 +82,12 @@ def main() -> None:
                 cells.append("n/a")
                 continue
             aucs = [ranking_metrics(row[m].float(), labels[m].float(), users[m])["auc"] for row in logits]
-            cells.append(f"{np.mean(aucs):.4f}")
+            cell = f"{np.mean(aucs):.4f}"
+            if v != args.baseline:
+                d, lo, hi = paired_bootstrap_ranking(logits[:, m], base_logits[:, m], labels[m], users[m], "auc",
+                                                     num_samples=args.samples)
+                cell += f" ({d:+.4f} [{lo:+.4f}, {hi:+.4f}])"
+            cells.append(cell)
         cells.append(",".join(str(r["training"]["best_epoch"]) for r, _ in rs))
         print("| " + " | ".join(cells) + " |")
 
