@@ -3,8 +3,8 @@
 Each user has L behaviours (L = 1k, 10k, 100k) over a catalogue of ``--items`` items with
 content vectors (``--content-dim``) and ID embeddings (``--dim``). Per user and target:
 
-- ``gsu+esu``: content lookup of all L behaviours, cosine top-K (``gsu_top_k``), then
-  SimTier and SA-TA over the K retrieved behaviours' ID embeddings (MUSE);
+- ``gsu+esu``: content lookup of all L behaviours, cosine top-K (``gsu_top_k``), then ID
+  lookups of the K retrieved behaviours only, SimTier and SA-TA over them (MUSE);
 - ``full sa-ta``: SA-TA over all L behaviours (ID lookups + similarity for every one);
 - ``full din``: DIN's MLP target attention over all L behaviours (what an ESU over the
   whole sequence costs with an MLP scorer).
@@ -69,7 +69,8 @@ def main() -> None:
             def gsu_esu():
                 top = gsu_top_k(content[targets], content[history], lengths, request, args.top_k)
                 tier(top.similarity, top.valid)
-                return sata(ids[targets], ids[history][top.index], top.similarity, top.valid)
+                # Only the K retrieved behaviours' ID embeddings are looked up.
+                return sata(ids[targets], ids[history[top.index]], top.similarity, top.valid)
 
             def full_sata():
                 behaviours = ids[history].view(b, length, -1)

@@ -72,20 +72,27 @@ def gsu_top_k(target: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor
         zeros = torch.zeros(c, width, device=device)
         return GSUResult(zeros.long(), zeros, zeros.bool())
     t = F.normalize(target.float(), dim=-1)
-    h = F.normalize(history.float(), dim=-1)
-    # Every (candidate, behaviour-of-its-request) pair, scored without padding.
+    history = history.float()
+    inverse_norm = history.norm(dim=-1).clamp_min(1e-12).reciprocal()
     cand = torch.repeat_interleave(torch.arange(c, device=device), per_candidate)
-    pos = torch.arange(cand.numel(), device=device) - torch.repeat_interleave(
-        torch.cumsum(per_candidate, 0) - per_candidate, per_candidate)
-    rows = offsets[request_index][cand] + pos
-    sims = (h[rows] * t[cand]).sum(-1)
+    if lengths.numel() == c and torch.equal(request_index, torch.arange(c, device=device)):
+        # One candidate per request (pointwise): the pairs are the history rows in order.
+        rows = torch.arange(history.shape[0], device=device)
+        pos = rows - offsets[:-1][cand]
+        behaviours = history
+    else:
+        # Every (candidate, behaviour-of-its-request) pair, scored without padding.
+        pos = torch.arange(cand.numel(), device=device) - torch.repeat_interleave(
+            torch.cumsum(per_candidate, 0) - per_candidate, per_candidate)
+        rows = offsets[request_index][cand] + pos
+        behaviours = history[rows]
+    sims = (behaviours * t[cand]).sum(-1) * inverse_norm[rows]
     grid = torch.full((c, max_len), -3.0, device=device)
     grid[cand, pos] = sims
-    row_grid = torch.zeros((c, max_len), dtype=torch.int64, device=device)
-    row_grid[cand, pos] = rows
     top, where = grid.topk(width, dim=1)
     valid = top > -2.0
-    return GSUResult(torch.where(valid, row_grid.gather(1, where), 0), torch.where(valid, top, 0.0), valid)
+    index = offsets[request_index].unsqueeze(1) + where  # position in the request -> flat row
+    return GSUResult(torch.where(valid, index, 0), torch.where(valid, top, 0.0), valid)
 
 
 class SimTier(nn.Module):
