@@ -1,0 +1,197 @@
+"""LUM's training data: alternating ``<condition, item>`` token sequences, packed into rows.
+
+Each user's events before the ranking split's validation cutoff (a
+:class:`~torchrec_genrec.train.content.BehaviourLog`) become the token sequence
+``c_1, i_1, c_2, i_2, ...`` of the unified token space, where the condition ``c_t``
+precedes the item ``i_t`` it conditions. Conditions are declared per dataset
+(:data:`CONDITIONS`): MovieLens offers the genre of the next item, its hour bucket or its
+weekday. A model trained on these sequences predicts, at each condition position, the item
+that follows (next-condition-item prediction).
+
+Packing (:func:`pack_sequences`) puts several users' sequences into one fixed-length row
+(first-fit decreasing); :func:`block_causal_mask` lets a token attend only to earlier
+tokens of its own user, so no compute goes to padding and no user sees another.
+
+Example::
+
+    log = behaviour_log(store)
+    seqs = condition_item_sequences(store, log, "genre", max_events=100)
+    rows = pack_sequences(seqs.lengths(), row_len=256)       # list of sequence ids per row
+    batch = seqs.packed_rows(rows, 256)                      # tokens, segments, positions
+    mask = block_causal_mask(batch.segment)                  # (B, 256, 256) bool
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from torchrec_genrec.data.store import SequenceStore
+from torchrec_genrec.tokens import TokenSpace
+
+__all__ = ["CONDITIONS", "ConditionItemSequences", "PackedRows", "block_causal_mask", "condition_item_sequences",
+           "pack_sequences", "padding_waste"]
+
+
+def _genre_condition(store: SequenceStore, items: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """The item's first genre (1..G; 0 when it has none)."""
+    table = store.item_features()
+    genres = table.column("genres").to_pylist() if table is not None and "genres" in table.column_names else None
+    if genres is None:
+        raise ValueError("the genre condition needs item genres (items.parquet with a genres column)")
+    vocab = sorted({g for gs in genres for g in (gs or [])})
+    index = {g: i + 1 for i, g in enumerate(vocab)}
+    first = np.asarray([index[gs[0]] if gs else 0 for gs in genres], dtype=np.int64)
+    return first[items]
+
+
+#: Conditions per dataset: name -> (function of (store, items, seconds) -> ids, vocabulary size).
+CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarray]] = {
+    "genre": _genre_condition,
+    "hour": lambda store, items, seconds: (seconds // 3600) % 24 // 3,  # 8 three-hour buckets
+    "weekday": lambda store, items, seconds: ((seconds // 86400) + 3) % 7,
+}
+_CONDITION_SIZES = {"hour": 8, "weekday": 7}
+
+
+@dataclasses.dataclass
+class ConditionItemSequences:
+    """Per user, ``2 * n`` tokens ``c_1, i_1, ..., c_n, i_n`` (CSR over users).
+
+    Attributes:
+        tokens (np.ndarray): token ids of the unified token space.
+        offsets (np.ndarray): ``(U + 1,)``; user ``u``'s tokens are ``offsets[u]:offsets[u+1]``.
+        timestamps (np.ndarray): each token's event time (a condition has its item's).
+        space (TokenSpace): kinds ``special``, ``item``, ``condition``.
+        condition (str): which condition.
+    """
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    timestamps: np.ndarray
+    space: TokenSpace
+    condition: str
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def is_condition(self, tokens: torch.Tensor) -> torch.Tensor:
+        first, end = self.space.ranges["condition"]
+        return (tokens >= first) & (tokens < end)
+
+    def packed_rows(self, rows: Sequence[Sequence[int]], row_len: int) -> "PackedRows":
+        """The given rows of sequences (from :func:`pack_sequences`) as dense tensors."""
+        b = len(rows)
+        tokens = np.zeros((b, row_len), dtype=np.int64)  # 0 = [PAD]
+        segment = np.full((b, row_len), -1, dtype=np.int64)
+        position = np.zeros((b, row_len), dtype=np.int64)
+        times = np.zeros((b, row_len), dtype=np.int64)
+        for r, seqs in enumerate(rows):
+            at = 0
+            for s in seqs:
+                lo, hi = self.offsets[s], self.offsets[s + 1]
+                n = hi - lo
+                if at + n > row_len:
+                    raise ValueError(f"row {r} overflows {row_len} tokens: pack with pack_sequences")
+                tokens[r, at:at + n] = self.tokens[lo:hi]
+                segment[r, at:at + n] = s
+                position[r, at:at + n] = np.arange(n)
+                times[r, at:at + n] = self.timestamps[lo:hi]
+                at += n
+        return PackedRows(*(torch.from_numpy(x) for x in (tokens, segment, position, times)))
+
+
+@dataclasses.dataclass
+class PackedRows:
+    """``(B, L)`` tensors: ``tokens`` (0 = padding), ``segment`` (the user's sequence id,
+    -1 on padding), ``position`` within the user's sequence, ``timestamps``."""
+
+    tokens: torch.Tensor
+    segment: torch.Tensor
+    position: torch.Tensor
+    timestamps: torch.Tensor
+
+
+def condition_item_sequences(store: SequenceStore, log, condition: str = "genre",
+                             max_events: int = 100) -> ConditionItemSequences:
+    """The ``<condition, item>`` sequences of ``log``'s events (the most recent
+    ``max_events`` per user; users with none get an empty sequence).
+
+    Args:
+        log (BehaviourLog): events before the validation cutoff.
+        condition (str): a key of :data:`CONDITIONS`.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown LUM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
+    seconds = np.asarray(log.timestamp, dtype=np.int64) // _per_second(store)
+    cond = np.asarray(CONDITIONS[condition](store, log.item, seconds), dtype=np.int64)
+    size = _CONDITION_SIZES.get(condition) or int(cond.max()) + 1
+    space = TokenSpace.build(num_items=log.num_items, contexts={"condition": size})
+    counts = np.bincount(log.user, minlength=log.num_users)
+    # Keep each user's most recent max_events (the log is in user, then time order).
+    rank_from_end = np.concatenate([np.arange(c)[::-1] for c in counts]) if len(counts) else np.zeros(0, np.int64)
+    keep = rank_from_end < max_events
+    user, item, cond, ts = log.user[keep], log.item[keep], cond[keep], np.asarray(log.timestamp)[keep]
+    tokens = np.empty(2 * len(item), dtype=np.int64)
+    tokens[0::2] = space.to_tokens("condition", torch.from_numpy(cond)).numpy()
+    tokens[1::2] = space.to_tokens("item", torch.from_numpy(item)).numpy()
+    times = np.repeat(ts, 2)
+    per_user = 2 * np.bincount(user, minlength=log.num_users)
+    offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
+    return ConditionItemSequences(tokens, offsets, times, space, condition)
+
+
+def pack_sequences(lengths: np.ndarray, row_len: int) -> List[List[int]]:
+    """First-fit decreasing: sequence ids per row, each row holding at most ``row_len``
+    tokens; empty sequences are left out. A sequence longer than a row is an error (cap
+    it with ``max_events``)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if (lengths > row_len).any():
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens does not fit a row of {row_len}; "
+                         "lower max_events or raise row_len")
+    rows: List[List[int]] = []
+    free: List[int] = []
+    for s in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[s])
+        if n == 0:
+            continue
+        for r, space_left in enumerate(free):
+            if space_left >= n:
+                rows[r].append(s)
+                free[r] -= n
+                break
+        else:
+            rows.append([s])
+            free.append(row_len - n)
+    return rows
+
+
+def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` segment ids -> ``(B, L, L)`` bool: token ``i`` may attend to ``j`` iff
+    both belong to the same (non-padding) segment and ``j <= i``."""
+    same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(2) >= 0)
+    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool, device=segment.device).tril()
+    return same & causal
+
+
+def padding_waste(lengths: np.ndarray, row_len: int, rows: List[List[int]]) -> Dict[str, float]:
+    """Share of attention-matrix work spent on padding: packed rows vs one user per row
+    padded to the longest sequence (tokens and ``L^2`` attention cells)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    used = lengths[lengths > 0]
+    useful_tokens, useful_cells = float(used.sum()), float((used * (used + 1) // 2).sum())
+    padded_len = int(used.max())
+    return {
+        "packed_token_waste": 1.0 - useful_tokens / (len(rows) * row_len),
+        "padded_token_waste": 1.0 - useful_tokens / (len(used) * padded_len),
+        "packed_cell_waste": 1.0 - useful_cells / (len(rows) * row_len * (row_len + 1) / 2),
+        "padded_cell_waste": 1.0 - useful_cells / (len(used) * padded_len * (padded_len + 1) / 2),
+    }
+
+
+def _per_second(store: SequenceStore) -> int:
+    unit = store.manifest.get("timestamp_unit", "s")
+    return {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}.get(unit, 1)
