@@ -53,8 +53,10 @@ CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarr
     "genre": _genre_condition,
     "hour": lambda store, items, seconds: (seconds // 3600) % 24 // 3,  # 8 three-hour buckets
     "weekday": lambda store, items, seconds: ((seconds // 86400) + 3) % 7,
+    # One constant condition: the unconditioned model (same architecture, no information).
+    "none": lambda store, items, seconds: np.zeros(len(items), dtype=np.int64),
 }
-_CONDITION_SIZES = {"hour": 8, "weekday": 7}
+_CONDITION_SIZES = {"hour": 8, "weekday": 7, "none": 1}
 
 
 @dataclasses.dataclass
