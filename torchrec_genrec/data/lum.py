@@ -130,7 +130,9 @@ def condition_item_sequences(store: SequenceStore, log, condition: str = "genre"
         raise ValueError(f"unknown LUM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
     seconds = np.asarray(log.timestamp, dtype=np.int64) // _per_second(store)
     cond = np.asarray(CONDITIONS[condition](store, log.item, seconds), dtype=np.int64)
-    size = _CONDITION_SIZES.get(condition) or int(cond.max()) + 1
+    # The vocabulary of the whole catalogue, not only of the log's items (queries use it too).
+    size = _CONDITION_SIZES.get(condition) or int(np.asarray(CONDITIONS[condition](
+        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64))).max()) + 1
     space = TokenSpace.build(num_items=log.num_items, contexts={"condition": size})
     counts = np.bincount(log.user, minlength=log.num_users)
     # Keep each user's most recent max_events (the log is in user, then time order).
