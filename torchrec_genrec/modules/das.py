@@ -81,7 +81,7 @@ class DASBatch:
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric-free InfoNCE: row ``b`` of ``query`` should match row ``b`` of ``key``
+    """One-directional InfoNCE: row ``b`` of ``query`` should match row ``b`` of ``key``
     among all rows of ``key`` (in-batch negatives). ``(B, D), (B, D) -> ()``."""
     logits = F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).T / temperature
     return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))

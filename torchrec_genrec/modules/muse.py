@@ -96,7 +96,7 @@ def gsu_top_k(target: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor
 
 
 class SimTier(nn.Module):
-    """Similarity histogram over tiers of width ``1 / tiers_per_unit`` on [-1, 1].
+    """Similarity histogram over tiers of width ``bin_width`` on [-1, 1].
 
     Args:
         bin_width (float): tier width (0.1: 21 bins, the last for similarity exactly 1).
