@@ -25,6 +25,8 @@ V[both_scl]="--set model.content=minilm_scl --set model.muse=both --set data.tas
 V[sid_only]="--set model.sid=sid_rqkmeans --set model.item_ids=none"
 V[small_sid]="--set model.sid=sid_rqkmeans --set model.item_ids=hashed --set model.item_hash_rows=256"
 V[small]="--set model.item_ids=hashed --set model.item_hash_rows=256"
+# LUM features (issue #8; the set from `python bench/lum_features.py`).
+V[lum]="--set model.lum=lum_genre"
 VARIANTS=${VARIANTS:-"ids sid simtier sata both das both_scl sid_only small_sid small"}
 jobs=()
 for seed in $SEEDS; do for v in $VARIANTS; do jobs+=("$v:$seed"); done; done

@@ -264,7 +264,10 @@ def _side(data, g):
     return {"content": F.normalize(torch.randn(v["item"], 12, generator=g), dim=-1),
             "item_codes": torch.randint(0, 6, (v["item"], 3), generator=g),
             "user_codes": torch.randint(0, 5, (v["user"], 2), generator=g),
-            "item_fused": torch.randn(v["item"], 8, generator=g), "user_fused": torch.randn(v["user"], 8, generator=g)}
+            "item_fused": torch.randn(v["item"], 8, generator=g), "user_fused": torch.randn(v["user"], 8, generator=g),
+            "lum_interest": torch.randn(v["user"] * 4, 12, generator=g),
+            "lum_item": torch.randn(v["item"], 12, generator=g),
+            "lum_item_condition": torch.randint(0, 4, (v["item"],), generator=g)}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -273,6 +276,8 @@ def _side(data, g):
     {"name": "onetrans", "sid": "s", "item_ids": "hashed", "item_hash_rows": 50, "content": "c", "muse": "both",
      "ns_tokenizer": "group_wise"},
     {"name": "hstu", "content": "c", "muse": "simtier", "das": "d"},
+    {"name": "dlrm", "lum": "l"},
+    {"name": "onetrans", "lum": "l", "sid": "s", "ns_tokenizer": "group_wise"},
 ])
 def test_rankers_with_content_features_score_alone_like_grouped(data, overrides):
     """SID / DAS / MUSE features keep a grouped request's one pass equal to each
@@ -286,10 +291,12 @@ def test_rankers_with_content_features_score_alone_like_grouped(data, overrides)
         side.pop("item_fused"), side.pop("user_fused")
     if "sid" not in overrides:
         side.pop("item_codes"), side.pop("user_codes")
+    if "lum" not in overrides:
+        side.pop("lum_interest"), side.pop("lum_item"), side.pop("lum_item_condition")
     cfg = RankerConfig(embedding_dim=8, num_heads=2, tower_dims=(16,), dropout=0.0, muse_top_k=5, **overrides)
     model = Ranker(cfg, data.vocab_sizes, grouped.num_genres, 8, device=torch.device("cpu"), side=side).eval()
     for name, weight in model.frozen_table_weights().items():
-        module = model.content_embeddings if name == "content" else model.das_embeddings
+        module = {"content": model.content_embeddings, "das": model.das_embeddings, "lum": model.lum_embeddings}[name]
         with torch.no_grad():
             module.embeddings[name].weight.copy_(weight)
     sizes = grouped.candidates_per_request()
@@ -355,7 +362,8 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
         f"data.dataset={ml100k.path}", "model.name=dlrm", "model.embedding_dim=8", "model.content=t16",
-        "model.muse=both", "model.sid=sid_t16", "model.das=das_t16", "data.task.lifelong_len=100", "data.task.max_seq_len=8",
+        "model.muse=both", "model.sid=sid_t16", "model.das=das_t16", "data.task.lifelong_len=100",
+        "data.task.max_seq_len=8",
         "train.max_steps=3", "train.batch_size=64", f"train.output_dir={out}", "train.progress=false",
         "train.tensorboard=false"])
     payload = run_ranking_recipe(cfg)

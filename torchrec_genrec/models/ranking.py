@@ -106,6 +106,9 @@ class RankerConfig:
     muse (str): lifelong-interest features from MUSE over the ``lifelong`` sequence
         (``data.task.lifelong_len`` > 0): ``none``, ``simtier``, ``sata`` or ``both``.
     muse_top_k (int): behaviours the GSU retrieves.
+    lum (str): a LUM side-feature set (``train.lum.lum_features``): the user's interest
+        vector under the target item's condition and its cosine similarity to the target's
+        LUM embedding become NS features (read from a frozen table); empty: none.
     """
 
     name: Literal["dlrm", "onetrans", "hstu"] = "onetrans"
@@ -131,6 +134,7 @@ class RankerConfig:
     content: str = ""
     muse: Literal["none", "simtier", "sata", "both"] = "none"
     muse_top_k: int = 50
+    lum: str = ""
 
     def __post_init__(self) -> None:
         choices = {"name": ("dlrm", "onetrans", "hstu"), "merge": ("timestamp", "sep"),
@@ -190,7 +194,7 @@ class Ranker(nn.Module):
         side = dict(side or {})
         self._check_side(side)
         # Semantic-ID codes are part of the model (cached for serving): buffers, saved with it.
-        for key in ("item_codes", "user_codes"):
+        for key in ("item_codes", "user_codes", "lum_item_condition"):
             self.register_buffer(key, side[key].to(torch.int64) if key in side else None)
         self.sid_levels = int(self.item_codes.shape[1]) if self.item_codes is not None else 0
         self.user_sid_levels = int(self.user_codes.shape[1]) if self.user_codes is not None else 0
@@ -200,6 +204,10 @@ class Ranker(nn.Module):
             self._frozen_weights["content"] = side["content"].float()
         if "item_fused" in side:
             self._frozen_weights["das"] = torch.cat([side["item_fused"], side["user_fused"]]).float()
+        if "lum_interest" in side:
+            self._frozen_weights["lum"] = torch.cat([side["lum_interest"], side["lum_item"]]).float()
+            self.lum_conditions = side["lum_interest"].shape[0] // vocab_sizes["user"]
+        self.lum_dim = int(side["lum_item"].shape[1]) if "lum_item" in side else 0
         self.content_dim = int(side["content"].shape[1]) if "content" in side else 0
         self.das_dim = int(side["item_fused"].shape[1]) if "item_fused" in side else 0
         init = partial(nn.init.trunc_normal_, mean=0.0, std=0.02, a=-0.04, b=0.04)
@@ -219,10 +227,15 @@ class Ranker(nn.Module):
             if "content" in frozen else None
         self.das_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["das"]]), device=device) \
             if "das" in frozen else None
+        self.lum_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["lum"]]), device=device) \
+            if "lum" in frozen else None
         self.ns_inputs = _NS_INPUTS + self._extra_ns_inputs()
         self.ns_groups = self._groups()
         if self.das_dim:
             self.das_projections = nn.ModuleDict({k: nn.Linear(self.das_dim, d) for k in ("das_item", "das_user")})
+        if self.lum_dim:
+            self.lum_projections = nn.ModuleDict({"lum_interest": nn.Linear(self.lum_dim, d),
+                                                  "lum_similarity": nn.Linear(1, d)})
         muse = config.muse
         self.simtier = SimTier() if muse in ("simtier", "both") else None
         self.sata = SimilarityAwareTargetAttention(d) if muse in ("sata", "both") else None
@@ -310,10 +323,16 @@ class Ranker(nn.Module):
             out.append(TableSpec("das", v["item"] + v["user"], table_width(self.das_dim), ("target_das", "user_das"),
                                  trainable=False, sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
                                  description="frozen DAS fused vectors: items, then users"))
+        if self.lum_dim:
+            out.append(TableSpec("lum", v["user"] * self.lum_conditions + v["item"], table_width(self.lum_dim),
+                                 ("lum_interest", "lum_item"), trainable=False,
+                                 sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
+                                 description="frozen LUM vectors: user x condition interests, then items"))
         return out
 
     # ------------------------------------------------------------ side inputs
-    _SIDE_KEYS = ("content", "item_codes", "user_codes", "item_fused", "user_fused")
+    _SIDE_KEYS = ("content", "item_codes", "user_codes", "item_fused", "user_fused", "lum_interest", "lum_item",
+                  "lum_item_condition")
 
     def _check_side(self, side: Dict[str, torch.Tensor]) -> None:
         c, v = self.config, self.vocab_sizes
@@ -321,13 +340,15 @@ class Ranker(nn.Module):
         if unknown:
             raise ValueError(f"unknown side inputs {unknown}; expected some of {self._SIDE_KEYS}")
         needs = {"content": bool(c.content), "item_codes": bool(c.sid), "item_fused": bool(c.das),
-                 "user_fused": bool(c.das)}
+                 "user_fused": bool(c.das), "lum_interest": bool(c.lum), "lum_item": bool(c.lum),
+                 "lum_item_condition": bool(c.lum)}
         for key, needed in needs.items():
             if needed and key not in side:
                 raise ValueError(f"the model config asks for {key!r} (model.sid / model.das / model.content) but "
                                  "no such side input was given")
         for key, rows in (("content", v["item"]), ("item_codes", v["item"]), ("item_fused", v["item"]),
-                          ("user_codes", v["user"]), ("user_fused", v["user"])):
+                          ("user_codes", v["user"]), ("user_fused", v["user"]), ("lum_item", v["item"]),
+                          ("lum_item_condition", v["item"])):
             if key in side and side[key].shape[0] != rows:
                 raise ValueError(f"side input {key!r} has {side[key].shape[0]} rows, the data has {rows}")
 
@@ -347,6 +368,8 @@ class Ranker(nn.Module):
             extra.append("user_sid")
         if self.das_dim:
             extra += ["das_item", "das_user"]
+        if self.lum_dim:
+            extra += ["lum_interest", "lum_similarity"]
         if self.config.name != "dlrm":
             extra += (["muse_simtier"] if self.config.muse in ("simtier", "both") else []) + (
                 ["muse_sata"] if self.config.muse in ("sata", "both") else [])
@@ -355,7 +378,7 @@ class Ranker(nn.Module):
     def _groups(self) -> Dict[str, Tuple[str, ...]]:
         groups = {g: tuple(f) for g, f in NS_GROUPS.items()}
         extra = set(self.ns_inputs) - set(_NS_INPUTS)
-        add = {"item": ("target_sid", "das_item"), "user": ("user_sid", "das_user"),
+        add = {"item": ("target_sid", "das_item"), "user": ("user_sid", "das_user", "lum_interest", "lum_similarity"),
                "lifelong": ("muse_simtier", "muse_sata")}
         for group, keys in add.items():
             chosen = tuple(k for k in keys if k in extra)
@@ -378,6 +401,10 @@ class Ranker(nn.Module):
         das = state.get("das_embeddings.embeddings.das.weight")
         if das is not None:
             side["item_fused"], side["user_fused"] = das[:vocab_sizes["item"]], das[vocab_sizes["item"]:]
+        lum = state.get("lum_embeddings.embeddings.lum.weight")
+        if lum is not None:
+            side["lum_interest"], side["lum_item"] = lum[:-vocab_sizes["item"]], lum[-vocab_sizes["item"]:]
+            side["lum_item_condition"] = state["lum_item_condition"]
         return side
 
     def frozen_table_weights(self) -> Dict[str, torch.Tensor]:
@@ -397,10 +424,16 @@ class Ranker(nn.Module):
         out["target_item"] = items_by_key["target_item"]
         if LIFELONG_KEY in items_by_key:
             out["lifelong_item"] = items_by_key[LIFELONG_KEY]
-        if self.das_dim:
+        if self.das_dim or self.lum_dim:
             frozen = self._frozen_lookup(batch)
+        if self.das_dim:
             out["das_item"] = self.das_projections["das_item"](frozen["target_das"])
             out["das_user"] = self.das_projections["das_user"](frozen["user_das"])
+        if self.lum_dim:
+            interest, item = frozen["lum_interest"], frozen["lum_item"]
+            similarity = F.cosine_similarity(interest, item, dim=-1, eps=1e-8).unsqueeze(-1)
+            out["lum_interest"] = self.lum_projections["lum_interest"](interest)
+            out["lum_similarity"] = self.lum_projections["lum_similarity"](similarity)
         for name in SEQUENCES:
             # Profiles sit on first candidate rows: broadcast each request's to its candidates.
             out[f"{name}_genres"] = pooled[f"{name}_genres"][:, :d][first][batch.request_index]
@@ -481,6 +514,12 @@ class Ranker(nn.Module):
             requests.append((self.das_embeddings, ["target_das", "user_das"],
                              [jt["target_item"].values(), user.values() + self.vocab_sizes["item"]],
                              [jt["target_item"].lengths(), user.lengths()], self.das_dim))
+        if self.lum_dim:
+            target, user = jt["target_item"], batch.pooled["user_id"]
+            interest_row = user.values() * self.lum_conditions + self.lum_item_condition[target.values()]
+            item_row = target.values() + self.vocab_sizes["user"] * self.lum_conditions
+            requests.append((self.lum_embeddings, ["lum_interest", "lum_item"], [interest_row, item_row],
+                             [target.lengths(), target.lengths()], self.lum_dim))
         for module, keys, values, lengths, width in requests:
             looked_up = module(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths)))
             # Frozen: no gradient flows into the table.

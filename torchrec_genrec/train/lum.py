@@ -183,3 +183,35 @@ def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "mov
                                                              filter_by_condition=True), "train": none_hist[-1]}
     out["unconditioned"] = conditioned_retrieval(none_model, none_seqs, none_cfg)
     return out
+
+
+@torch.no_grad()
+def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore, name: Optional[str] = None,
+                 ) -> Dict[str, torch.Tensor]:
+    """Step 3's offline cache: every user's interest vector under every condition (one
+    group query per user over its pre-cutoff history; zeros without one), every item's LUM
+    embedding, and each item's condition; saved as the side-feature set ``name``.
+
+    Returns:
+        ``lum_interest`` ``(U * C, D)`` (row ``u * C + c``), ``lum_item`` ``(I, D)``,
+        ``lum_item_condition`` ``(I,)``.
+    """
+    from torchrec_genrec.data.content import save_side_features
+
+    c = seqs.space.count("condition")
+    d = model.config.embedding_dim
+    conditions = seqs.space.to_tokens("condition", torch.arange(c))
+    interest = torch.zeros(store.num_users, c, d)
+    for u in range(store.num_users):
+        prefix = torch.from_numpy(seqs.tokens[seqs.offsets[u]:seqs.offsets[u + 1]])
+        if prefix.numel():
+            interest[u] = model.query(prefix[-(model.config.max_positions - 1):], conditions)
+    first, end = seqs.space.ranges["item"]
+    items = model.embed(torch.arange(first, end))
+    cond_fn = CONDITIONS[seqs.condition]
+    item_condition = torch.from_numpy(np.asarray(cond_fn(store, np.arange(store.num_items),
+                                                         np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
+    out = {"lum_interest": interest.reshape(-1, d), "lum_item": items, "lum_item_condition": item_condition}
+    if name:
+        save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c})
+    return out

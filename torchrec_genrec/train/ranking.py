@@ -165,6 +165,11 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
         s = load_side_features(store_path, model.das, rows)
         side["item_fused"], side["user_fused"] = s["item_fused"], s["user_fused"]
         meta["das"] = {"name": s.name, **s.meta}
+    if model.lum:
+        s = load_side_features(store_path, model.lum, rows)
+        for key in ("lum_interest", "lum_item", "lum_item_condition"):
+            side[key] = s[key]
+        meta["lum"] = {"name": s.name, **s.meta}
     return side, meta
 
 
