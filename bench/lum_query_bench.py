@@ -8,22 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.muse_bench import timed  # noqa: E402
 from torchrec_genrec.modules.lum import LUM, LUMConfig  # noqa: E402
 from torchrec_genrec.tokens import TokenSpace  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main() -> None:

@@ -87,3 +87,24 @@ def http_server(app):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def predict_each_candidate_alone(model, grouped, requests):
+    """Scores every candidate of ``grouped[requests]`` as a one-candidate request with the
+    same shared history (the request's offsets shrunk to that candidate), concatenated."""
+    import numpy as np
+    import torch
+
+    from torchrec_genrec.data.ranking_batching import RankingDataset
+
+    sizes = grouped.candidates_per_request()
+    alone = []
+    for r in requests:
+        for k in range(sizes[r]):
+            single = RankingDataset.__new__(RankingDataset)
+            single.__dict__.update(grouped.__dict__)
+            start = grouped.offsets[r] + k
+            single.offsets = np.array([start, start + 1])
+            single.history_start, single.history_end = grouped.history_start[[r]], grouped.history_end[[r]]
+            alone.append(model.predict(single[[0]]))
+    return torch.cat(alone)

@@ -22,6 +22,8 @@ from torchrec_genrec.modules.semantic_ids import (RQVAEConfig, add_semantic_id_k
 from torchrec_genrec.tokens import TokenSpace
 from torchrec_genrec.train import content as pipeline
 
+from conftest import predict_each_candidate_alone
+
 
 # ------------------------------------------------------------------ content
 def test_item_texts_and_tfidf_vectors(ml100k):
@@ -304,16 +306,7 @@ def test_rankers_with_content_features_score_alone_like_grouped(data, overrides)
     batch = grouped[requests]
     assert int(batch.sequence_lengths("lifelong").min()) > 5  # GSU has more than top-k to choose from
     together = model.predict(batch)
-    alone = []
-    for r in requests:
-        for k in range(sizes[r]):
-            single = RankingDataset.__new__(RankingDataset)
-            single.__dict__.update(grouped.__dict__)
-            start = grouped.offsets[r] + k
-            single.offsets = np.array([start, start + 1])
-            single.history_start, single.history_end = grouped.history_start[[r]], grouped.history_end[[r]]
-            alone.append(model.predict(single[[0]]))
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together, predict_each_candidate_alone(model, grouped, requests), atol=1e-5, rtol=1e-5)
     model.train()
     loss, _ = model(batch)
     loss.backward()

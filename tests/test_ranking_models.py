@@ -16,6 +16,8 @@ from torchrec_genrec.models.ranking import Ranker, RankerConfig
 from torchrec_genrec.ops.jagged import jagged_to_padded
 from torchrec_genrec.train.ranking_metrics import paired_bootstrap_ranking, per_user_auc, ranking_metrics
 
+from conftest import predict_each_candidate_alone
+
 
 @pytest.fixture(scope="module")
 def data(ml100k):
@@ -135,18 +137,7 @@ def test_rankers_score_a_candidate_the_same_alone_or_in_a_grouped_request(data, 
     batch = grouped[requests]
     assert int(batch.sequence_lengths("liked").min()) > 0  # real shared histories
     together = model.predict(batch)
-    alone = []
-    for r in requests:
-        for k in range(sizes[r]):
-            # A one-candidate request with the same history: shrink the request's offsets.
-            single = RankingDataset.__new__(RankingDataset)
-            single.__dict__.update(grouped.__dict__)
-            start = grouped.offsets[r] + k
-            single.offsets = np.array([start, start + 1])
-            single.history_start = grouped.history_start[[r]]
-            single.history_end = grouped.history_end[[r]]
-            alone.append(model.predict(single[[0]]))
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together, predict_each_candidate_alone(model, grouped, requests), atol=1e-5, rtol=1e-5)
 
     model.train()
     loss, stats = model(batch)

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import torch
 
+from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.tokens import TokenSpace
 
@@ -194,8 +195,3 @@ def padding_waste(lengths: np.ndarray, row_len: int, rows: List[List[int]]) -> D
         "packed_cell_waste": 1.0 - useful_cells / (len(rows) * row_len * (row_len + 1) / 2),
         "padded_cell_waste": 1.0 - useful_cells / (len(used) * padded_len * (padded_len + 1) / 2),
     }
-
-
-def _per_second(store: SequenceStore) -> int:
-    unit = store.manifest.get("timestamp_unit", "s")
-    return {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}.get(unit, 1)

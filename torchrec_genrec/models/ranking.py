@@ -424,8 +424,10 @@ class Ranker(nn.Module):
         out["target_item"] = items_by_key["target_item"]
         if LIFELONG_KEY in items_by_key:
             out["lifelong_item"] = items_by_key[LIFELONG_KEY]
-        if self.das_dim or self.lum_dim:
-            frozen = self._frozen_lookup(batch)
+        # Every frozen table is looked up once per batch (MUSE reads the content rows from here).
+        frozen = self._frozen_lookup(batch) if (self.content_dim or self.das_dim or self.lum_dim) else {}
+        if self.content_dim and self.config.muse != "none":
+            out["target_content"], out["lifelong_content"] = frozen["target_content"], frozen["lifelong_content"]
         if self.das_dim:
             out["das_item"] = self.das_projections["das_item"](frozen["target_das"])
             out["das_user"] = self.das_projections["das_user"](frozen["user_das"])
@@ -529,9 +531,8 @@ class Ranker(nn.Module):
     def _muse(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """MUSE over the lifelong sequence: GSU top-K by content similarity, then SimTier
         ``(C, 21)`` and / or SA-TA ``(C, D)``."""
-        frozen = self._frozen_lookup(batch)
         lengths = batch.sequence_lengths("lifelong")
-        top = gsu_top_k(frozen["target_content"], frozen["lifelong_content"], lengths, batch.request_index,
+        top = gsu_top_k(f["target_content"], f["lifelong_content"], lengths, batch.request_index,
                         self.config.muse_top_k)
         out = {}
         if self.simtier is not None:
