@@ -107,31 +107,42 @@ def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batc
     return dmp
 
 
+def _local_table_blocks(dmp: DistributedModelParallel):
+    """Yields ``(table, block, row0, col0, full_shape)`` for every embedding-table weight
+    this rank holds: each local shard of a sharded table (its offsets from the shard
+    metadata), or the whole weight of a data-parallel (replicated) table."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    for key, value in dmp.state_dict().items():
+        parts = key.split(".")
+        sharded = isinstance(value, ShardedTensor)
+        replicated = (not sharded and len(parts) >= 3 and parts[-3] in ("embeddings", "embedding_bags")
+                      and value.dim() == 2)
+        if not (key.endswith(".weight") and (sharded or replicated)):
+            continue
+        if replicated:
+            yield parts[-2], value, 0, 0, tuple(value.shape)
+            continue
+        for shard in value.local_shards():
+            row0, col0 = shard.metadata.shard_offsets
+            yield parts[-2], shard.tensor, row0, col0, tuple(value.size())
+
+
 def write_table_rows(dmp: DistributedModelParallel, table: str, weight: torch.Tensor) -> int:
     """Copies ``weight`` ``(rows, cols)`` into table ``table`` of a sharded model, each rank
     writing its own shards (or the whole table where it is replicated): how precomputed
     vectors reach a frozen table. Returns the elements this rank wrote."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     written, found = 0, False
     with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            parts = key.split(".")
-            if not (key.endswith(".weight") and len(parts) >= 3 and parts[-2] == table
-                    and parts[-3] in ("embeddings", "embedding_bags")):
+        for name, block, row0, col0, shape in _local_table_blocks(dmp):
+            if name != table:
                 continue
             found = True
-            if tuple(value.shape) != tuple(weight.shape):
-                raise ValueError(f"table {table!r} is {tuple(value.shape)}, the rows given are {tuple(weight.shape)}")
-            if not isinstance(value, ShardedTensor):
-                value.copy_(weight.to(value.dtype))
-                written += value.numel()
-                continue
-            for shard in value.local_shards():
-                row0, col0 = shard.metadata.shard_offsets
-                rows, cols = shard.metadata.shard_sizes
-                shard.tensor.copy_(weight[row0:row0 + rows, col0:col0 + cols].to(shard.tensor.dtype))
-                written += rows * cols
+            if shape != tuple(weight.shape):
+                raise ValueError(f"table {table!r} is {shape}, the rows given are {tuple(weight.shape)}")
+            rows, cols = block.shape
+            block.copy_(weight[row0:row0 + rows, col0:col0 + cols].to(block.dtype))
+            written += rows * cols
     if not found:
         raise KeyError(f"no table {table!r} in the sharded model")
     return written
@@ -149,36 +160,19 @@ def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float =
     Returns:
         int: the number of table elements this rank wrote.
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     from torchrec_genrec.ops.random import hash32, keyed_truncated_normal
 
     written = 0
     with torch.no_grad():
-        for key, value in dmp.state_dict().items():
-            parts = key.split(".")
-            replicated = (not isinstance(value, ShardedTensor) and len(parts) >= 3
-                          and parts[-3] in ("embeddings", "embedding_bags") and value.dim() == 2)
-            if not (key.endswith(".weight") and (isinstance(value, ShardedTensor) or replicated)):
-                continue
-            table = parts[-2]
+        for table, block, row0, col0, _ in _local_table_blocks(dmp):
             table_key = int(hash32(torch.tensor(sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(table)))))
-            if replicated:
-                # A data-parallel (replicated) table: every rank writes the same full copy.
-                rows, cols = value.shape
-                value.copy_(keyed_truncated_normal(std, bound, seed, table_key, torch.arange(rows).unsqueeze(1),
-                                                   torch.arange(cols)))
-                written += value.numel()
-                continue
-            for shard in value.local_shards():
-                row0, col0 = shard.metadata.shard_offsets
-                rows, cols = shard.metadata.shard_sizes
-                columns = torch.arange(col0, col0 + cols)
-                chunk = max(1, (1 << 22) // max(cols, 1))
-                for r in range(0, rows, chunk):
-                    ids = torch.arange(row0 + r, row0 + min(r + chunk, rows)).unsqueeze(1)
-                    shard.tensor[r:r + len(ids)].copy_(keyed_truncated_normal(std, bound, seed, table_key, ids, columns))
-                    written += ids.numel() * cols
+            rows, cols = block.shape
+            columns = torch.arange(col0, col0 + cols)
+            chunk = max(1, (1 << 22) // max(cols, 1))
+            for r in range(0, rows, chunk):
+                ids = torch.arange(row0 + r, row0 + min(r + chunk, rows)).unsqueeze(1)
+                block[r:r + len(ids)].copy_(keyed_truncated_normal(std, bound, seed, table_key, ids, columns))
+                written += ids.numel() * cols
     return written
 
 
