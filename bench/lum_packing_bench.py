@@ -1,15 +1,17 @@
-"""LUM pre-training throughput: packed rows vs length-bucketed (jagged-style) vs padded batches.
+"""LUM pre-training throughput: packed rows vs the library's jagged batches vs padded batches.
 
 The same users' ``<condition, item>`` sequences (ML-100K, genre, events before the
 validation cutoff) through the same LUM forward + backward, laid out three ways:
 
 - ``packed``: several users per fixed-length row (first-fit decreasing), block-diagonal
-  causal mask;
-- ``bucketed``: users sorted by length, batches of similar lengths, each padded to its own
-  longest (how the library's jagged HSTU op avoids padding, here for LUM's softmax encoder);
-- ``padded``: users in random order, each batch padded to its longest.
+  causal mask (``LUM.loss``);
+- ``jagged``: users in random order, token values + offsets (``LUM.loss_jagged``): norms,
+  projections and FFN on the values only, attention per length bucket
+  (``ops.jagged.jagged_causal_attention``);
+- ``padded``: users in random order, each batch padded to its longest (``LUM.loss``).
 
-Prints useful tokens/s, ratios to padded, and the share of token slots and of causal
+Every layout gets the same budget of token slots per step. Prints useful tokens/s, ratios
+to padded, and the share of token slots (what the pointwise layers compute) and of causal
 attention cells spent on padding or on other users.
 
     .venv/bin/python bench/lum_packing_bench.py --row-len 256 --batch-tokens 4096
@@ -28,12 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchrec_genrec.data.datasets import resolve_store  # noqa: E402
-from torchrec_genrec.data.lum import condition_item_sequences, pack_sequences  # noqa: E402
+from torchrec_genrec.data.lum import batch_by_tokens, condition_item_sequences, pack_sequences  # noqa: E402
 from torchrec_genrec.data.store import SequenceStore  # noqa: E402
 from torchrec_genrec.modules.lum import LUM, LUMConfig  # noqa: E402
+from torchrec_genrec.ops.jagged import JaggedAttentionPlan  # noqa: E402
 from torchrec_genrec.train.content import behaviour_log  # noqa: E402
-
-
 
 
 def main() -> None:
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token slots per step")
     parser.add_argument("--max-events", type=int, default=100)
     parser.add_argument("--steps", type=int, default=0, help="0: one pass over every user")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is printed")
     args = parser.parse_args()
     torch.manual_seed(0)
     store = SequenceStore.open(resolve_store("movielens-100k"))
@@ -69,34 +71,54 @@ def main() -> None:
             i = j
         return out
 
-    bucketed = by_width(users[np.argsort(lengths[users], kind="stable")])
-    padded = by_width(np.random.default_rng(0).permutation(users))
+    shuffled = np.random.default_rng(0).permutation(users)
+    padded = by_width(shuffled)
+    jagged = []
+    for group in batch_by_tokens(lengths, shuffled, args.batch_tokens):
+        tokens, offsets = seqs.jagged_batch(group)
+        jagged.append((tokens, offsets, JaggedAttentionPlan(offsets)))
     useful = int(lengths.sum())
     useful_cells = float((lengths * (lengths + 1) // 2).sum())
     results = {}
     g = torch.Generator().manual_seed(0)
-    for name, layout in (("packed", packed), ("bucketed", bucketed), ("padded", padded)):
-        slots = sum(b.tokens.numel() for b in layout)
-        cells = sum(b.tokens.shape[0] * b.tokens.shape[1] * (b.tokens.shape[1] + 1) / 2 for b in layout)
-        chosen = layout[:args.steps] if args.steps else layout
-        model.loss(chosen[0].tokens, chosen[0].segment, chosen[0].position, g)  # warm-up
-        start = time.perf_counter()
-        tokens = 0
-        for b in chosen:
-            loss, _ = model.loss(b.tokens, b.segment, b.position, g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tokens += int((b.segment >= 0).sum())
-        seconds = time.perf_counter() - start
-        results[name] = (tokens / seconds, 1 - useful / slots, 1 - useful_cells / cells, len(layout))
+    step_fns = {
+        "jagged": lambda b: (model.loss_jagged(b[0], b[1], g, b[2])[0], b[0].numel()),
+        "packed": lambda b: (model.loss(b.tokens, b.segment, b.position, g)[0], int((b.segment >= 0).sum())),
+    }
+    step_fns["padded"] = step_fns["packed"]
+    layouts = {"packed": packed, "jagged": jagged, "padded": padded}
+    rates = {name: [] for name in layouts}
+    # Rounds interleave the layouts so a noisy neighbour slows all of them alike; medians.
+    for _ in range(args.repeats):
+        for name, layout in layouts.items():
+            step = step_fns[name]
+            chosen = layout[:args.steps] if args.steps else layout
+            step(chosen[0])  # warm-up
+            start = time.perf_counter()
+            tokens = 0
+            for b in chosen:
+                loss, n = step(b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                tokens += n
+            rates[name].append(tokens / (time.perf_counter() - start))
+    for name, layout in layouts.items():
+        if name == "jagged":
+            slots = sum(t.numel() for t, _, _ in layout)
+            cells = sum(p.attention_cells()[0] for _, _, p in layout)
+        else:
+            slots = sum(b.tokens.numel() for b in layout)
+            cells = sum(b.tokens.shape[0] * b.tokens.shape[1] * (b.tokens.shape[1] + 1) / 2 for b in layout)
+        results[name] = (float(np.median(rates[name])), 1 - useful / slots, 1 - useful_cells / cells, len(layout))
     print(f"{len(users)} users, {useful:,} tokens (longest {int(lengths.max())}); <= {args.batch_tokens} token "
-          f"slots per step; {torch.get_num_threads()} threads")
+          f"slots per step; {torch.get_num_threads()} threads; median of {args.repeats} interleaved passes")
     print("| layout | steps | useful tokens/s | vs padded | token slots wasted | attention cells wasted |")
     print("|---|---|---|---|---|---|")
     base = results["padded"][0]
     for name, (rate, token_waste, cell_waste, steps) in results.items():
         print(f"| {name} | {steps} | {rate:,.0f} | {rate / base:.2f}x | {token_waste:.1%} | {cell_waste:.1%} |")
+    print(f"jagged / packed: {results['jagged'][0] / results['packed'][0]:.2f}x")
 
 
 if __name__ == "__main__":

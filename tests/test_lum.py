@@ -1,4 +1,7 @@
-"""The LUM model: packed rows equal separate users, group queries equal single queries."""
+"""The LUM model: packed rows and jagged batches equal separate users, group queries equal
+single queries, generation extends the branches, runs save and load."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -64,16 +67,146 @@ def test_next_condition_item_training_lowers_the_loss(sequences):
 
 
 def test_conditioned_retrieval_uses_only_pre_cutoff_training_and_scores_test_events(ml100k):
-    """A short pre-training run and the retrieval test: the true condition must beat a
-    wrong one (the condition carries the genre), and every metric is a rate."""
+    """A short pre-training run (jagged and packed layouts) and the retrieval test: the true
+    condition must beat a wrong one (the condition carries the genre), the unconditioned
+    model's prior is exactly a genre filter, and every metric is a rate."""
     from torchrec_genrec.train.lum import LUMRecipeConfig, conditioned_retrieval, pretrain_lum
 
-    cfg = LUMRecipeConfig(dataset=ml100k.path, condition="genre", max_events=30, row_len=64, epochs=3,
-                          model=LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64,
-                                          num_negatives=32))
-    model, seqs, history = pretrain_lum(cfg)
-    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=32)
+    for layout in ("jagged", "packed"):
+        cfg = LUMRecipeConfig(dataset=ml100k.path, condition="genre", max_events=30, row_len=64, epochs=3,
+                              layout=layout, model=small)
+        model, seqs, history = pretrain_lum(cfg)
+        assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     right = conditioned_retrieval(model, seqs, cfg)
     wrong = conditioned_retrieval(model, seqs, cfg, wrong_condition=True)
-    assert right["events"] == wrong["events"] > 0 and 0.0 <= right["recall@10"] <= 1.0
+    pooled = conditioned_retrieval(model, seqs, cfg, steps=3)
+    assert right["events"] == wrong["events"] == pooled["events"] > 0 and 0.0 <= right["recall@10"] <= 1.0
     assert right["recall@10"] > wrong["recall@10"]
+    none_cfg = dataclasses.replace(cfg, condition="none")
+    none_model, none_seqs, _ = pretrain_lum(none_cfg)
+    with pytest.raises(ValueError, match="condition to evaluate"):
+        conditioned_retrieval(none_model, none_seqs, none_cfg)
+    plain = conditioned_retrieval(none_model, none_seqs, none_cfg, "genre")
+    filtered = conditioned_retrieval(none_model, none_seqs, none_cfg, "genre", condition_prior=True)
+    assert filtered["recall@10"] > plain["recall@10"]  # the filter removes other genres' items
+
+
+def test_jagged_causal_attention_equals_the_per_sequence_reference_forward_and_backward():
+    from torchrec_genrec.ops.jagged import JaggedAttentionPlan, jagged_causal_attention, reference_causal_attention
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 0, 17, 5, 120, 40, 41, 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    qkv = torch.randn(int(offsets[-1]), 3, 2, 8, requires_grad=True)
+    plan = JaggedAttentionPlan(offsets)
+    assert len(plan.buckets) >= 2  # several buckets, so the reordering is exercised
+    fast = plan.to_input_order(jagged_causal_attention(plan.to_plan_order(qkv), plan))
+    ref = reference_causal_attention(qkv, offsets)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(fast, qkv, grad)[0], torch.autograd.grad(ref, qkv, grad)[0],
+                               atol=1e-5, rtol=1e-5)
+    computed, useful = plan.attention_cells()
+    assert useful == int((lengths * (lengths + 1) // 2).sum()) and computed >= useful
+    # The plan order keeps every sequence whole and contiguous.
+    assert torch.equal(plan.to_input_order(plan.to_plan_order(torch.arange(len(qkv)))), torch.arange(len(qkv)))
+
+
+def test_the_jagged_layout_computes_what_packed_rows_compute(sequences):
+    """Same users, same order: the jagged loss equals the packed loss (same positions, same
+    negatives), and each user's jagged outputs equal the user encoded alone."""
+    model = _model(sequences.space)
+    rows = [r for r in pack_sequences(sequences.lengths(), 64) if len(r) >= 2][:3]
+    packed = sequences.packed_rows(rows, 64)
+    tokens, offsets = sequences.jagged_batch(sum(rows, []))
+    with torch.no_grad():
+        dense_loss, dense_stats = model.loss(packed.tokens, packed.segment, packed.position,
+                                             torch.Generator().manual_seed(3))
+        jagged_loss, jagged_stats = model.loss_jagged(tokens, offsets, torch.Generator().manual_seed(3))
+        assert jagged_stats["positions"] == dense_stats["positions"] > 0
+        torch.testing.assert_close(jagged_loss, dense_loss, atol=1e-5, rtol=1e-5)
+        out = model.encode_jagged(tokens, offsets)
+        for i, s in enumerate(sum(rows, [])):
+            alone = sequences.packed_rows([[s]], int(sequences.lengths()[s]))
+            ref = model.encode(alone.tokens, alone.position, block_causal_mask(alone.segment))[0]
+            torch.testing.assert_close(out[offsets[i]:offsets[i + 1]], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_by_tokens_places_every_user_once_within_the_budget(sequences):
+    from torchrec_genrec.data.lum import batch_by_tokens
+
+    lengths = sequences.lengths()
+    order = np.random.default_rng(0).permutation(len(lengths))
+    batches = batch_by_tokens(lengths, order, 128)
+    placed = sum(batches, [])
+    assert sorted(placed) == sorted(np.nonzero(lengths)[0].tolist())
+    assert placed == [int(s) for s in order if lengths[s] > 0]  # the given order is kept
+    assert all(lengths[b].sum() <= 128 or len(b) == 1 for b in batches)
+
+
+def test_branches_see_the_prefix_and_themselves_only_and_generation_extends_them(sequences):
+    model = _model(sequences.space)
+    u = int(np.argmax(sequences.lengths()))
+    prefix = torch.from_numpy(sequences.tokens[sequences.offsets[u]:sequences.offsets[u + 1]])[-20:]
+    conditions = model.space.to_tokens("condition", torch.tensor([2, 5, 8]))
+    items = model.space.to_tokens("item", torch.tensor([[10, 11], [12, 13], [14, 15]]))
+    branches = torch.stack([conditions, items[:, 0], conditions, items[:, 1], conditions], 1)
+    with torch.no_grad():
+        together = model.query_branches(prefix, branches)
+        for b in range(3):  # each branch alone = prefix + branch as one causal sequence
+            seq = torch.cat([prefix, branches[b]]).unsqueeze(0)
+            alone = model.encode(seq, torch.arange(seq.shape[1]).unsqueeze(0),
+                                 torch.ones(1, seq.shape[1], seq.shape[1], dtype=torch.bool).tril())
+            torch.testing.assert_close(together[b], alone[0, prefix.numel():], atol=1e-5, rtol=1e-5)
+    seen = model.space.from_tokens("item", prefix[1::2])
+    outputs, generated = model.generate(prefix, conditions, steps=4, exclude=seen)
+    assert outputs.shape == (3, 4, 16) and generated.shape == (3, 4)
+    torch.testing.assert_close(outputs[:, 0], model.query(prefix, conditions), atol=1e-5, rtol=1e-5)
+    for row in generated.tolist():
+        assert len(set(row)) == 4 and not set(row) & set(seen.tolist())
+    # Step 2's output is the query after <c, generated item 1>: recompute it explicitly.
+    step2 = torch.stack([conditions, model.space.to_tokens("item", generated[:, 0]), conditions], 1)
+    torch.testing.assert_close(outputs[:, 1], model.query_branches(prefix, step2)[:, -1], atol=1e-5, rtol=1e-5)
+    scores, top = model.retrieve(prefix, conditions, k=5, steps=3, exclude=seen)
+    assert top.shape == (3, 5) and not set(top.flatten().tolist()) & set(seen.tolist())
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    with pytest.raises(ValueError, match="max_positions"):
+        model.generate(torch.cat([prefix, prefix, prefix, prefix]), conditions, steps=3)
+
+
+def test_condition_given_item_is_a_filter_for_genre_and_a_smoothed_frequency_for_hour(ml100k):
+    from torchrec_genrec.data.lum import condition_given_item
+
+    log = behaviour_log(ml100k)
+    genre = condition_given_item(ml100k, log, "genre")
+    assert set(np.unique(genre)) == {0.0, 1.0} and (genre.sum(1) == 1).all()
+    hour = condition_given_item(ml100k, log, "hour")
+    assert hour.shape == (ml100k.num_items, 8) and np.allclose(hour.sum(1), 1.0) and (hour > 0).all()
+    # The most frequent hour bucket of the most rated item is where its pre-cutoff events are.
+    top = int(np.bincount(log.item).argmax())
+    seconds = log.timestamp[log.item == top] // 1
+    assert int(hour[top].argmax()) == int(np.bincount((seconds // 3600) % 24 // 3, minlength=8).argmax())
+
+
+def test_lum_runs_save_and_load_and_bad_configs_are_refused(ml100k, tmp_path):
+    from torchrec_genrec.train.lum import LUMRecipeConfig, load_lum, pretrain_lum
+
+    small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=16)
+    with pytest.raises(ValueError, match="unknown LUM condition 'genres'"):
+        LUMRecipeConfig(condition="genres")
+    with pytest.raises(ValueError, match="layout"):
+        LUMRecipeConfig(layout="ragged")
+    with pytest.raises(ValueError, match="max_positions"):
+        LUMRecipeConfig(max_events=100, model=small)
+    cfg = LUMRecipeConfig(dataset=ml100k.path, condition="hour", max_events=20, epochs=1, model=small,
+                          output_dir=str(tmp_path / "run"))
+    model, seqs, history = pretrain_lum(cfg)
+    assert (tmp_path / "run" / "tensorboard").is_dir() and not list((tmp_path / "run").glob(".lum-*"))
+    loaded, loaded_seqs, loaded_cfg = load_lum(str(tmp_path / "run"))
+    assert loaded_cfg == cfg and np.array_equal(loaded_seqs.tokens, seqs.tokens)
+    prefix = torch.from_numpy(seqs.tokens[seqs.offsets[1]:seqs.offsets[2]])
+    conditions = seqs.space.to_tokens("condition", torch.arange(8))
+    torch.testing.assert_close(loaded.query(prefix, conditions), model.query(prefix, conditions))
+    with pytest.raises(FileNotFoundError, match="not a finished LUM run"):
+        load_lum(str(tmp_path))

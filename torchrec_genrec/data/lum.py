@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["CONDITIONS", "ConditionItemSequences", "PackedRows", "block_causal_mask", "condition_item_sequences",
+__all__ = ["CONDITIONS", "ITEM_CONDITIONS", "ConditionItemSequences", "PackedRows", "batch_by_tokens",
+           "block_causal_mask", "condition_given_item", "condition_item_sequences", "condition_vocabulary",
            "pack_sequences", "padding_waste"]
 
 
@@ -58,6 +59,32 @@ CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarr
     "none": lambda store, items, seconds: np.zeros(len(items), dtype=np.int64),
 }
 _CONDITION_SIZES = {"hour": 8, "weekday": 7, "none": 1}
+#: Conditions that are attributes of the item (known for every item, not only from events).
+ITEM_CONDITIONS = ("genre",)
+
+
+def condition_vocabulary(store: SequenceStore, condition: str) -> int:
+    """How many values the condition takes (its condition tokens)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown LUM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
+    return _CONDITION_SIZES.get(condition) or int(np.asarray(CONDITIONS[condition](
+        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64))).max()) + 1
+
+
+def condition_given_item(store: SequenceStore, log, condition: str) -> np.ndarray:
+    """``(I, C)`` ``p(condition | item)``: exact (0 or 1) for an item attribute; for an
+    event condition (hour, weekday) the item's frequency under each value in ``log``
+    (events before the validation cutoff), add-one smoothed."""
+    size = condition_vocabulary(store, condition)
+    if condition in ITEM_CONDITIONS:
+        values = np.asarray(CONDITIONS[condition](store, np.arange(store.num_items),
+                                                  np.zeros(store.num_items, dtype=np.int64)))
+        return np.eye(size)[values]
+    seconds = np.asarray(log.timestamp, dtype=np.int64) // _per_second(store)
+    values = np.asarray(CONDITIONS[condition](store, log.item, seconds), dtype=np.int64)
+    counts = np.zeros((store.num_items, size))
+    np.add.at(counts, (log.item, values), 1.0)
+    return (counts + 1.0) / (counts.sum(1, keepdims=True) + size)
 
 
 @dataclasses.dataclass
@@ -106,6 +133,15 @@ class ConditionItemSequences:
                 at += n
         return PackedRows(*(torch.from_numpy(x) for x in (tokens, segment, position, times)))
 
+    def jagged_batch(self, users: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The given users' tokens in the library's jagged layout: ``(T,)`` values, one
+        user after the other, and ``(B + 1,)`` offsets."""
+        users = np.asarray(users, dtype=np.int64)
+        lo, hi = self.offsets[users], self.offsets[users + 1]
+        values = np.concatenate([self.tokens[a:b] for a, b in zip(lo, hi)]) if len(users) else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+        return torch.from_numpy(values), torch.from_numpy(offsets)
+
 
 @dataclasses.dataclass
 class PackedRows:
@@ -132,8 +168,7 @@ def condition_item_sequences(store: SequenceStore, log, condition: str = "genre"
     seconds = np.asarray(log.timestamp, dtype=np.int64) // _per_second(store)
     cond = np.asarray(CONDITIONS[condition](store, log.item, seconds), dtype=np.int64)
     # The vocabulary of the whole catalogue, not only of the log's items (queries use it too).
-    size = _CONDITION_SIZES.get(condition) or int(np.asarray(CONDITIONS[condition](
-        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64))).max()) + 1
+    size = condition_vocabulary(store, condition)
     space = TokenSpace.build(num_items=log.num_items, contexts={"condition": size})
     counts = np.bincount(log.user, minlength=log.num_users)
     # Keep each user's most recent max_events (the log is in user, then time order).
@@ -172,6 +207,24 @@ def pack_sequences(lengths: np.ndarray, row_len: int) -> List[List[int]]:
             rows.append([s])
             free.append(row_len - n)
     return rows
+
+
+def batch_by_tokens(lengths: np.ndarray, order: Sequence[int], max_tokens: int) -> List[List[int]]:
+    """Consecutive users of ``order`` grouped into batches of at most ``max_tokens`` tokens
+    (a longer user gets a batch alone); empty sequences are left out. The jagged layout's
+    batching: a batch holds exactly its users' tokens."""
+    batches: List[List[int]] = [[]]
+    used = 0
+    for s in order:
+        n = int(lengths[s])
+        if n == 0:
+            continue
+        if batches[-1] and used + n > max_tokens:
+            batches.append([])
+            used = 0
+        batches[-1].append(int(s))
+        used += n
+    return [b for b in batches if b]
 
 
 def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:

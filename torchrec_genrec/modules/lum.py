@@ -1,27 +1,40 @@
 """LUM: a generative transformer over ``<condition, item>`` tokens, with conditioned queries.
 
 Step 1 (knowledge construction): tokens of the unified token space (one TorchRec table),
-a pre-norm causal softmax transformer over packed rows (several users per row, a
-block-diagonal causal mask: no cross-user attention) with positions counted within each
-user's sequence. Next-condition-item loss: at every condition position the output should
-score the item that follows above ``num_negatives`` sampled items (InfoNCE, item
-embeddings tied to the token table).
+a pre-norm causal softmax transformer with positions counted within each user's sequence,
+over either layout of a batch of users:
 
-Step 2 (knowledge querying, :meth:`LUM.query`): several condition tokens appended after one
-shared history prefix, each attending to the prefix and itself only (queries masked from
-each other), read out in one pass: one interest vector per condition.
+- packed rows (:meth:`LUM.loss`): several users per fixed-length row, a block-diagonal
+  causal mask (no cross-user attention);
+- the library's jagged layout (:meth:`LUM.loss_jagged`): token values + offsets; the
+  pointwise layers run on the values only, attention per length bucket
+  (:func:`~torchrec_genrec.ops.jagged.jagged_causal_attention`).
+
+Next-condition-item loss: at every condition position the output should score the item
+that follows above ``num_negatives`` sampled items (InfoNCE, item embeddings tied to the
+token table).
+
+Step 2 (knowledge querying): several condition tokens appended after one shared history
+prefix, each attending to the prefix and itself only (queries masked from each other),
+read out in one pass: one interest vector per condition (:meth:`LUM.query`). Or generate
+several items per condition, greedily, all conditions' branches advancing in one pass per
+step (:meth:`LUM.generate`), and average their embeddings into the interest
+(:meth:`LUM.interests`); :meth:`LUM.retrieve` returns the top-k items per condition.
 
 Example::
 
     model = LUM(LUMConfig(), space)
-    loss = model.loss(batch.tokens, batch.segment, batch.position, is_condition)
-    interests = model.query(prefix_tokens, condition_tokens)     # (N, D)
+    loss, stats = model.loss(batch.tokens, batch.segment, batch.position)
+    loss, stats = model.loss_jagged(tokens, offsets)                    # same users, jagged
+    interests = model.query(prefix_tokens, condition_tokens)            # (N, D)
+    scores, items = model.retrieve(prefix_tokens, condition_tokens, k=10, steps=4)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +44,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_genrec.data.lum import block_causal_mask
+from torchrec_genrec.ops.jagged import JaggedAttentionPlan, jagged_causal_attention, positions_in_sequence
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["LUM", "LUMConfig"]
@@ -72,6 +86,15 @@ class _Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
         x = x + self.dropout(self.out(att.transpose(1, 2).reshape(b, n, d)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+    def forward_jagged(self, x: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
+        """The same block on ``(T, D)`` jagged values in ``plan``'s order: the pointwise
+        parts on the values only."""
+        t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(t, 3, self.heads, d // self.heads)
+        att = jagged_causal_attention(qkv, plan)
+        x = x + self.dropout(self.out(att.reshape(t, d)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -116,6 +139,25 @@ class LUM(nn.Module):
             x = block(x, mask)
         return self.norm(x)
 
+    def encode_jagged(self, tokens: torch.Tensor, offsets: torch.Tensor,
+                      plan: Optional[JaggedAttentionPlan] = None) -> torch.Tensor:
+        """The library's jagged layout: ``(T,)`` token values of ``B`` users one after the
+        other, ``(B + 1,)`` offsets -> ``(T, D)``. No padding slot goes through the
+        pointwise layers; attention runs per length bucket (:class:`JaggedAttentionPlan`).
+        Equal to :meth:`encode` of each user alone."""
+        plan = plan or JaggedAttentionPlan(offsets)
+        return plan.to_input_order(self._encode_plan_order(plan.to_plan_order(tokens), plan))
+
+    def _encode_plan_order(self, tokens: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
+        position = positions_in_sequence(plan.offsets, tokens.numel())
+        if tokens.numel() and int(position.max()) >= self.config.max_positions:
+            raise ValueError(f"positions reach {int(position.max())}; config.max_positions is "
+                             f"{self.config.max_positions}")
+        x = self.embed(tokens) + self.position(position)
+        for block in self.blocks:
+            x = block.forward_jagged(x, plan)
+        return self.norm(x)
+
     def loss(self, tokens: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
              generator: torch.Generator | None = None) -> Tuple[torch.Tensor, dict]:
         """Next-condition-item InfoNCE over packed rows (see :func:`block_causal_mask`)."""
@@ -124,31 +166,113 @@ class LUM(nn.Module):
         at = (tokens >= first) & (tokens < end) & (segment >= 0)
         at[:, -1] = False
         rows, cols = at.nonzero(as_tuple=True)
-        query = F.normalize(h[rows, cols], dim=-1)
-        positive_tokens = tokens[rows, cols + 1]
+        return self._next_item_infonce(h[rows, cols], tokens[rows, cols + 1], generator)
+
+    def loss_jagged(self, tokens: torch.Tensor, offsets: torch.Tensor, generator: torch.Generator | None = None,
+                    plan: Optional[JaggedAttentionPlan] = None) -> Tuple[torch.Tensor, dict]:
+        """:meth:`loss` on the jagged layout (:meth:`encode_jagged`): the same positions,
+        computed in the plan's order (no reordering back)."""
+        plan = plan or JaggedAttentionPlan(offsets)
+        tokens = plan.to_plan_order(tokens)
+        h = self._encode_plan_order(tokens, plan)
+        first, end = self.space.ranges["condition"]
+        ends = plan.offsets[1:][plan.offsets[1:] > plan.offsets[:-1]]
+        last = torch.zeros_like(tokens, dtype=torch.bool)
+        last[ends - 1] = True  # a user's last token predicts nothing
+        at = ((tokens >= first) & (tokens < end) & ~last).nonzero(as_tuple=True)[0]
+        return self._next_item_infonce(h[at], tokens[at + 1], generator)
+
+    def _next_item_infonce(self, outputs: torch.Tensor, positive_tokens: torch.Tensor,
+                           generator: torch.Generator | None) -> Tuple[torch.Tensor, dict]:
+        query = F.normalize(outputs, dim=-1)
         i_first, i_end = self.space.ranges["item"]
         negatives = torch.randint(i_first, i_end, (self.config.num_negatives,), generator=generator,
-                                  device=tokens.device)
+                                  device=outputs.device)
         pos = F.normalize(self.embed(positive_tokens), dim=-1)
         neg = F.normalize(self.embed(negatives), dim=-1)
         logits = torch.cat([(query * pos).sum(-1, keepdim=True), query @ neg.T], dim=1) / self.config.temperature
         # A sampled negative equal to the positive is not a negative.
         logits[:, 1:] = logits[:, 1:].masked_fill(negatives.unsqueeze(0) == positive_tokens.unsqueeze(1), -1e9)
-        loss = F.cross_entropy(logits, torch.zeros(len(rows), dtype=torch.int64, device=tokens.device))
+        n = len(positive_tokens)
+        loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.int64, device=outputs.device))
         hit = (logits[:, :1] > logits[:, 1:]).all(dim=1).float().mean()
-        return loss, {"loss": loss.detach(), "positions": torch.tensor(float(len(rows))), "top1": hit}
+        return loss, {"loss": loss.detach(), "positions": torch.tensor(float(n)), "top1": hit}
 
     def query(self, prefix: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """One user's history ``prefix`` ``(P,)`` and ``N`` condition tokens -> ``(N, D)``
         interest vectors, in one pass: each condition sees the prefix and itself only."""
-        p, n = prefix.numel(), conditions.numel()
-        tokens = torch.cat([prefix, conditions]).unsqueeze(0)
-        position = torch.cat([torch.arange(p), torch.full((n,), p)]).unsqueeze(0).to(prefix.device)
-        mask = torch.zeros(p + n, p + n, dtype=torch.bool, device=prefix.device)
-        mask[:p, :p] = torch.ones(p, p, dtype=torch.bool, device=prefix.device).tril()
-        mask[p:, :p] = True
-        mask[p:, p:] = torch.eye(n, dtype=torch.bool, device=prefix.device)
-        return self.encode(tokens, position, mask.unsqueeze(0))[0, p:]
+        return self.query_branches(prefix, conditions.view(-1, 1))[:, -1]
+
+    def query_branches(self, prefix: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
+        """``N`` token branches ``(N, m)`` continuing one shared ``prefix`` ``(P,)``, in one
+        pass -> ``(N, m, D)``: a branch's tokens see the prefix and their own branch
+        (causally), never another branch. :meth:`query` is ``m = 1``."""
+        p, (n, m) = prefix.numel(), branches.shape
+        device = prefix.device
+        tokens = torch.cat([prefix, branches.reshape(-1)]).unsqueeze(0)
+        position = torch.cat([torch.arange(p, device=device), (p + torch.arange(m, device=device)).repeat(n)])
+        branch = torch.cat([torch.full((p,), -1, device=device), torch.arange(n, device=device).repeat_interleave(m)])
+        causal = torch.ones(p + n * m, p + n * m, dtype=torch.bool, device=device).tril()
+        same = (branch.unsqueeze(1) == branch.unsqueeze(0)) | (branch.unsqueeze(0) == -1)
+        out = self.encode(tokens, position.unsqueeze(0), (causal & same).unsqueeze(0))
+        return out[0, p:].view(n, m, -1)
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, conditions: torch.Tensor, steps: int,
+                 exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Greedy generation of ``steps`` items per condition: the output at condition
+        ``c`` picks the best item not yet seen, the branch continues ``c, i_1, c, i_2, ..., c``.
+        All ``N`` branches advance together (one pass per step).
+
+        Args:
+            prefix (torch.Tensor): ``(P,)`` the history tokens (``P + 2 * steps - 1 <=
+                max_positions``).
+            conditions (torch.Tensor): ``(N,)`` condition tokens.
+            steps (int): items per condition.
+            exclude (torch.Tensor): item ids (not tokens) never generated, e.g. the history's.
+
+        Returns:
+            ``(N, steps, D)`` output embeddings and ``(N, steps)`` generated item ids.
+        """
+        if prefix.numel() + 2 * steps - 1 > self.config.max_positions:
+            raise ValueError(f"a prefix of {prefix.numel()} tokens plus {steps} generated items exceeds "
+                             f"max_positions {self.config.max_positions}; cut the prefix")
+        n = conditions.numel()
+        branches = conditions.view(n, 1)
+        outputs, items = [], []
+        banned = torch.zeros(n, self.space.count("item"), dtype=torch.bool, device=prefix.device)
+        if exclude is not None:
+            banned[:, exclude] = True
+        for _ in range(steps):
+            out = self.query_branches(prefix, branches)[:, -1]
+            scores = self.item_scores(out).masked_fill(banned, -math.inf)
+            best = scores.argmax(dim=1)
+            banned[torch.arange(n), best] = True
+            outputs.append(out)
+            items.append(best)
+            branches = torch.cat([branches, self.space.to_tokens("item", best).view(n, 1), conditions.view(n, 1)], 1)
+        return torch.stack(outputs, 1), torch.stack(items, 1)
+
+    @torch.no_grad()
+    def interests(self, prefix: torch.Tensor, conditions: torch.Tensor, steps: int = 1,
+                  exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One interest vector per condition, ``(N, D)``: the condition's output
+        (``steps = 1``, :meth:`query`) or the mean of the ``steps`` generated item
+        embeddings (each normalised)."""
+        if steps == 1:
+            return self.query(prefix, conditions)
+        outputs, _ = self.generate(prefix, conditions, steps, exclude)
+        return F.normalize(outputs, dim=-1).mean(1)
+
+    @torch.no_grad()
+    def retrieve(self, prefix: torch.Tensor, conditions: torch.Tensor, k: int, steps: int = 1,
+                 exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` items per condition: ``(N, k)`` cosine scores and item ids, the items
+        in ``exclude`` left out."""
+        scores = self.item_scores(self.interests(prefix, conditions, steps, exclude))
+        if exclude is not None:
+            scores[:, exclude] = -math.inf
+        return scores.topk(k, dim=1)
 
     @torch.no_grad()
     def item_scores(self, interests: torch.Tensor) -> torch.Tensor:

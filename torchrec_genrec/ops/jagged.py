@@ -6,6 +6,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -121,3 +122,101 @@ def jagged_to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int, 
     dest = rows * max_len + positions + shift[rows]
     out = values.new_zeros((b * max_len,) + tuple(values.shape[1:])).index_put((dest,), values)
     return out.view((b, max_len) + tuple(values.shape[1:])), valid
+
+
+class JaggedAttentionPlan:
+    """Length buckets of a jagged batch, for per-sequence dense attention.
+
+    Sequences are cut into length buckets (:func:`plan_length_buckets`, cost = causal
+    attention cells plus a fixed price per bucket) and reordered so that each bucket is a
+    contiguous run of whole sequences: the *plan order*. In plan order a bucket is a slice
+    of the values that fbgemm pads to its longest sequence and unpads again; pointwise
+    layers do not care about the order, so a model reorders its tokens once
+    (:meth:`to_plan_order`), runs every layer on them, and restores the input order once
+    at the end (:meth:`to_input_order`) or never (a loss over positions).
+
+    Args:
+        offsets (torch.Tensor): ``(B + 1,)`` int64, the batch in input order.
+        overhead_cells (float): the price of one bucket, in attention cells.
+
+    Example::
+
+        plan = JaggedAttentionPlan(offsets)
+        qkv = plan.to_plan_order(qkv_values)                       # (T, 3, H, d)
+        out = plan.to_input_order(jagged_causal_attention(qkv, plan))
+    """
+
+    def __init__(self, offsets: torch.Tensor, overhead_cells: float = 16384.0) -> None:
+        lengths = (offsets[1:] - offsets[:-1]).cpu().numpy()
+        self.total = int(offsets[-1])
+        buckets = plan_length_buckets(lengths, lambda p: p * (p + 1) / 2.0, np.ones_like, overhead_cells)
+        members = np.concatenate([m for m, _ in buckets]) if buckets else np.zeros(0, np.int64)
+        device = offsets.device
+        member_lengths = torch.from_numpy(lengths[members]).to(device)
+        #: the plan order's offsets (sequences of the buckets one after the other)
+        self.offsets = lengths_to_offsets(member_lengths)
+        starts = offsets[:-1][torch.from_numpy(members).to(device)]
+        self.order = (torch.repeat_interleave(starts - self.offsets[:-1], member_lengths, output_size=self.total)
+                      + torch.arange(self.total, device=device))
+        self.inverse = torch.empty_like(self.order)
+        self.inverse[self.order] = torch.arange(self.total, device=device)
+        #: per bucket: (first sequence, end sequence) in plan order and the padded length
+        self.buckets: List[Tuple[int, int, int]] = []
+        first = 0
+        for m, width in buckets:
+            self.buckets.append((first, first + len(m), int(width)))
+            first += len(m)
+
+    def to_plan_order(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self.order]
+
+    def to_input_order(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self.inverse]
+
+    def attention_cells(self) -> Tuple[int, int]:
+        """(causal cells computed, causal cells of the sequences themselves)."""
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        computed = sum((hi - lo) * p * (p + 1) // 2 for lo, hi, p in self.buckets)
+        return int(computed), int((lengths * (lengths + 1) // 2).sum())
+
+
+def jagged_causal_attention(qkv: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
+    """Causal softmax attention within each sequence of a jagged batch in plan order.
+
+    Each bucket's slice of the values is padded to its longest sequence
+    (``fbgemm.jagged_to_padded_dense``), attended with a causal mask and unpadded
+    (``fbgemm.dense_to_jagged``); padding sits after the real tokens, so the causal mask
+    alone keeps it out of every real row.
+
+    Args:
+        qkv (torch.Tensor): ``(T, 3, H, d)`` queries, keys, values, in ``plan``'s order.
+        plan (JaggedAttentionPlan): the batch's buckets.
+
+    Returns:
+        torch.Tensor: ``(T, H, d)`` in plan order.
+    """
+    t, _, h, d = qkv.shape
+    flat = qkv.reshape(t, 3 * h * d)
+    outs = []
+    for lo, hi, width in plan.buckets:
+        offsets = plan.offsets[lo:hi + 1] - plan.offsets[lo]
+        values = flat[int(plan.offsets[lo]):int(plan.offsets[hi])]
+        padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [width], padding_value=0.0)
+        q, k, v = padded.view(hi - lo, width, 3, h, d).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, H, P, d)
+        dense = att.transpose(1, 2).reshape(hi - lo, width, h * d)
+        outs.append(torch.ops.fbgemm.dense_to_jagged(dense, [offsets])[0])
+    if not outs:
+        return qkv.new_zeros(t, h, d)
+    return torch.cat(outs).view(t, h, d)
+
+
+def reference_causal_attention(qkv: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Plain reference of :func:`jagged_causal_attention`: one sequence at a time,
+    ``(T, 3, H, d)`` -> ``(T, H, d)`` in the order of ``offsets``."""
+    out = []
+    for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        if hi > lo:
+            q, k, v = qkv[lo:hi].permute(1, 2, 0, 3)
+            out.append(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1))
+    return torch.cat(out) if out else qkv.new_zeros(qkv.shape[0], qkv.shape[2], qkv.shape[3])

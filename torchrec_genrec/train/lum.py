@@ -18,8 +18,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
+import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -28,7 +31,9 @@ import torch
 from tqdm import tqdm
 
 from torchrec_genrec.data.datasets import resolve_store
-from torchrec_genrec.data.lum import CONDITIONS, ConditionItemSequences, condition_item_sequences, pack_sequences
+from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, ConditionItemSequences, batch_by_tokens,
+                                      condition_given_item, condition_item_sequences, pack_sequences)
+from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.modules.lum import LUM, LUMConfig
@@ -36,7 +41,8 @@ from torchrec_genrec.train.content import behaviour_log
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "pretrain_lum"]
+__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "load_lum", "lum_features", "pretrain_lum", "run_lum_retrieval_study",
+           "save_lum"]
 
 
 @dataclasses.dataclass
@@ -45,18 +51,24 @@ class LUMRecipeConfig:
     dataset (str): a prepared dataset's name or store path.
     condition (str): a key of ``data.lum.CONDITIONS`` (``none`` = unconditioned).
     max_events (int): most recent pre-cutoff events per user (2 tokens each).
+    layout (str): ``jagged`` (the library's jagged batches: values + offsets) or
+        ``packed`` (several users per fixed-length row, block-diagonal mask).
     row_len (int): tokens per packed row.
-    batch_rows (int): rows per step.
-    epochs (int): passes over the rows.
+    batch_rows (int): rows per step; a jagged batch holds ``batch_rows * row_len`` tokens.
+    epochs (int): passes over the users.
     lr (float): AdamW learning rate.
-    seed (int): seeds the model, the row order and the negatives.
+    seed (int): seeds the model, the batch order and the negatives.
     valid_fraction, test_fraction (float): the ranking split (its validation cutoff).
+    output_dir (str): where ``lum.pt``, ``config.json``, ``history.json`` and TensorBoard
+        events go (nothing written when empty).
+    progress (bool): tqdm bar over the epochs.
     model (LUMConfig): sizes.
     """
 
     dataset: str = "movielens-100k"
     condition: str = "genre"
     max_events: int = 100
+    layout: str = "jagged"
     row_len: int = 256
     batch_rows: int = 16
     epochs: int = 20
@@ -64,30 +76,72 @@ class LUMRecipeConfig:
     seed: int = 0
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    output_dir: str = ""
     progress: bool = False
     model: LUMConfig = dataclasses.field(default_factory=LUMConfig)
 
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"unknown LUM condition {self.condition!r}; choose one of {sorted(CONDITIONS)}")
+        if self.layout not in ("jagged", "packed"):
+            raise ValueError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
+        if 2 * self.max_events > self.model.max_positions:
+            raise ValueError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
+                             f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
+
+
+def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[Tuple[str, tuple]]:
+    """One epoch's batches in a fresh random order, in the configured layout."""
+    lengths = seqs.lengths()
+    if cfg.layout == "packed":
+        rows = pack_sequences(lengths, cfg.row_len)
+        order = torch.randperm(len(rows), generator=g).tolist()
+        return [("packed", ([rows[i] for i in order[s:s + cfg.batch_rows]],))
+                for s in range(0, len(order), cfg.batch_rows)]
+    order = torch.randperm(len(lengths), generator=g).numpy()
+    return [("jagged", (users,)) for users in batch_by_tokens(lengths, order, cfg.batch_rows * cfg.row_len)]
+
+
+def _step_loss(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig, kind: str, args: tuple,
+               g: torch.Generator) -> Tuple[torch.Tensor, dict, int]:
+    if kind == "packed":
+        batch = seqs.packed_rows(args[0], cfg.row_len)
+        loss, stats = model.loss(batch.tokens, batch.segment, batch.position, g)
+        return loss, stats, int((batch.segment >= 0).sum())
+    tokens, offsets = seqs.jagged_batch(args[0])
+    loss, stats = model.loss_jagged(tokens, offsets, g)
+    return loss, stats, tokens.numel()
+
 
 def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, List[Dict[str, float]]]:
-    """Pre-trains LUM on packed rows; returns the model (eval mode), the sequences and
-    the per-epoch history (loss, top-1 against the negatives, tokens/s)."""
+    """Pre-trains LUM on the events before the validation cutoff; returns the model (eval
+    mode), the sequences and the per-epoch history (loss, top-1 against the negatives,
+    tokens/s). With ``cfg.output_dir`` the model is saved there (atomically, with its
+    config) and the curves go to TensorBoard."""
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     store = SequenceStore.open(resolve_store(cfg.dataset))
     log = behaviour_log(store, cfg.valid_fraction, cfg.test_fraction)
     seqs = condition_item_sequences(store, log, cfg.condition, cfg.max_events)
-    rows = pack_sequences(seqs.lengths(), cfg.row_len)
+    if not seqs.lengths().any():
+        raise ValueError(f"{store.path}: no event before the validation cutoff; LUM has nothing to pre-train on")
     model = LUM(cfg.model, seqs.space)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    writer = None
+    if cfg.output_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
     history = []
-    for epoch in tqdm(range(cfg.epochs), desc=f"lum {cfg.condition}", disable=not cfg.progress):
+    bar = tqdm(range(cfg.epochs), desc=f"lum {cfg.condition}", disable=not cfg.progress)
+    step = 0
+    for epoch in bar:
         model.train()
-        order = torch.randperm(len(rows), generator=g).tolist()
         sums = {"loss": 0.0, "top1": 0.0, "positions": 0.0}
         tokens, start = 0, time.perf_counter()
-        for s in range(0, len(order), cfg.batch_rows):
-            batch = seqs.packed_rows([rows[i] for i in order[s:s + cfg.batch_rows]], cfg.row_len)
-            loss, stats = model.loss(batch.tokens, batch.segment, batch.position, g)
+        for kind, args in _batches(seqs, cfg, g):
+            loss, stats, n_tokens = _step_loss(model, seqs, cfg, kind, args, g)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -95,11 +149,58 @@ def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, Lis
             sums["loss"] += float(stats["loss"]) * n
             sums["top1"] += float(stats["top1"]) * n
             sums["positions"] += n
-            tokens += int((batch.segment >= 0).sum())
+            tokens += n_tokens
+            step += 1
+            if writer is not None:
+                writer.add_scalar("train/loss", float(stats["loss"]), step)
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "loss": sums["loss"] / sums["positions"],
                         "top1": sums["top1"] / sums["positions"], "tokens_per_s": tokens / seconds})
-    return model.eval(), seqs, history
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", top1=f"{history[-1]['top1']:.3f}")
+        if writer is not None:
+            for key in ("loss", "top1", "tokens_per_s"):
+                writer.add_scalar(f"epoch/{key}", history[-1][key], epoch)
+    model.eval()
+    if writer is not None:
+        writer.close()
+        save_lum(cfg.output_dir, model, cfg, history)
+    return model, seqs, history
+
+
+def save_lum(run_dir: str, model: LUM, cfg: LUMRecipeConfig, history: List[Dict[str, float]]) -> None:
+    """``lum.pt`` (state dict), ``config.json`` and ``history.json``, each written to a
+    temporary file and renamed: a run directory never holds a partial file."""
+    from torchrec_genrec.config import to_dict
+    from torchrec_genrec.train.recipe import _write_json_atomic
+
+    os.makedirs(run_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".lum-", suffix=".pt")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, os.path.join(run_dir, "lum.pt"))
+    _write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(cfg))
+    _write_json_atomic(os.path.join(run_dir, "history.json"), {"history": history})
+
+
+def load_lum(run_dir: str) -> Tuple[LUM, ConditionItemSequences, LUMRecipeConfig]:
+    """A run of :func:`pretrain_lum` back: the model (eval mode), its sequences, its config."""
+    from torchrec_genrec.config import from_dict
+
+    path = os.path.join(run_dir, "lum.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished LUM run (genrec lum train --out DIR)")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = from_dict(LUMRecipeConfig, json.load(f), where=os.path.join(run_dir, "config.json"))
+    store = SequenceStore.open(resolve_store(cfg.dataset))
+    seqs = condition_item_sequences(store, behaviour_log(store, cfg.valid_fraction, cfg.test_fraction),
+                                    cfg.condition, cfg.max_events)
+    model = LUM(cfg.model, seqs.space)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not match its config.json (token space {seqs.space.size}): {err}") from None
+    return model.eval(), seqs, cfg
 
 
 def _test_events(store: SequenceStore, cfg: LUMRecipeConfig) -> Tuple[np.ndarray, np.ndarray]:
@@ -110,53 +211,70 @@ def _test_events(store: SequenceStore, cfg: LUMRecipeConfig) -> Tuple[np.ndarray
     return user[events], events
 
 
+def user_prefix(seqs: ConditionItemSequences, user: int, room: int) -> torch.Tensor:
+    """The user's most recent ``<condition, item>`` tokens that fit in ``room`` positions
+    (cut at a condition, so the prefix stays in pairs)."""
+    prefix = torch.from_numpy(seqs.tokens[seqs.offsets[user]:seqs.offsets[user + 1]])
+    keep = min(prefix.numel(), room - room % 2)
+    return prefix[prefix.numel() - keep:]
+
+
 @torch.no_grad()
 def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig,
-                          filter_by_condition: bool = False, wrong_condition: bool = False,
-                          k: int = 10, seed: int = 0) -> Dict[str, float]:
+                          condition: Optional[str] = None, condition_prior: bool = False,
+                          wrong_condition: bool = False, steps: int = 1, k: int = 10, seed: int = 0
+                          ) -> Dict[str, float]:
     """Recall@k / NDCG@k of every test event of the users with a pre-cutoff history,
     given that history and the event's condition (one group query per user: each distinct
     condition read out in one pass). Items already in the history are not ranked.
 
     Args:
-        model, seqs: a pre-trained LUM and its sequences (``pretrain_lum``).
-        filter_by_condition (bool): keep only items whose condition is the true one (the
-            unconditioned baseline's filter).
+        model, seqs, cfg: a pre-trained LUM, its sequences and recipe (``pretrain_lum``).
+        condition (str): the condition whose true value each test event is asked with
+            (default ``cfg.condition``; required for the unconditioned model).
+        condition_prior (bool): add ``log p(condition | item)`` to the scores (logits
+            ``cos / temperature``): the condition applied after the fact. For an item
+            attribute (genre) ``p`` is 0 or 1: a filter; for a time condition it is the
+            item's smoothed pre-cutoff frequency under the condition.
         wrong_condition (bool): query with a random other condition value.
+        steps (int): interest = the condition's output (1) or the mean of ``steps``
+            generated item embeddings (:meth:`LUM.interests`).
     """
+    condition = condition or cfg.condition
+    if condition == "none":
+        raise ValueError("the unconditioned model needs the condition to evaluate: pass condition='genre', ...")
     store = SequenceStore.open(resolve_store(cfg.dataset))
     users, events = _test_events(store, cfg)
-    seconds = np.asarray(store.timestamp, dtype=np.int64)
+    seconds = np.asarray(store.timestamp, dtype=np.int64) // _per_second(store)
     items = np.asarray(store.item, dtype=np.int64)
-    genre_condition = CONDITIONS[cfg.condition if cfg.condition != "none" else "genre"]
-    true_cond = np.asarray(genre_condition(store, items[events], seconds[events]))
-    item_cond = torch.from_numpy(np.asarray(genre_condition(store, np.arange(store.num_items),
-                                                            np.zeros(store.num_items, dtype=np.int64))))
-    num_cond = int(item_cond.max()) + 1
+    true_cond = np.asarray(CONDITIONS[condition](store, items[events], seconds[events]))
+    log = behaviour_log(store, cfg.valid_fraction, cfg.test_fraction)
+    prior = condition_given_item(store, log, condition)
+    with np.errstate(divide="ignore"):  # log 0 = -inf: an item outside the condition
+        log_prior = torch.from_numpy(np.log(prior)).float() if condition_prior else None
+    values = np.arange(1 if condition in ITEM_CONDITIONS else 0, prior.shape[1])
     rng = np.random.default_rng(seed)
     hits, ndcg, n, n_users = 0.0, 0.0, 0, 0
+    room = cfg.model.max_positions - (2 * steps - 1)
     for u in np.unique(users).tolist():
-        prefix = torch.from_numpy(seqs.tokens[seqs.offsets[u]:seqs.offsets[u + 1]])
+        prefix = user_prefix(seqs, u, room)
         if prefix.numel() == 0:
             continue
         n_users += 1
-        prefix = prefix[-(cfg.model.max_positions - 1):]
         mine = users == u
         conds = true_cond[mine]
-        if wrong_condition:
-            asked = np.asarray([rng.choice([x for x in range(1, num_cond) if x != c]) for c in conds])
-        else:
-            asked = conds
+        asked = np.asarray([rng.choice(values[values != c]) for c in conds]) if wrong_condition else conds
         query_values = np.zeros_like(asked) if cfg.condition == "none" else asked
         distinct, slot = np.unique(query_values, return_inverse=True)
-        interests = model.query(prefix, seqs.space.to_tokens("condition", torch.from_numpy(distinct)))
-        scores_by_condition = model.item_scores(interests)
         seen = seqs.space.from_tokens("item", prefix[1::2])
-        scores_by_condition[:, seen] = -math.inf
+        interests = model.interests(prefix, seqs.space.to_tokens("condition", torch.from_numpy(distinct)), steps,
+                                    exclude=seen)
+        logits_by_condition = model.item_scores(interests) / model.config.temperature
+        logits_by_condition[:, seen] = -math.inf
         for target, c, s in zip(items[events[mine]].tolist(), conds.tolist(), slot.tolist()):
-            scores = scores_by_condition[s].clone()
-            if filter_by_condition:
-                scores[item_cond != c] = -math.inf
+            scores = logits_by_condition[s]
+            if log_prior is not None:
+                scores = scores + log_prior[:, c]
             n += 1
             if scores[target] == -math.inf:
                 continue  # an item the user already had: not retrievable here
@@ -168,32 +286,42 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
 
 
 def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "movielens-100k",
-                            model: Optional[LUMConfig] = None) -> Dict[str, Dict[str, float]]:
-    """The conditioned-retrieval comparison for one seed: conditioned (true condition),
-    wrong condition, unconditioned + filter, unconditioned."""
+                            condition: str = "genre", steps: int = 4, model: Optional[LUMConfig] = None,
+                            layout: str = "jagged") -> Dict[str, Dict[str, float]]:
+    """The conditioned-retrieval comparison for one seed and condition kind: true
+    condition (its output, and ``steps`` generated items pooled), wrong condition, the
+    unconditioned model with the condition applied afterwards (``condition_prior``), and
+    the unconditioned model alone."""
     out: Dict[str, Dict[str, float]] = {}
-    base = dict(dataset=dataset, epochs=epochs, seed=seed, model=model or LUMConfig())
-    cond_cfg = LUMRecipeConfig(condition="genre", **base)
+    base = dict(dataset=dataset, epochs=epochs, seed=seed, layout=layout, model=model or LUMConfig())
+    cond_cfg = LUMRecipeConfig(condition=condition, **base)
     cond_model, cond_seqs, cond_hist = pretrain_lum(cond_cfg)
     out["conditioned"] = {**conditioned_retrieval(cond_model, cond_seqs, cond_cfg), "train": cond_hist[-1]}
+    out["conditioned_pooled"] = conditioned_retrieval(cond_model, cond_seqs, cond_cfg, steps=steps)
     out["wrong_condition"] = conditioned_retrieval(cond_model, cond_seqs, cond_cfg, wrong_condition=True, seed=seed)
     none_cfg = LUMRecipeConfig(condition="none", **base)
     none_model, none_seqs, none_hist = pretrain_lum(none_cfg)
-    out["unconditioned_filtered"] = {**conditioned_retrieval(none_model, none_seqs, none_cfg,
-                                                             filter_by_condition=True), "train": none_hist[-1]}
-    out["unconditioned"] = conditioned_retrieval(none_model, none_seqs, none_cfg)
+    out["unconditioned_prior"] = {**conditioned_retrieval(none_model, none_seqs, none_cfg, condition,
+                                                          condition_prior=True), "train": none_hist[-1]}
+    out["unconditioned"] = conditioned_retrieval(none_model, none_seqs, none_cfg, condition)
     return out
 
 
 @torch.no_grad()
 def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore, name: Optional[str] = None,
-                 ) -> Dict[str, torch.Tensor]:
+                 steps: int = 1, top_k: int = 50, progress: bool = False) -> Dict[str, torch.Tensor]:
     """Step 3's offline cache: every user's interest vector under every condition (one
-    group query per user over its pre-cutoff history; zeros without one), every item's LUM
-    embedding, and each item's condition; saved as the side-feature set ``name``.
+    group query per user over its pre-cutoff history; zeros without one), the top-``k``
+    items per user and condition (history excluded), every item's LUM embedding and each
+    item's condition; saved as the side-feature set ``name``.
+
+    Args:
+        steps (int): interest = the condition's output (1) or the mean of ``steps``
+            generated item embeddings.
 
     Returns:
-        ``lum_interest`` ``(U * C, D)`` (row ``u * C + c``), ``lum_item`` ``(I, D)``,
+        ``lum_interest`` ``(U * C, D)`` (row ``u * C + c``), ``lum_topk`` ``(U * C, k)``
+        item ids (-1 for a user without history), ``lum_item`` ``(I, D)``,
         ``lum_item_condition`` ``(I,)``.
     """
     from torchrec_genrec.data.content import save_side_features
@@ -202,16 +330,23 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
     d = model.config.embedding_dim
     conditions = seqs.space.to_tokens("condition", torch.arange(c))
     interest = torch.zeros(store.num_users, c, d)
-    for u in range(store.num_users):
-        prefix = torch.from_numpy(seqs.tokens[seqs.offsets[u]:seqs.offsets[u + 1]])
+    top = torch.full((store.num_users, c, top_k), -1, dtype=torch.int64)
+    room = model.config.max_positions - (2 * steps - 1)
+    for u in tqdm(range(store.num_users), desc="lum features", disable=not progress):
+        prefix = user_prefix(seqs, u, room)
         if prefix.numel():
-            interest[u] = model.query(prefix[-(model.config.max_positions - 1):], conditions)
+            seen = seqs.space.from_tokens("item", prefix[1::2])
+            interest[u] = model.interests(prefix, conditions, steps, exclude=seen)
+            scores = model.item_scores(interest[u])
+            scores[:, seen] = -math.inf
+            top[u] = scores.topk(top_k, dim=1).indices
     first, end = seqs.space.ranges["item"]
     items = model.embed(torch.arange(first, end))
-    cond_fn = CONDITIONS[seqs.condition]
-    item_condition = torch.from_numpy(np.asarray(cond_fn(store, np.arange(store.num_items),
-                                                         np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
-    out = {"lum_interest": interest.reshape(-1, d), "lum_item": items, "lum_item_condition": item_condition}
+    item_condition = torch.from_numpy(np.asarray(CONDITIONS[seqs.condition](
+        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
+    out = {"lum_interest": interest.reshape(-1, d), "lum_topk": top.reshape(-1, top_k), "lum_item": items,
+           "lum_item_condition": item_condition}
     if name:
-        save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c})
+        save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c,
+                                                   "steps": steps})
     return out
