@@ -25,8 +25,9 @@ V[both_scl]="--set model.content=minilm_scl --set model.muse=both --set data.tas
 V[sid_only]="--set model.sid=sid_rqkmeans --set model.item_ids=none"
 V[small_sid]="--set model.sid=sid_rqkmeans --set model.item_ids=hashed --set model.item_hash_rows=256"
 V[small]="--set model.item_ids=hashed --set model.item_hash_rows=256"
-# LUM features (issue #8; the set from `python bench/lum_features.py`).
-V[lum]="--set model.lum=lum_genre"
+# LUM features (issue #8): the sets lum_genre_s<seed> of `python bench/lum_features.py --seeds 0 1 2`,
+# LUM pre-trained with the ranker's seed.
+V[lum]="--set model.lum=lum_genre_s{seed}"
 VARIANTS=${VARIANTS:-"ids sid simtier sata both das both_scl sid_only small_sid small"}
 jobs=()
 for seed in $SEEDS; do for v in $VARIANTS; do jobs+=("$v:$seed"); done; done
@@ -40,7 +41,7 @@ run_queue() {
         OMP_NUM_THREADS=$((QUEUES > 1 ? 1 : 2)) .venv/bin/genrec rank --config apps/configs/ranking_ml100k.toml \
           --set model.name=dlrm --set train.seed=$seed --set train.epochs=$EPOCHS --set train.patience=$PATIENCE \
           --set train.output_dir=$out \
-          --set train.progress=false ${V[$v]} > "$out.log" 2>&1 || echo "FAILED $out"
+          --set train.progress=false ${V[$v]//\{seed\}/$seed} > "$out.log" 2>&1 || echo "FAILED $out"
       fi
     fi
     i=$((i + 1))

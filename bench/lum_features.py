@@ -1,9 +1,10 @@
-"""Pre-trains LUM (genre condition) on the events before the validation cutoff and caches
-its ranker features as the side-feature set ``lum_genre``: every user's interest under
-every genre, every item's LUM embedding. Then `VARIANTS=lum bash bench/content_ranking.sh`
-and `bench/content_report.py --variants ids lum`.
+"""Pre-trains LUM (genre condition) on the events before the validation cutoff, once per
+seed, and caches its ranker features as the side-feature sets ``lum_genre_s<seed>``: every
+user's interest under every genre, its top-k items per genre, every item's LUM embedding.
+Then `SEEDS="0 1 2" VARIANTS="ids lum" bash bench/content_ranking.sh` (the ranker of seed s
+reads the LUM of seed s) and `bench/content_report.py --variants ids lum`.
 
-    .venv/bin/python bench/lum_features.py --epochs 20 --seed 0
+    .venv/bin/python bench/lum_features.py --epochs 20 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from torchrec_genrec.train.lum import LUMRecipeConfig, lum_features, pretrain_lu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="lum_genre")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1, help="generated items pooled into each interest")
+    parser.add_argument("--name", default="lum_genre", help="sets are <name>_s<seed>")
     args = parser.parse_args()
-    cfg = LUMRecipeConfig(condition="genre", epochs=args.epochs, seed=args.seed)
-    model, seqs, history = pretrain_lum(cfg)
-    out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.dataset)), args.name)
-    print(f"pre-training: {history[-1]}")
-    print(f"{args.name}: interests {tuple(out['lum_interest'].shape)}, items {tuple(out['lum_item'].shape)}")
+    for seed in args.seeds:
+        name = f"{args.name}_s{seed}"
+        cfg = LUMRecipeConfig(condition="genre", epochs=args.epochs, seed=seed, output_dir=f"runs/{name}")
+        model, seqs, history = pretrain_lum(cfg)
+        out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.dataset)), name, steps=args.steps)
+        print(f"{name}: pre-training {history[-1]}; interests {tuple(out['lum_interest'].shape)}, "
+              f"items {tuple(out['lum_item'].shape)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 condition applied afterwards (the fair baseline: + log p(condition | item), a filter for
 the genre, the item's pre-cutoff frequency for hour / weekday) vs a wrong condition vs the
 unconditioned model alone. Pre-training reads only events before the validation cutoff;
-every test event of a user with such a history is asked for.
+every test event of a user with such a history is asked for. Differences come with a
+paired bootstrap over users (all seeds resampled alike).
 
     .venv/bin/python bench/lum_retrieval.py --conditions genre hour --seeds 0 1 2 --epochs 20
 """
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4, help="generated items pooled per condition")
+    parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples over users")
     parser.add_argument("--out", default="runs/lum_retrieval.json")
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -60,10 +62,29 @@ def main() -> None:
             n = [run[key]["ndcg@10"] for run in runs]
             print(f"| {label} | {np.mean(r):.4f} | {np.mean(n):.4f} | {', '.join(f'{x:.4f}' for x in r)} |")
         mean = lambda key, m: np.mean([run[key][m] for run in runs])  # noqa: E731
-        for key in ("conditioned", "conditioned_pooled"):
-            print(f"{key} / unconditioned + condition after: recall@10 "
-                  f"{mean(key, 'recall@10') / max(mean('unconditioned_prior', 'recall@10'), 1e-12):.2f}x, NDCG@10 "
-                  f"{mean(key, 'ndcg@10') / max(mean('unconditioned_prior', 'ndcg@10'), 1e-12):.2f}x")
+        print("| comparison | recall@10 ratio | recall@10 difference [95% CI] | NDCG@10 ratio | "
+              "NDCG@10 difference [95% CI] |")
+        print("|---|---|---|---|---|")
+        for a, b in (("conditioned", "unconditioned_prior"), ("conditioned_pooled", "unconditioned_prior"),
+                     ("conditioned_pooled", "conditioned"), ("conditioned", "wrong_condition")):
+            cells = [f"{a} vs {b}"]
+            for metric, field in (("recall@10", "event_hit"), ("ndcg@10", "event_ndcg")):
+                d, lo, hi = paired_bootstrap(runs, a, b, field, args.samples)
+                cells += [f"{mean(a, metric) / max(mean(b, metric), 1e-12):.2f}x", f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"]
+            print("| " + " | ".join(cells) + " |")
+
+
+def paired_bootstrap(runs, a: str, b: str, field: str, samples: int, seed: int = 0):
+    """Mean over seeds of (a - b) per test event, and a 95% interval from resampling users
+    (every seed resampled alike)."""
+    users = np.asarray(runs[0][a]["event_user"])
+    ids, inverse = np.unique(users, return_inverse=True)
+    count = np.bincount(inverse, minlength=len(ids)).astype(float)
+    diff = np.mean([np.bincount(inverse, weights=np.asarray(r[a][field]) - np.asarray(r[b][field]),
+                                minlength=len(ids)) for r in runs], axis=0)  # per user, summed over events
+    weights = np.random.default_rng(seed).multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=samples)
+    boot = (weights @ diff) / (weights @ count)
+    return float(diff.sum() / count.sum()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 if __name__ == "__main__":

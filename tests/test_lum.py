@@ -210,3 +210,33 @@ def test_lum_runs_save_and_load_and_bad_configs_are_refused(ml100k, tmp_path):
     torch.testing.assert_close(loaded.query(prefix, conditions), model.query(prefix, conditions))
     with pytest.raises(FileNotFoundError, match="not a finished LUM run"):
         load_lum(str(tmp_path))
+
+
+def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, tmp_path, capsys):
+    import json
+
+    from torchrec_genrec import cli
+    from torchrec_genrec.data.content import load_side_features
+
+    run = str(tmp_path / "lum")
+    small = ["epochs=1", "max_events=20", "model.embedding_dim=16", "model.num_layers=1", "model.max_positions=64",
+             "model.num_negatives=16", f"dataset={json.dumps(ml100k.path)}"]
+    assert cli.main(["lum", "train", "--out", run, "--set", "condtion=hour"]) != 0  # a config typo is named
+    assert "did you mean 'condition'" in capsys.readouterr().err
+    assert cli.main(["lum", "train", "--out", run] + sum((["--set", s] for s in small), [])) == 0
+    assert "lum.pt" in capsys.readouterr().out
+    assert cli.main(["lum", "eval", "--run", run]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["true"]["events"] > 0 and 0 <= report["wrong"]["recall@10"] <= 1
+    assert cli.main(["lum", "features", "--run", run, "--name", "lum_cli", "--k", "5"]) == 0
+    capsys.readouterr()
+    side = load_side_features(ml100k.path, "lum_cli")
+    assert side["lum_topk"].shape == (ml100k.num_users * side.meta["conditions"], 5)
+    user = str(ml100k.user_raw_ids()[1])
+    assert cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "1", "8", "--k", "3"]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert list(top) == ["genre=1", "genre=8"] and all(len(v) == 3 for v in top.values())
+    with pytest.raises(SystemExit, match="out of range"):
+        cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "99"])
+    with pytest.raises(SystemExit, match="not in"):
+        cli.main(["lum", "retrieve", "--run", run, "--user", "no-such-user", "--conditions", "1"])

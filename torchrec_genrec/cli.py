@@ -1,4 +1,4 @@
-"""The ``genrec`` command: prepare, train, compare, plan, export, serve, doctor.
+"""The ``genrec`` command: prepare, train, rank, content, lum, compare, plan, export, serve, doctor.
 
 Each subcommand is a thin wrapper: it parses arguments, calls the library and prints a
 short report. Heavy imports happen inside the subcommand so ``genrec doctor`` works even
@@ -154,6 +154,74 @@ def _cmd_content(args: argparse.Namespace) -> int:
                 report["item_stats"] = side.meta.get("item_stats")
                 report["co_consumption"] = pipeline.co_consumption_lift(log, side["item_codes"])
             show(report)
+    return 0
+
+
+def _cmd_lum(args: argparse.Namespace) -> int:
+    import json
+
+    from torchrec_genrec.config import load_config
+    from torchrec_genrec.train import lum as pipeline
+
+    if args.action == "train":
+        overrides = list(args.set) + ([f"output_dir={json.dumps(args.out)}"] if args.out else []) + ["progress=true"]
+        cfg = load_config(pipeline.LUMRecipeConfig, args.config, overrides)
+        if not cfg.output_dir:
+            raise SystemExit("genrec lum train: give --out DIR (or output_dir in the config)")
+        _, seqs, history = pipeline.pretrain_lum(cfg)
+        last = history[-1]
+        print(f"LUM ({cfg.condition}, {cfg.layout}) on {cfg.dataset}: {int((seqs.lengths() > 0).sum())} users, "
+              f"{int(seqs.lengths().sum()):,} tokens; epoch {last['epoch']}: loss {last['loss']:.4f}, "
+              f"top-1 vs negatives {last['top1']:.3f}, {last['tokens_per_s']:,.0f} tokens/s")
+        print(f"model -> {os.path.join(cfg.output_dir, 'lum.pt')}; curves -> {cfg.output_dir}/tensorboard")
+        return 0
+    if not args.run:
+        raise SystemExit(f"genrec lum {args.action}: give --run DIR (a `genrec lum train --out DIR` run)")
+    model, seqs, cfg = pipeline.load_lum(args.run)
+    if args.action == "eval":
+        condition = args.condition or cfg.condition
+        report = {"true": pipeline.conditioned_retrieval(model, seqs, cfg, condition, steps=args.steps),
+                  "wrong": pipeline.conditioned_retrieval(model, seqs, cfg, condition, wrong_condition=True,
+                                                          steps=args.steps)}
+        if cfg.condition == "none":
+            report = {"plain": pipeline.conditioned_retrieval(model, seqs, cfg, condition),
+                      "condition_after": pipeline.conditioned_retrieval(model, seqs, cfg, condition,
+                                                                        condition_prior=True)}
+        print(json.dumps(report, indent=1))
+        return 0
+    from torchrec_genrec.data.datasets import resolve_store
+    from torchrec_genrec.data.store import SequenceStore
+
+    store = SequenceStore.open(resolve_store(cfg.dataset))
+    if args.action == "features":
+        name = args.name or f"lum_{cfg.condition}"
+        out = pipeline.lum_features(model, seqs, store, name, steps=args.steps, top_k=args.k, progress=True)
+        print(f"{name}: interests {tuple(out['lum_interest'].shape)} (user x condition), top-{args.k} items "
+              f"{tuple(out['lum_topk'].shape)}, item embeddings {tuple(out['lum_item'].shape)} -> "
+              f"{store.path}/content/{name}.safetensors; use it with `genrec rank --set model.lum={name}`")
+        return 0
+    # retrieve: top-k items of one user under the given conditions (raw ids)
+    import numpy as np
+    import torch
+
+    raw_users = store.user_raw_ids()
+    match = np.nonzero(raw_users.astype(str) == str(args.user))[0]
+    if not match.size:
+        raise SystemExit(f"genrec lum retrieve: user {args.user!r} is not in {store.path}")
+    size = seqs.space.count("condition")
+    bad = [c for c in args.conditions if not 0 <= c < size]
+    if bad:
+        raise SystemExit(f"genrec lum retrieve: condition values {bad} out of range: {cfg.condition} takes 0..{size - 1}")
+    prefix = pipeline.user_prefix(seqs, int(match[0]), model.config.max_positions - (2 * args.steps - 1))
+    if prefix.numel() == 0:
+        raise SystemExit(f"genrec lum retrieve: user {args.user!r} has no event before the validation cutoff")
+    seen = seqs.space.from_tokens("item", prefix[1::2])
+    scores, items = model.retrieve(prefix, seqs.space.to_tokens("condition", torch.tensor(args.conditions)), args.k,
+                                   args.steps, exclude=seen)
+    raw_items = store.item_raw_ids()
+    print(json.dumps({f"{cfg.condition}={c}": [{"item": raw_items[i].item(), "score": round(float(v), 4)}
+                                               for i, v in zip(items[n].tolist(), scores[n].tolist())]
+                      for n, c in enumerate(args.conditions)}, indent=1))
     return 0
 
 
@@ -345,6 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     content.add_argument("--test-fraction", type=float, default=0.1)
     content.add_argument("--sets", nargs="*", default=[], help="report: side-feature sets to report on")
     content.set_defaults(func=_cmd_content)
+    lum = sub.add_parser("lum", help="LUM: pre-train on <condition, item> tokens, evaluate conditioned retrieval, "
+                                     "cache ranker features, retrieve top-k per condition")
+    lum.add_argument("action", choices=["train", "eval", "features", "retrieve"])
+    lum.add_argument("--config", default=None, help="train: a TOML LUMRecipeConfig (apps/configs/lum_ml100k.toml)")
+    lum.add_argument("--set", action="append", default=[], help="train: override a config key, e.g. condition=hour")
+    lum.add_argument("--out", default="", help="train: the run directory")
+    lum.add_argument("--run", default="", help="eval/features/retrieve: a trained run directory")
+    lum.add_argument("--condition", default="", help="eval: the condition asked (required for condition=none)")
+    lum.add_argument("--steps", type=int, default=1, help="generated items pooled into each interest (1: none)")
+    lum.add_argument("--name", default="", help="features: the side-feature set written (default lum_<condition>)")
+    lum.add_argument("--k", type=int, default=10, help="features/retrieve: top-k items per condition")
+    lum.add_argument("--user", default="", help="retrieve: a raw user id")
+    lum.add_argument("--conditions", nargs="+", type=int, default=[], help="retrieve: condition values asked")
+    lum.set_defaults(func=_cmd_lum)
     plan = sub.add_parser("plan", help="dry-run the sharding planner for a model on a (hypothetical) cluster")
     plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans"], default="hstu")
     plan.add_argument("--num-items", default="1e6", help="catalogue size, e.g. 1e9")

@@ -18,13 +18,14 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -222,8 +223,8 @@ def user_prefix(seqs: ConditionItemSequences, user: int, room: int) -> torch.Ten
 @torch.no_grad()
 def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig,
                           condition: Optional[str] = None, condition_prior: bool = False,
-                          wrong_condition: bool = False, steps: int = 1, k: int = 10, seed: int = 0
-                          ) -> Dict[str, float]:
+                          wrong_condition: bool = False, steps: int = 1, k: int = 10, seed: int = 0,
+                          per_event: bool = False) -> Dict[str, Any]:
     """Recall@k / NDCG@k of every test event of the users with a pre-cutoff history,
     given that history and the event's condition (one group query per user: each distinct
     condition read out in one pass). Items already in the history are not ranked.
@@ -239,6 +240,8 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
         wrong_condition (bool): query with a random other condition value.
         steps (int): interest = the condition's output (1) or the mean of ``steps``
             generated item embeddings (:meth:`LUM.interests`).
+        per_event (bool): also return ``event_user`` / ``event_hit`` / ``event_ndcg`` per
+            test event (for a paired bootstrap over users).
     """
     condition = condition or cfg.condition
     if condition == "none":
@@ -254,7 +257,8 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
         log_prior = torch.from_numpy(np.log(prior)).float() if condition_prior else None
     values = np.arange(1 if condition in ITEM_CONDITIONS else 0, prior.shape[1])
     rng = np.random.default_rng(seed)
-    hits, ndcg, n, n_users = 0.0, 0.0, 0, 0
+    hits, ndcg, n_users = [], [], 0  # per test event, in (user, store) order
+    event_users: List[int] = []
     room = cfg.model.max_positions - (2 * steps - 1)
     for u in np.unique(users).tolist():
         prefix = user_prefix(seqs, u, room)
@@ -275,35 +279,38 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
             scores = logits_by_condition[s]
             if log_prior is not None:
                 scores = scores + log_prior[:, c]
-            n += 1
-            if scores[target] == -math.inf:
-                continue  # an item the user already had: not retrievable here
-            rank = int((scores > scores[target]).sum())
-            if rank < k:
-                hits += 1
-                ndcg += 1.0 / math.log2(rank + 2)
-    return {f"recall@{k}": hits / max(n, 1), f"ndcg@{k}": ndcg / max(n, 1), "events": n, "users": n_users}
+            event_users.append(u)
+            # An item the user already had is not retrievable here: a miss.
+            rank = int((scores > scores[target]).sum()) if scores[target] > -math.inf else k
+            hits.append(1.0 if rank < k else 0.0)
+            ndcg.append(1.0 / math.log2(rank + 2) if rank < k else 0.0)
+    n = len(hits)
+    out = {f"recall@{k}": sum(hits) / max(n, 1), f"ndcg@{k}": sum(ndcg) / max(n, 1), "events": n, "users": n_users}
+    if per_event:
+        out.update({"event_user": event_users, "event_hit": hits, "event_ndcg": ndcg})
+    return out
 
 
 def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "movielens-100k",
                             condition: str = "genre", steps: int = 4, model: Optional[LUMConfig] = None,
-                            layout: str = "jagged") -> Dict[str, Dict[str, float]]:
+                            layout: str = "jagged") -> Dict[str, Dict[str, Any]]:
     """The conditioned-retrieval comparison for one seed and condition kind: true
     condition (its output, and ``steps`` generated items pooled), wrong condition, the
     unconditioned model with the condition applied afterwards (``condition_prior``), and
     the unconditioned model alone."""
-    out: Dict[str, Dict[str, float]] = {}
+    out: Dict[str, Dict[str, Any]] = {}
     base = dict(dataset=dataset, epochs=epochs, seed=seed, layout=layout, model=model or LUMConfig())
     cond_cfg = LUMRecipeConfig(condition=condition, **base)
     cond_model, cond_seqs, cond_hist = pretrain_lum(cond_cfg)
-    out["conditioned"] = {**conditioned_retrieval(cond_model, cond_seqs, cond_cfg), "train": cond_hist[-1]}
-    out["conditioned_pooled"] = conditioned_retrieval(cond_model, cond_seqs, cond_cfg, steps=steps)
-    out["wrong_condition"] = conditioned_retrieval(cond_model, cond_seqs, cond_cfg, wrong_condition=True, seed=seed)
+    ask = functools.partial(conditioned_retrieval, per_event=True)
+    out["conditioned"] = {**ask(cond_model, cond_seqs, cond_cfg), "train": cond_hist[-1]}
+    out["conditioned_pooled"] = ask(cond_model, cond_seqs, cond_cfg, steps=steps)
+    out["wrong_condition"] = ask(cond_model, cond_seqs, cond_cfg, wrong_condition=True, seed=seed)
     none_cfg = LUMRecipeConfig(condition="none", **base)
     none_model, none_seqs, none_hist = pretrain_lum(none_cfg)
-    out["unconditioned_prior"] = {**conditioned_retrieval(none_model, none_seqs, none_cfg, condition,
-                                                          condition_prior=True), "train": none_hist[-1]}
-    out["unconditioned"] = conditioned_retrieval(none_model, none_seqs, none_cfg, condition)
+    out["unconditioned_prior"] = {**ask(none_model, none_seqs, none_cfg, condition, condition_prior=True),
+                                  "train": none_hist[-1]}
+    out["unconditioned"] = ask(none_model, none_seqs, none_cfg, condition)
     return out
 
 
