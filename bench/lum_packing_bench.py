@@ -10,11 +10,15 @@ validation cutoff) through the same LUM forward + backward, laid out three ways:
   (``ops.jagged.jagged_causal_attention``);
 - ``padded``: users in random order, each batch padded to its longest (``LUM.loss``).
 
+``--encoder hstu`` runs LUM on the library's HSTU layers (jagged: the HSTU jagged kernel;
+padded: ``HSTUEncoder.forward_padded``); HSTU takes no block mask, so it has no packed arm.
+
 Every layout gets the same budget of token slots per step. Prints useful tokens/s, ratios
 to padded, and the share of token slots (what the pointwise layers compute) and of causal
 attention cells spent on padding or on other users.
 
     .venv/bin/python bench/lum_packing_bench.py --row-len 256 --batch-tokens 4096
+    .venv/bin/python bench/lum_packing_bench.py --encoder hstu
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ def main() -> None:
     parser.add_argument("--max-events", type=int, default=100)
     parser.add_argument("--steps", type=int, default=0, help="0: one pass over every user")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is printed")
+    parser.add_argument("--encoder", choices=["transformer", "hstu"], default="transformer",
+                        help="hstu: the library's HSTU layers (no packed arm: they take no block mask)")
     args = parser.parse_args()
     torch.manual_seed(0)
     store = SequenceStore.open(resolve_store("movielens-100k"))
     seqs = condition_item_sequences(store, behaviour_log(store), "genre", args.max_events)
     lengths = seqs.lengths()
     users = np.nonzero(lengths)[0]
-    model = LUM(LUMConfig(max_positions=max(args.row_len, int(lengths.max())), dropout=0.0), seqs.space)
+    model = LUM(LUMConfig(max_positions=max(args.row_len, int(lengths.max())), dropout=0.0, encoder=args.encoder),
+                seqs.space)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     rows = pack_sequences(lengths, args.row_len)
@@ -87,6 +94,8 @@ def main() -> None:
     }
     step_fns["padded"] = step_fns["packed"]
     layouts = {"packed": packed, "jagged": jagged, "padded": padded}
+    if args.encoder == "hstu":
+        del layouts["packed"]
     rates = {name: [] for name in layouts}
     # Rounds interleave the layouts so a noisy neighbour slows all of them alike; medians.
     for _ in range(args.repeats):
@@ -112,13 +121,15 @@ def main() -> None:
             cells = sum(b.tokens.shape[0] * b.tokens.shape[1] * (b.tokens.shape[1] + 1) / 2 for b in layout)
         results[name] = (float(np.median(rates[name])), 1 - useful / slots, 1 - useful_cells / cells, len(layout))
     print(f"{len(users)} users, {useful:,} tokens (longest {int(lengths.max())}); <= {args.batch_tokens} token "
-          f"slots per step; {torch.get_num_threads()} threads; median of {args.repeats} interleaved passes")
+          f"slots per step; {torch.get_num_threads()} threads; median of {args.repeats} interleaved passes; "
+          f"encoder {args.encoder}")
     print("| layout | steps | useful tokens/s | vs padded | token slots wasted | attention cells wasted |")
     print("|---|---|---|---|---|---|")
     base = results["padded"][0]
     for name, (rate, token_waste, cell_waste, steps) in results.items():
         print(f"| {name} | {steps} | {rate:,.0f} | {rate / base:.2f}x | {token_waste:.1%} | {cell_waste:.1%} |")
-    print(f"jagged / packed: {results['jagged'][0] / results['packed'][0]:.2f}x")
+    if "packed" in results:
+        print(f"jagged / packed: {results['jagged'][0] / results['packed'][0]:.2f}x")
 
 
 if __name__ == "__main__":

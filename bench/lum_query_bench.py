@@ -1,6 +1,7 @@
 """LUM group query: one pass with N conditions after a shared history vs N passes.
 
     .venv/bin/python bench/lum_query_bench.py --prefix 200 --n 1 4 16
+    .venv/bin/python bench/lum_query_bench.py --encoder hstu
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--encoder", choices=["transformer", "hstu"], default="transformer",
+                        help="hstu: the group query is HSTU's target-aware pass (O(N * P))")
     args = parser.parse_args()
     torch.manual_seed(0)
     space = TokenSpace.build(num_items=args.items, contexts={"condition": 32})
     model = LUM(LUMConfig(embedding_dim=args.dim, num_layers=args.layers, max_positions=args.prefix + 1,
-                          dropout=0.0), space).eval()
+                          dropout=0.0, encoder=args.encoder), space).eval()
     prefix = space.to_tokens("item", torch.randint(0, args.items, (args.prefix,)))
-    print(f"prefix {args.prefix} tokens, D {args.dim}, {args.layers} layers, {torch.get_num_threads()} threads")
+    print(f"encoder {args.encoder}, prefix {args.prefix} tokens, D {args.dim}, {args.layers} layers, "
+          f"{torch.get_num_threads()} threads")
     print("| N | one pass ms | N passes ms | N passes / one pass |")
     print("|---|---|---|---|")
     with torch.no_grad():

@@ -7,6 +7,7 @@ every test event of a user with such a history is asked for. Differences come wi
 paired bootstrap over users (all seeds resampled alike).
 
     .venv/bin/python bench/lum_retrieval.py --conditions genre hour --seeds 0 1 2 --epochs 20
+    .venv/bin/python bench/lum_retrieval.py --conditions genre --encoder hstu
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from torchrec_genrec.modules.lum import LUMConfig  # noqa: E402
 from torchrec_genrec.train.lum import run_lum_retrieval_study  # noqa: E402
 
 ROWS = (("conditioned", "true condition"), ("conditioned_pooled", "true condition, 4 generated items pooled"),
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4, help="generated items pooled per condition")
+    parser.add_argument("--encoder", choices=["transformer", "hstu"], default="transformer")
     parser.add_argument("--samples", type=int, default=2000, help="bootstrap resamples over users")
     parser.add_argument("--out", default="runs/lum_retrieval.json")
     args = parser.parse_args()
@@ -43,18 +46,18 @@ def main() -> None:
             results = json.load(f)
     for condition in args.conditions:
         for seed in args.seeds:
-            key = f"{condition}/{seed}"
+            key = f"{condition}/{args.encoder}/{seed}"
             if key not in results:
                 results[key] = run_lum_retrieval_study(seed=seed, epochs=args.epochs, condition=condition,
-                                                       steps=args.steps)
+                                                       steps=args.steps, model=LUMConfig(encoder=args.encoder))
                 with open(args.out + ".tmp", "w") as f:
                     json.dump(results, f, indent=1)
                 os.replace(args.out + ".tmp", args.out)
     for condition in args.conditions:
-        runs = [results[f"{condition}/{s}"] for s in args.seeds]
+        runs = [results[f"{condition}/{args.encoder}/{s}"] for s in args.seeds]
         first = runs[0]["conditioned"]
-        print(f"\ncondition {condition}: {first['events']:,} test events of {first['users']} users with a pre-cutoff "
-              f"history; {len(runs)} seed(s), {args.epochs} epochs")
+        print(f"\ncondition {condition}, encoder {args.encoder}: {first['events']:,} test events of "
+              f"{first['users']} users with a pre-cutoff history; {len(runs)} seed(s), {args.epochs} epochs")
         print("| query | recall@10 | NDCG@10 | per-seed recall@10 |")
         print("|---|---|---|---|")
         for key, label in ROWS:

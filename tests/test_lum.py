@@ -240,3 +240,49 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
         cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "99"])
     with pytest.raises(SystemExit, match="not in"):
         cli.main(["lum", "retrieve", "--run", run, "--user", "no-such-user", "--conditions", "1"])
+
+
+def test_lum_on_the_hstu_encoder_trains_jagged_and_its_group_query_is_the_target_aware_pass(sequences):
+    """LUM on the library's HSTU layers: the group query (HSTURankerEncoder's target-aware
+    mask) equals each condition appended to the prefix as its own jagged sequence
+    (HSTUEncoder); packed rows are refused; the jagged loss trains."""
+    torch.manual_seed(0)
+    model = LUM(LUMConfig(embedding_dim=16, num_layers=2, num_heads=2, max_positions=64, num_negatives=32,
+                          dropout=0.0, encoder="hstu"), sequences.space)
+    u = int(np.argmax(sequences.lengths()))
+    prefix = torch.from_numpy(sequences.tokens[sequences.offsets[u]:sequences.offsets[u + 1]])[-30:]
+    conditions = model.space.to_tokens("condition", torch.tensor([1, 4, 7]))
+    with torch.no_grad():
+        together = model.query(prefix, conditions)
+        alone = model.query_branches(prefix, conditions.view(-1, 1))[:, -1]
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(together[0], together[1])
+        outputs, generated = model.generate(prefix, conditions, steps=3,
+                                            exclude=model.space.from_tokens("item", prefix[1::2]))
+        torch.testing.assert_close(outputs[:, 0], together, atol=1e-5, rtol=1e-5)
+    rows = pack_sequences(sequences.lengths(), 64)[:8]
+    packed = sequences.packed_rows(rows, 64)
+    with pytest.raises(ValueError, match="block-diagonal mask"):
+        model.loss(packed.tokens, packed.segment, packed.position)
+    tokens, offsets = sequences.jagged_batch(sum(rows, []))
+    # Padded rows (one user each) compute what the jagged batch computes.
+    users = sum(rows, [])
+    padded = sequences.packed_rows([[s] for s in users], int(sequences.lengths()[users].max()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.loss(padded.tokens, padded.segment, padded.position,
+                                              torch.Generator().manual_seed(1))[0],
+                                   model.loss_jagged(tokens, offsets, torch.Generator().manual_seed(1))[0],
+                                   atol=1e-5, rtol=1e-5)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    first, stats = model.loss_jagged(tokens, offsets, g)
+    assert stats["positions"] == int((sequences.lengths()[sum(rows, [])] // 2).sum())
+    for _ in range(30):
+        loss, _ = model.loss_jagged(tokens, offsets, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < float(first.detach()) - 0.5
+    with pytest.raises(ValueError, match="encoder"):
+        LUMConfig(encoder="mamba")

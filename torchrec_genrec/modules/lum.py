@@ -44,6 +44,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_genrec.data.lum import block_causal_mask
+from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
+from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
 from torchrec_genrec.ops.jagged import JaggedAttentionPlan, jagged_causal_attention, positions_in_sequence
 from torchrec_genrec.tokens import TokenSpace
 
@@ -60,6 +62,10 @@ class LUMConfig:
     num_negatives (int): sampled negative items per condition position.
     temperature (float): InfoNCE temperature.
     dropout (float): dropout in the blocks.
+    encoder (str): ``transformer`` (pre-norm softmax blocks; packed or jagged layout) or
+        ``hstu`` (the library's HSTU layers, :class:`~torchrec_genrec.modules.hstu_ranker.
+        HSTURankerEncoder`: the retrieval model's sequence encoder; jagged layout only, group
+        queries through its target-aware mask; relative position bias, no time bias).
     """
 
     embedding_dim: int = 64
@@ -69,6 +75,13 @@ class LUMConfig:
     num_negatives: int = 128
     temperature: float = 0.05
     dropout: float = 0.1
+    encoder: str = "transformer"
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ("transformer", "hstu"):
+            raise ValueError(f"unknown LUM encoder {self.encoder!r}; choose 'transformer' or 'hstu'")
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(f"embedding_dim {self.embedding_dim} must be divisible by num_heads {self.num_heads}")
 
 
 class _Block(nn.Module):
@@ -111,15 +124,19 @@ class LUM(nn.Module):
         super().__init__()
         self.config, self.space = config, space
         d = config.embedding_dim
-        if d % config.num_heads:
-            raise ValueError(f"embedding_dim {d} must be divisible by num_heads {config.num_heads}")
         self.tokens = EmbeddingCollection(tables=[EmbeddingConfig(
             name="lum_tokens", embedding_dim=d, num_embeddings=space.size, feature_names=["lum_tokens"],
             init_fn=lambda w: nn.init.normal_(w, std=0.02))], device=device)
-        self.position = nn.Embedding(config.max_positions, d)
-        nn.init.normal_(self.position.weight, std=0.02)
-        self.blocks = nn.ModuleList(_Block(d, config.num_heads, config.dropout) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(d)
+        if config.encoder == "hstu":
+            self.hstu = HSTURankerEncoder(HSTUConfig(
+                embedding_dim=d, num_blocks=config.num_layers, num_heads=config.num_heads,
+                attention_dim=d // config.num_heads, linear_dim=d // config.num_heads,
+                max_seq_len=config.max_positions, dropout=config.dropout, use_time_bias=False))
+        else:
+            self.position = nn.Embedding(config.max_positions, d)
+            nn.init.normal_(self.position.weight, std=0.02)
+            self.blocks = nn.ModuleList(_Block(d, config.num_heads, config.dropout) for _ in range(config.num_layers))
+            self.norm = nn.LayerNorm(d)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids of any shape -> embeddings ``(*shape, D)`` via the TorchRec table."""
@@ -128,7 +145,11 @@ class LUM(nn.Module):
         return self.tokens(kjt)["lum_tokens"].values().view(*tokens.shape, -1)
 
     def encode(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` tokens and positions, ``(B, L, L)`` bool mask -> ``(B, L, D)``."""
+        """``(B, L)`` tokens and positions, ``(B, L, L)`` bool mask -> ``(B, L, D)``
+        (the transformer encoder; packed rows need an arbitrary block mask)."""
+        if self.config.encoder == "hstu":
+            raise ValueError("packed rows need a block-diagonal mask, which HSTU's jagged kernel does not take; "
+                             "use layout='jagged' with encoder='hstu'")
         if int(position.max()) >= self.config.max_positions:
             raise ValueError(f"positions reach {int(position.max())}; config.max_positions is "
                              f"{self.config.max_positions}")
@@ -145,6 +166,8 @@ class LUM(nn.Module):
         other, ``(B + 1,)`` offsets -> ``(T, D)``. No padding slot goes through the
         pointwise layers; attention runs per length bucket (:class:`JaggedAttentionPlan`).
         Equal to :meth:`encode` of each user alone."""
+        if self.config.encoder == "hstu":  # the causal jagged forward of the retrieval encoder
+            return HSTUEncoder.forward(self.hstu, self.embed(tokens), offsets)
         plan = plan or JaggedAttentionPlan(offsets)
         return plan.to_input_order(self._encode_plan_order(plan.to_plan_order(tokens), plan))
 
@@ -160,8 +183,17 @@ class LUM(nn.Module):
 
     def loss(self, tokens: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
              generator: torch.Generator | None = None) -> Tuple[torch.Tensor, dict]:
-        """Next-condition-item InfoNCE over packed rows (see :func:`block_causal_mask`)."""
-        h = self.encode(tokens, position, block_causal_mask(segment))
+        """Next-condition-item InfoNCE over packed rows (see :func:`block_causal_mask`).
+        The HSTU encoder takes padded rows only (one user per row, padding at the end)."""
+        if self.config.encoder == "hstu":
+            lengths = (segment >= 0).sum(1)
+            cols = torch.arange(segment.shape[1], device=segment.device)
+            if not torch.equal(segment, torch.where(cols < lengths.unsqueeze(1), segment[:, :1], -1)):
+                raise ValueError("packed rows need a block-diagonal mask, which the HSTU encoder does not take; "
+                                 "give one user per row (padded) or use loss_jagged")
+            h = self.hstu.forward_padded(self.embed(tokens), lengths)
+        else:
+            h = self.encode(tokens, position, block_causal_mask(segment))
         first, end = self.space.ranges["condition"]
         at = (tokens >= first) & (tokens < end) & (segment >= 0)
         at[:, -1] = False
@@ -172,11 +204,14 @@ class LUM(nn.Module):
                     plan: Optional[JaggedAttentionPlan] = None) -> Tuple[torch.Tensor, dict]:
         """:meth:`loss` on the jagged layout (:meth:`encode_jagged`): the same positions,
         computed in the plan's order (no reordering back)."""
-        plan = plan or JaggedAttentionPlan(offsets)
-        tokens = plan.to_plan_order(tokens)
-        h = self._encode_plan_order(tokens, plan)
+        if self.config.encoder == "hstu":
+            h = self.encode_jagged(tokens, offsets)
+        else:
+            plan = plan or JaggedAttentionPlan(offsets)
+            tokens, offsets = plan.to_plan_order(tokens), plan.offsets
+            h = self._encode_plan_order(tokens, plan)
         first, end = self.space.ranges["condition"]
-        ends = plan.offsets[1:][plan.offsets[1:] > plan.offsets[:-1]]
+        ends = offsets[1:][offsets[1:] > offsets[:-1]]
         last = torch.zeros_like(tokens, dtype=torch.bool)
         last[ends - 1] = True  # a user's last token predicts nothing
         at = ((tokens >= first) & (tokens < end) & ~last).nonzero(as_tuple=True)[0]
@@ -201,6 +236,9 @@ class LUM(nn.Module):
     def query(self, prefix: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """One user's history ``prefix`` ``(P,)`` and ``N`` condition tokens -> ``(N, D)``
         interest vectors, in one pass: each condition sees the prefix and itself only."""
+        if self.config.encoder == "hstu":  # the target-aware mask: O(N * P), no (P + N)^2 matrix
+            return self.hstu(self.embed(prefix).unsqueeze(0), torch.tensor([prefix.numel()], device=prefix.device),
+                             None, self.embed(conditions.view(-1)).unsqueeze(0), None)[0]
         return self.query_branches(prefix, conditions.view(-1, 1))[:, -1]
 
     def query_branches(self, prefix: torch.Tensor, branches: torch.Tensor) -> torch.Tensor:
@@ -209,6 +247,10 @@ class LUM(nn.Module):
         (causally), never another branch. :meth:`query` is ``m = 1``."""
         p, (n, m) = prefix.numel(), branches.shape
         device = prefix.device
+        if self.config.encoder == "hstu":  # each branch as its own jagged sequence
+            tokens = torch.cat([prefix.expand(n, p), branches], 1).reshape(-1)
+            offsets = torch.arange(n + 1, device=device) * (p + m)
+            return self.encode_jagged(tokens, offsets).view(n, p + m, -1)[:, p:]
         tokens = torch.cat([prefix, branches.reshape(-1)]).unsqueeze(0)
         position = torch.cat([torch.arange(p, device=device), (p + torch.arange(m, device=device)).repeat(n)])
         branch = torch.cat([torch.full((p,), -1, device=device), torch.arange(n, device=device).repeat_interleave(m)])

@@ -86,6 +86,9 @@ class LUMRecipeConfig:
             raise ValueError(f"unknown LUM condition {self.condition!r}; choose one of {sorted(CONDITIONS)}")
         if self.layout not in ("jagged", "packed"):
             raise ValueError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
+        if self.layout == "packed" and self.model.encoder == "hstu":
+            raise ValueError("layout 'packed' needs a block-diagonal mask, which the HSTU encoder does not take; "
+                             "use layout='jagged' with model.encoder='hstu'")
         if 2 * self.max_events > self.model.max_positions:
             raise ValueError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
                              f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
