@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrec_genrec.modules.lum import LUMConfig  # noqa: E402
 from torchrec_genrec.train.lum import run_lum_retrieval_study  # noqa: E402
 
-ROWS = (("conditioned", "true condition"), ("conditioned_pooled", "true condition, 4 generated items pooled"),
+ROWS = (("conditioned", "true condition"), ("conditioned_pooled", "true condition, {steps} generated items pooled"),
         ("unconditioned_prior", "unconditioned + condition applied after"), ("wrong_condition", "wrong condition"),
         ("unconditioned", "unconditioned"))
 
@@ -46,7 +46,7 @@ def main() -> None:
             results = json.load(f)
     for condition in args.conditions:
         for seed in args.seeds:
-            key = f"{condition}/{args.encoder}/{seed}"
+            key = f"{condition}/{args.encoder}/e{args.epochs}/k{args.steps}/{seed}"
             if key not in results:
                 results[key] = run_lum_retrieval_study(seed=seed, epochs=args.epochs, condition=condition,
                                                        steps=args.steps, model=LUMConfig(encoder=args.encoder))
@@ -54,7 +54,7 @@ def main() -> None:
                     json.dump(results, f, indent=1)
                 os.replace(args.out + ".tmp", args.out)
     for condition in args.conditions:
-        runs = [results[f"{condition}/{args.encoder}/{s}"] for s in args.seeds]
+        runs = [results[f"{condition}/{args.encoder}/e{args.epochs}/k{args.steps}/{s}"] for s in args.seeds]
         first = runs[0]["conditioned"]
         print(f"\ncondition {condition}, encoder {args.encoder}: {first['events']:,} test events of "
               f"{first['users']} users with a pre-cutoff history; {len(runs)} seed(s), {args.epochs} epochs")
@@ -63,7 +63,8 @@ def main() -> None:
         for key, label in ROWS:
             r = [run[key]["recall@10"] for run in runs]
             n = [run[key]["ndcg@10"] for run in runs]
-            print(f"| {label} | {np.mean(r):.4f} | {np.mean(n):.4f} | {', '.join(f'{x:.4f}' for x in r)} |")
+            per_seed = ", ".join(f"{x:.4f}" for x in r)
+            print(f"| {label.format(steps=args.steps)} | {np.mean(r):.4f} | {np.mean(n):.4f} | {per_seed} |")
         mean = lambda key, m: np.mean([run[key][m] for run in runs])  # noqa: E731
         print("| comparison | recall@10 ratio | recall@10 difference [95% CI] | NDCG@10 ratio | "
               "NDCG@10 difference [95% CI] |")

@@ -421,3 +421,31 @@ def test_moco_adaptation_pulls_co_consumed_items_together():
         return float(cos[same & off].mean() - cos[~same].mean())
 
     assert gap(adapted) > gap(content) + 0.2
+
+
+@pytest.mark.parametrize("condition", ["genre", "hour", "weekday"])
+def test_ranker_reads_the_lum_interest_under_the_items_or_the_requests_condition(data, condition):
+    """A LUM set of an item condition is indexed by the target's condition; one of an event
+    condition (hour bucket, weekday) by the request's, read off the batch."""
+    from torchrec_genrec.data.lum import HOUR_BUCKET, REQUEST_CONDITION_CODES
+
+    v = data.vocab_sizes
+    g = torch.Generator().manual_seed(0)
+    conditions = {"genre": 4, "hour": 8, "weekday": 7}[condition]
+    item_condition = (torch.randint(0, 4, (v["item"],), generator=g) if condition == "genre"
+                      else torch.full((v["item"],), REQUEST_CONDITION_CODES[condition]))
+    side = {"lum_interest": torch.randn(v["user"] * conditions, 12, generator=g),
+            "lum_item": torch.randn(v["item"], 12, generator=g), "lum_item_condition": item_condition}
+    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l"), v, 19, 8,
+                   device=torch.device("cpu"), side=side).eval()
+    with torch.no_grad():
+        model.lum_embeddings.embeddings["lum"].weight.copy_(model.frozen_table_weights()["lum"])
+    dataset = RankingDataset(data, Split.TEST, grouped=True)
+    batch = dataset[list(range(3))]
+    target = batch.sequence.to_dict()["target_item"]
+    per_target = lambda key: torch.repeat_interleave(batch.pooled[key].values(), target.lengths())  # noqa: E731
+    expected_condition = {"genre": item_condition[target.values()], "hour": per_target("event_hour") // HOUR_BUCKET,
+                          "weekday": per_target("event_weekday")}[condition]
+    assert int(expected_condition.min()) >= 0 and int(expected_condition.max()) < conditions
+    rows = per_target("user_id") * conditions + expected_condition
+    torch.testing.assert_close(model._frozen_lookup(batch)["lum_interest"], side["lum_interest"][rows])

@@ -73,16 +73,21 @@ def test_conditioned_retrieval_uses_only_pre_cutoff_training_and_scores_test_eve
     from torchrec_genrec.train.lum import LUMRecipeConfig, conditioned_retrieval, pretrain_lum
 
     small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=32)
-    for layout in ("jagged", "packed"):
+    for layout in ("packed", "jagged"):
         cfg = LUMRecipeConfig(dataset=ml100k.path, condition="genre", max_events=30, row_len=64, epochs=3,
                               layout=layout, model=small)
         model, seqs, history = pretrain_lum(cfg)
         assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
-    right = conditioned_retrieval(model, seqs, cfg)
-    wrong = conditioned_retrieval(model, seqs, cfg, wrong_condition=True)
+        assert int(seqs.timestamps.max()) < seqs.cutoff  # nothing at or after the validation cutoff
+        right = conditioned_retrieval(model, seqs, cfg, per_event=True)
+        wrong = conditioned_retrieval(model, seqs, cfg, wrong_condition=True)
+        assert right["events"] == wrong["events"] > 0 and 0.0 <= right["recall@10"] <= 1.0
+        assert right["recall@10"] > wrong["recall@10"]
+        assert sum(right["event_hit"]) == pytest.approx(right["recall@10"] * right["events"])
     pooled = conditioned_retrieval(model, seqs, cfg, steps=3)
-    assert right["events"] == wrong["events"] == pooled["events"] > 0 and 0.0 <= right["recall@10"] <= 1.0
-    assert right["recall@10"] > wrong["recall@10"]
+    assert pooled["events"] == right["events"]
+    with pytest.raises(ValueError, match="trained on condition 'genre'"):
+        conditioned_retrieval(model, seqs, cfg, "hour")
     none_cfg = dataclasses.replace(cfg, condition="none")
     none_model, none_seqs, _ = pretrain_lum(none_cfg)
     with pytest.raises(ValueError, match="condition to evaluate"):
@@ -109,8 +114,13 @@ def test_jagged_causal_attention_equals_the_per_sequence_reference_forward_and_b
                                atol=1e-5, rtol=1e-5)
     computed, useful = plan.attention_cells()
     assert useful == int((lengths * (lengths + 1) // 2).sum()) and computed >= useful
-    # The plan order keeps every sequence whole and contiguous.
-    assert torch.equal(plan.to_input_order(plan.to_plan_order(torch.arange(len(qkv)))), torch.arange(len(qkv)))
+    # The plan order keeps every sequence whole, contiguous and in order: positions line up.
+    from torchrec_genrec.ops.jagged import positions_in_sequence
+
+    total = int(offsets[-1])
+    assert torch.equal(plan.to_plan_order(positions_in_sequence(offsets, total)),
+                       positions_in_sequence(plan.offsets, total))
+    assert sorted((plan.offsets[1:] - plan.offsets[:-1]).tolist()) == sorted(lengths[lengths > 0].tolist())
 
 
 def test_the_jagged_layout_computes_what_packed_rows_compute(sequences):
@@ -194,15 +204,20 @@ def test_lum_runs_save_and_load_and_bad_configs_are_refused(ml100k, tmp_path):
 
     small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=16)
     with pytest.raises(ValueError, match="unknown LUM condition 'genres'"):
-        LUMRecipeConfig(condition="genres")
+        LUMRecipeConfig(condition="genres").validate()
     with pytest.raises(ValueError, match="layout"):
-        LUMRecipeConfig(layout="ragged")
+        LUMRecipeConfig(layout="ragged").validate()
     with pytest.raises(ValueError, match="max_positions"):
-        LUMRecipeConfig(max_events=100, model=small)
+        LUMRecipeConfig(max_events=100, model=small).validate()
+    with pytest.raises(ValueError, match="block-diagonal"):
+        LUMRecipeConfig(layout="packed", model=LUMConfig(encoder="hstu")).validate()
     cfg = LUMRecipeConfig(dataset=ml100k.path, condition="hour", max_events=20, epochs=1, model=small,
                           output_dir=str(tmp_path / "run"))
     model, seqs, history = pretrain_lum(cfg)
     assert (tmp_path / "run" / "tensorboard").is_dir() and not list((tmp_path / "run").glob(".lum-*"))
+    # lum.pt marks a finished run: written after config.json and history.json.
+    run = tmp_path / "run"
+    assert (run / "lum.pt").stat().st_mtime_ns >= (run / "config.json").stat().st_mtime_ns
     loaded, loaded_seqs, loaded_cfg = load_lum(str(tmp_path / "run"))
     assert loaded_cfg == cfg and np.array_equal(loaded_seqs.tokens, seqs.tokens)
     prefix = torch.from_numpy(seqs.tokens[seqs.offsets[1]:seqs.offsets[2]])
@@ -231,7 +246,15 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
     assert cli.main(["lum", "features", "--run", run, "--name", "lum_cli", "--k", "5"]) == 0
     capsys.readouterr()
     side = load_side_features(ml100k.path, "lum_cli")
-    assert side["lum_topk"].shape == (ml100k.num_users * side.meta["conditions"], 5)
+    c = side.meta["conditions"]
+    assert side["lum_topk"].shape == (ml100k.num_users * c, 5) and side.meta["behaviour_cutoff"] > 0
+    # The top-k never holds an item of the user's pre-cutoff log, even beyond the 20 events kept.
+    log = behaviour_log(ml100k)
+    counts = np.bincount(log.user, minlength=ml100k.num_users)
+    long_user = int(np.argmax(counts))
+    assert counts[long_user] > 20
+    history = set(log.item[log.user == long_user].tolist())
+    assert not history & set(side["lum_topk"][long_user * c:(long_user + 1) * c].flatten().tolist())
     user = str(ml100k.user_raw_ids()[1])
     assert cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "1", "8", "--k", "3"]) == 0
     top = json.loads(capsys.readouterr().out)
@@ -240,6 +263,12 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
         cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "99"])
     with pytest.raises(SystemExit, match="not in"):
         cli.main(["lum", "retrieve", "--run", run, "--user", "no-such-user", "--conditions", "1"])
+    with pytest.raises(SystemExit, match="--conditions"):
+        cli.main(["lum", "retrieve", "--run", run, "--user", user])
+    with pytest.raises(SystemExit, match="steps must be >= 1"):
+        cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "1", "--steps", "0"])
+    with pytest.raises(SystemExit, match="trained on condition 'genre'"):
+        cli.main(["lum", "eval", "--run", run, "--condition", "hour"])
 
 
 def test_lum_on_the_hstu_encoder_trains_jagged_and_its_group_query_is_the_target_aware_pass(sequences):
@@ -285,4 +314,4 @@ def test_lum_on_the_hstu_encoder_trains_jagged_and_its_group_query_is_the_target
         opt.step()
     assert float(loss.detach()) < float(first.detach()) - 0.5
     with pytest.raises(ValueError, match="encoder"):
-        LUMConfig(encoder="mamba")
+        LUMConfig(encoder="mamba").validate()

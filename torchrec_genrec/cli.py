@@ -158,40 +158,50 @@ def _cmd_content(args: argparse.Namespace) -> int:
 
 
 def _cmd_lum(args: argparse.Namespace) -> int:
-    import json
-
     from torchrec_genrec.config import load_config
     from torchrec_genrec.train import lum as pipeline
 
     if args.action == "train":
+        import json
+
         overrides = list(args.set) + ([f"output_dir={json.dumps(args.out)}"] if args.out else []) + ["progress=true"]
-        cfg = load_config(pipeline.LUMRecipeConfig, args.config, overrides)
+        cfg = load_config(pipeline.LUMRecipeConfig, args.config, overrides).validate()
         if not cfg.output_dir:
             raise SystemExit("genrec lum train: give --out DIR (or output_dir in the config)")
         _, seqs, history = pipeline.pretrain_lum(cfg)
         last = history[-1]
-        print(f"LUM ({cfg.condition}, {cfg.layout}) on {cfg.dataset}: {int((seqs.lengths() > 0).sum())} users, "
-              f"{int(seqs.lengths().sum()):,} tokens; epoch {last['epoch']}: loss {last['loss']:.4f}, "
-              f"top-1 vs negatives {last['top1']:.3f}, {last['tokens_per_s']:,.0f} tokens/s")
+        print(f"LUM ({cfg.condition}, {cfg.model.encoder}, {cfg.layout}) on {cfg.dataset}: "
+              f"{int((seqs.lengths() > 0).sum())} users, {int(seqs.lengths().sum()):,} tokens; epoch {last['epoch']}: "
+              f"loss {last['loss']:.4f}, top-1 vs negatives {last['top1']:.3f}, {last['tokens_per_s']:,.0f} tokens/s")
         print(f"model -> {os.path.join(cfg.output_dir, 'lum.pt')}; curves -> {cfg.output_dir}/tensorboard")
         return 0
     if not args.run:
         raise SystemExit(f"genrec lum {args.action}: give --run DIR (a `genrec lum train --out DIR` run)")
-    model, seqs, cfg = pipeline.load_lum(args.run)
-    if args.action == "eval":
-        condition = args.condition or cfg.condition
-        report = {"true": pipeline.conditioned_retrieval(model, seqs, cfg, condition, steps=args.steps),
-                  "wrong": pipeline.conditioned_retrieval(model, seqs, cfg, condition, wrong_condition=True,
-                                                          steps=args.steps)}
-        if cfg.condition == "none":
-            report = {"plain": pipeline.conditioned_retrieval(model, seqs, cfg, condition),
-                      "condition_after": pipeline.conditioned_retrieval(model, seqs, cfg, condition,
-                                                                        condition_prior=True)}
-        print(json.dumps(report, indent=1))
-        return 0
+    try:
+        return _lum_use(args, *pipeline.load_lum(args.run))
+    except ValueError as e:  # bad --condition / --steps / ids: say what, not a traceback
+        raise SystemExit(f"genrec lum {args.action}: {e}") from None
+
+
+def _lum_use(args: argparse.Namespace, model, seqs, cfg) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
     from torchrec_genrec.data.datasets import resolve_store
     from torchrec_genrec.data.store import SequenceStore
+    from torchrec_genrec.train import lum as pipeline
 
+    if args.action == "eval":
+        condition = args.condition or cfg.condition
+        ask = lambda **kw: pipeline.conditioned_retrieval(model, seqs, cfg, condition, steps=args.steps, **kw)  # noqa
+        if cfg.condition == "none":
+            report = {"plain": ask(), "condition_after": ask(condition_prior=True)}
+        else:
+            report = {"true": ask(), "wrong": ask(wrong_condition=True)}
+        print(json.dumps(report, indent=1))
+        return 0
     store = SequenceStore.open(resolve_store(cfg.dataset))
     if args.action == "features":
         name = args.name or f"lum_{cfg.condition}"
@@ -201,23 +211,21 @@ def _cmd_lum(args: argparse.Namespace) -> int:
               f"{store.path}/content/{name}.safetensors; use it with `genrec rank --set model.lum={name}`")
         return 0
     # retrieve: top-k items of one user under the given conditions (raw ids)
-    import numpy as np
-    import torch
-
-    raw_users = store.user_raw_ids()
-    match = np.nonzero(raw_users.astype(str) == str(args.user))[0]
+    if not args.user or not args.conditions:
+        raise ValueError("give --user RAW_ID and --conditions VALUE [VALUE ...]")
+    match = np.nonzero(store.user_raw_ids().astype(str) == str(args.user))[0]
     if not match.size:
-        raise SystemExit(f"genrec lum retrieve: user {args.user!r} is not in {store.path}")
+        raise ValueError(f"user {args.user!r} is not in {store.path}")
     size = seqs.space.count("condition")
     bad = [c for c in args.conditions if not 0 <= c < size]
     if bad:
-        raise SystemExit(f"genrec lum retrieve: condition values {bad} out of range: {cfg.condition} takes 0..{size - 1}")
-    prefix = pipeline.user_prefix(seqs, int(match[0]), model.config.max_positions - (2 * args.steps - 1))
+        raise ValueError(f"condition values {bad} out of range: {cfg.condition} takes 0..{size - 1}")
+    user = int(match[0])
+    prefix = pipeline.user_prefix(seqs, user, pipeline.prefix_room(model, args.steps))
     if prefix.numel() == 0:
-        raise SystemExit(f"genrec lum retrieve: user {args.user!r} has no event before the validation cutoff")
-    seen = seqs.space.from_tokens("item", prefix[1::2])
+        raise ValueError(f"user {args.user!r} has no event before the validation cutoff")
     scores, items = model.retrieve(prefix, seqs.space.to_tokens("condition", torch.tensor(args.conditions)), args.k,
-                                   args.steps, exclude=seen)
+                                   args.steps, exclude=seqs.seen(user))
     raw_items = store.item_raw_ids()
     print(json.dumps({f"{cfg.condition}={c}": [{"item": raw_items[i].item(), "score": round(float(v), 4)}
                                                for i, v in zip(items[n].tolist(), scores[n].tolist())]

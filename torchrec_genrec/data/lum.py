@@ -29,11 +29,11 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from torchrec_genrec.data.ranking import _per_second
+from torchrec_genrec.data.ranking import _per_second, hour_and_weekday
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["CONDITIONS", "ITEM_CONDITIONS", "ConditionItemSequences", "PackedRows", "batch_by_tokens",
+__all__ = ["CONDITIONS", "HOUR_BUCKET", "ITEM_CONDITIONS", "REQUEST_CONDITION_CODES", "ConditionItemSequences", "PackedRows", "batch_by_tokens",
            "block_causal_mask", "condition_given_item", "condition_item_sequences", "condition_vocabulary",
            "pack_sequences", "padding_waste"]
 
@@ -50,17 +50,23 @@ def _genre_condition(store: SequenceStore, items: np.ndarray, seconds: np.ndarra
     return first[items]
 
 
+#: Hours per bucket of the ``hour`` condition (the ranker's request hour maps the same way).
+HOUR_BUCKET = 3
+
 #: Conditions per dataset: name -> (function of (store, items, seconds) -> ids, vocabulary size).
 CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarray]] = {
     "genre": _genre_condition,
-    "hour": lambda store, items, seconds: (seconds // 3600) % 24 // 3,  # 8 three-hour buckets
-    "weekday": lambda store, items, seconds: ((seconds // 86400) + 3) % 7,
+    "hour": lambda store, items, seconds: hour_and_weekday(seconds)[0] // HOUR_BUCKET,  # 8 three-hour buckets
+    "weekday": lambda store, items, seconds: hour_and_weekday(seconds)[1],
     # One constant condition: the unconditioned model (same architecture, no information).
     "none": lambda store, items, seconds: np.zeros(len(items), dtype=np.int64),
 }
 _CONDITION_SIZES = {"hour": 8, "weekday": 7, "none": 1}
 #: Conditions that are attributes of the item (known for every item, not only from events).
 ITEM_CONDITIONS = ("genre",)
+#: Conditions of the event, not the item: a ranker reads them off the request (its time).
+#: In a LUM side-feature set the per-item condition holds these codes instead of a value.
+REQUEST_CONDITION_CODES = {"hour": -1, "weekday": -2}
 
 
 def condition_vocabulary(store: SequenceStore, condition: str) -> int:
@@ -97,6 +103,9 @@ class ConditionItemSequences:
         timestamps (np.ndarray): each token's event time (a condition has its item's).
         space (TokenSpace): kinds ``special``, ``item``, ``condition``.
         condition (str): which condition.
+        seen_items, seen_offsets (np.ndarray): every item of each user's pre-cutoff log
+            (CSR over users), however many events ``max_events`` kept.
+        cutoff (int): the behaviour cutoff (every event is strictly before it).
     """
 
     tokens: np.ndarray
@@ -104,9 +113,17 @@ class ConditionItemSequences:
     timestamps: np.ndarray
     space: TokenSpace
     condition: str
+    seen_items: np.ndarray
+    seen_offsets: np.ndarray
+    cutoff: int
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def seen(self, user: int) -> torch.Tensor:
+        """Every distinct item of the user's whole pre-cutoff log (not only the
+        ``max_events`` kept as tokens): what retrieval must not recommend again."""
+        return torch.from_numpy(np.unique(self.seen_items[self.seen_offsets[user]:self.seen_offsets[user + 1]]))
 
     def is_condition(self, tokens: torch.Tensor) -> torch.Tensor:
         first, end = self.space.ranges["condition"]
@@ -181,7 +198,9 @@ def condition_item_sequences(store: SequenceStore, log, condition: str = "genre"
     times = np.repeat(ts, 2)
     per_user = 2 * np.bincount(user, minlength=log.num_users)
     offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64)
-    return ConditionItemSequences(tokens, offsets, times, space, condition)
+    seen_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return ConditionItemSequences(tokens, offsets, times, space, condition, np.asarray(log.item, dtype=np.int64),
+                                  seen_offsets, int(log.cutoff))
 
 
 def pack_sequences(lengths: np.ndarray, row_len: int) -> List[List[int]]:

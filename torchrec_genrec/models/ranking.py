@@ -39,6 +39,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_genrec.data.lum import HOUR_BUCKET, REQUEST_CONDITION_CODES
 from torchrec_genrec.data.ranking_batching import LIFELONG_KEY, NS_FEATURES, SEQUENCES, RankingBatch
 from torchrec_genrec.modules.hstu import HSTUConfig
 from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
@@ -107,8 +108,10 @@ class RankerConfig:
         (``data.task.lifelong_len`` > 0): ``none``, ``simtier``, ``sata`` or ``both``.
     muse_top_k (int): behaviours the GSU retrieves.
     lum (str): a LUM side-feature set (``train.lum.lum_features``): the user's interest
-        vector under the target item's condition and its cosine similarity to the target's
-        LUM embedding become NS features (read from a frozen table); empty: none.
+        vector under the target item's condition (an item attribute such as the genre) or
+        under the request's condition (its 3-hour bucket or weekday, for a set pre-trained
+        on those) and its cosine similarity to the target's LUM embedding become NS
+        features (read from a frozen table); empty: none.
     """
 
     name: Literal["dlrm", "onetrans", "hstu"] = "onetrans"
@@ -518,7 +521,13 @@ class Ranker(nn.Module):
                              [jt["target_item"].lengths(), user.lengths()], self.das_dim))
         if self.lum_dim:
             target, user = jt["target_item"], batch.pooled["user_id"]
-            interest_row = user.values() * self.lum_conditions + self.lum_item_condition[target.values()]
+            condition = self.lum_item_condition[target.values()]
+            # Event conditions (REQUEST_CONDITION_CODES) come from the sample's event, not the
+            # item (one target per sample, so the pooled features line up with the targets).
+            hour, weekday = batch.pooled["event_hour"].values(), batch.pooled["event_weekday"].values()
+            condition = torch.where(condition == REQUEST_CONDITION_CODES["hour"], hour // HOUR_BUCKET, condition)
+            condition = torch.where(condition == REQUEST_CONDITION_CODES["weekday"], weekday, condition)
+            interest_row = user.values() * self.lum_conditions + condition
             item_row = target.values() + self.vocab_sizes["user"] * self.lum_conditions
             requests.append((self.lum_embeddings, ["lum_interest", "lum_item"], [interest_row, item_row],
                              [target.lengths(), target.lengths()], self.lum_dim))

@@ -18,8 +18,9 @@ Step 2 (knowledge querying): several condition tokens appended after one shared 
 prefix, each attending to the prefix and itself only (queries masked from each other),
 read out in one pass: one interest vector per condition (:meth:`LUM.query`). Or generate
 several items per condition, greedily, all conditions' branches advancing in one pass per
-step (:meth:`LUM.generate`), and average their embeddings into the interest
-(:meth:`LUM.interests`); :meth:`LUM.retrieve` returns the top-k items per condition.
+step (:meth:`LUM.generate`), and average the generated item embeddings (the outputs that
+picked each item) into the interest (:meth:`LUM.interests`); :meth:`LUM.retrieve` returns
+the top-k items per condition.
 
 Example::
 
@@ -77,11 +78,15 @@ class LUMConfig:
     dropout: float = 0.1
     encoder: str = "transformer"
 
-    def __post_init__(self) -> None:
+    def validate(self) -> "LUMConfig":
+        from torchrec_genrec.config import ConfigError
+
         if self.encoder not in ("transformer", "hstu"):
-            raise ValueError(f"unknown LUM encoder {self.encoder!r}; choose 'transformer' or 'hstu'")
+            raise ConfigError(f"unknown LUM encoder {self.encoder!r}; choose 'transformer' or 'hstu'")
         if self.embedding_dim % self.num_heads:
-            raise ValueError(f"embedding_dim {self.embedding_dim} must be divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"model.embedding_dim {self.embedding_dim} must be divisible by model.num_heads "
+                              f"{self.num_heads}")
+        return self
 
 
 class _Block(nn.Module):
@@ -122,7 +127,7 @@ class LUM(nn.Module):
 
     def __init__(self, config: LUMConfig, space: TokenSpace, device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
-        self.config, self.space = config, space
+        self.config, self.space = config.validate(), space
         d = config.embedding_dim
         self.tokens = EmbeddingCollection(tables=[EmbeddingConfig(
             name="lum_tokens", embedding_dim=d, num_embeddings=space.size, feature_names=["lum_tokens"],
@@ -164,8 +169,9 @@ class LUM(nn.Module):
                       plan: Optional[JaggedAttentionPlan] = None) -> torch.Tensor:
         """The library's jagged layout: ``(T,)`` token values of ``B`` users one after the
         other, ``(B + 1,)`` offsets -> ``(T, D)``. No padding slot goes through the
-        pointwise layers; attention runs per length bucket (:class:`JaggedAttentionPlan`).
-        Equal to :meth:`encode` of each user alone."""
+        pointwise layers; attention runs per length bucket (:class:`JaggedAttentionPlan`;
+        ``plan`` is unused by the HSTU encoder, whose jagged kernel buckets by itself).
+        Each user's rows equal the user encoded alone."""
         if self.config.encoder == "hstu":  # the causal jagged forward of the retrieval encoder
             return HSTUEncoder.forward(self.hstu, self.embed(tokens), offsets)
         plan = plan or JaggedAttentionPlan(offsets)
@@ -299,8 +305,10 @@ class LUM(nn.Module):
     def interests(self, prefix: torch.Tensor, conditions: torch.Tensor, steps: int = 1,
                   exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One interest vector per condition, ``(N, D)``: the condition's output
-        (``steps = 1``, :meth:`query`) or the mean of the ``steps`` generated item
-        embeddings (each normalised)."""
+        (``steps = 1``: :meth:`query`, as the encoder gives it) or, for ``steps > 1``, the
+        mean of the ``steps`` outputs of :meth:`generate` (each the predicted embedding of
+        the next item under the condition, normalised first; the mean has norm <= 1).
+        Retrieval ranks by cosine, so the scale matters only to a consumer of the vectors."""
         if steps == 1:
             return self.query(prefix, conditions)
         outputs, _ = self.generate(prefix, conditions, steps, exclude)
@@ -310,8 +318,14 @@ class LUM(nn.Module):
     def retrieve(self, prefix: torch.Tensor, conditions: torch.Tensor, k: int, steps: int = 1,
                  exclude: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` items per condition: ``(N, k)`` cosine scores and item ids, the items
-        in ``exclude`` left out."""
-        scores = self.item_scores(self.interests(prefix, conditions, steps, exclude))
+        in ``exclude`` left out (and never generated on the way)."""
+        return self.retrieve_from(self.interests(prefix, conditions, steps, exclude), k, exclude)
+
+    @torch.no_grad()
+    def retrieve_from(self, interests: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` items of ``(N, D)`` interest vectors (cached ones, say), ``exclude`` left out."""
+        scores = self.item_scores(interests)
         if exclude is not None:
             scores[:, exclude] = -math.inf
         return scores.topk(k, dim=1)

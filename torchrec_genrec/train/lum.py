@@ -1,9 +1,11 @@
-"""LUM pre-training on packed ``<condition, item>`` rows and the conditioned-retrieval test.
+"""LUM pre-training on ``<condition, item>`` tokens, the conditioned-retrieval test, and the
+ranker's feature cache.
 
-Pre-training reads only the events before the ranking split's validation cutoff. The
-retrieval test asks, for each test user, for the item of its first test event given the
-history before the cutoff: the interest vector of the true condition ranks every item
-(items already in the history excluded); recall@10 and NDCG@10. The fair baseline is
+Pre-training reads only the events before the ranking split's validation cutoff (jagged
+batches by default, or packed rows). The retrieval test asks, for every test event of a
+user with a pre-cutoff history, for its item given that history: the interest vector of
+the event's true condition ranks every item (the user's pre-cutoff items excluded);
+recall@10 and NDCG@10. The fair baseline is
 the unconditioned model (``condition = "none"``: the same architecture trained with one
 constant condition) with the true condition applied afterwards as a filter on the ranked
 items; a wrong condition (another genre, drawn at random) shows what the condition carries.
@@ -32,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from torchrec_genrec.data.datasets import resolve_store
-from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, ConditionItemSequences, batch_by_tokens,
+from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, REQUEST_CONDITION_CODES, ConditionItemSequences,
+                                      batch_by_tokens,
                                       condition_given_item, condition_item_sequences, pack_sequences)
 from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.splits import GlobalTimeSplit
@@ -81,17 +84,22 @@ class LUMRecipeConfig:
     progress: bool = False
     model: LUMConfig = dataclasses.field(default_factory=LUMConfig)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> "LUMRecipeConfig":
+        """Checks the whole config (after every override: fields depend on each other)."""
+        from torchrec_genrec.config import ConfigError
+
         if self.condition not in CONDITIONS:
-            raise ValueError(f"unknown LUM condition {self.condition!r}; choose one of {sorted(CONDITIONS)}")
+            raise ConfigError(f"unknown LUM condition {self.condition!r}; choose one of {sorted(CONDITIONS)}")
         if self.layout not in ("jagged", "packed"):
-            raise ValueError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
+            raise ConfigError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
         if self.layout == "packed" and self.model.encoder == "hstu":
-            raise ValueError("layout 'packed' needs a block-diagonal mask, which the HSTU encoder does not take; "
-                             "use layout='jagged' with model.encoder='hstu'")
+            raise ConfigError("layout 'packed' needs a block-diagonal mask, which the HSTU encoder does not take; "
+                              "use layout='jagged' with model.encoder='hstu'")
         if 2 * self.max_events > self.model.max_positions:
-            raise ValueError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
-                             f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
+            raise ConfigError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
+                              f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
+        self.model.validate()
+        return self
 
 
 def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[Tuple[str, tuple]]:
@@ -122,6 +130,7 @@ def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, Lis
     mode), the sequences and the per-epoch history (loss, top-1 against the negatives,
     tokens/s). With ``cfg.output_dir`` the model is saved there (atomically, with its
     config) and the curves go to TensorBoard."""
+    cfg.validate()
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     store = SequenceStore.open(resolve_store(cfg.dataset))
@@ -172,18 +181,27 @@ def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, Lis
 
 
 def save_lum(run_dir: str, model: LUM, cfg: LUMRecipeConfig, history: List[Dict[str, float]]) -> None:
-    """``lum.pt`` (state dict), ``config.json`` and ``history.json``, each written to a
-    temporary file and renamed: a run directory never holds a partial file."""
+    """``config.json``, ``history.json`` and then ``lum.pt`` (the state dict; the file that
+    marks a finished run), each written to a temporary file and renamed: a run directory
+    never holds a partial file, and never new weights beside an old config."""
     from torchrec_genrec.config import to_dict
     from torchrec_genrec.train.recipe import _write_json_atomic
 
     os.makedirs(run_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".lum-", suffix=".pt")
-    os.close(fd)
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, os.path.join(run_dir, "lum.pt"))
+    final = os.path.join(run_dir, "lum.pt")
+    if os.path.exists(final):
+        os.remove(final)  # a crash below leaves no finished-looking run with the old weights
     _write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(cfg))
     _write_json_atomic(os.path.join(run_dir, "history.json"), {"history": history})
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".lum-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_lum(run_dir: str) -> Tuple[LUM, ConditionItemSequences, LUMRecipeConfig]:
@@ -194,7 +212,7 @@ def load_lum(run_dir: str) -> Tuple[LUM, ConditionItemSequences, LUMRecipeConfig
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished LUM run (genrec lum train --out DIR)")
     with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = from_dict(LUMRecipeConfig, json.load(f), where=os.path.join(run_dir, "config.json"))
+        cfg = from_dict(LUMRecipeConfig, json.load(f), where=os.path.join(run_dir, "config.json")).validate()
     store = SequenceStore.open(resolve_store(cfg.dataset))
     seqs = condition_item_sequences(store, behaviour_log(store, cfg.valid_fraction, cfg.test_fraction),
                                     cfg.condition, cfg.max_events)
@@ -223,6 +241,17 @@ def user_prefix(seqs: ConditionItemSequences, user: int, room: int) -> torch.Ten
     return prefix[prefix.numel() - keep:]
 
 
+def prefix_room(model: LUM, steps: int) -> int:
+    """Positions left for the history prefix when ``steps`` items are generated after it."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (1 = the condition's output), got {steps}")
+    room = model.config.max_positions - (2 * steps - 1)
+    if room < 2:
+        raise ValueError(f"{steps} generated items leave no room for a history in max_positions "
+                         f"{model.config.max_positions}; use fewer steps")
+    return room
+
+
 @torch.no_grad()
 def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig,
                           condition: Optional[str] = None, condition_prior: bool = False,
@@ -230,25 +259,30 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
                           per_event: bool = False) -> Dict[str, Any]:
     """Recall@k / NDCG@k of every test event of the users with a pre-cutoff history,
     given that history and the event's condition (one group query per user: each distinct
-    condition read out in one pass). Items already in the history are not ranked.
+    condition read out in one pass). Items of the user's pre-cutoff log are not ranked
+    (a test event of such an item counts as a miss).
 
     Args:
         model, seqs, cfg: a pre-trained LUM, its sequences and recipe (``pretrain_lum``).
         condition (str): the condition whose true value each test event is asked with
-            (default ``cfg.condition``; required for the unconditioned model).
+            (default ``cfg.condition``; required for the unconditioned model, and for a
+            conditioned one it must be the condition it was trained on).
         condition_prior (bool): add ``log p(condition | item)`` to the scores (logits
             ``cos / temperature``): the condition applied after the fact. For an item
             attribute (genre) ``p`` is 0 or 1: a filter; for a time condition it is the
             item's smoothed pre-cutoff frequency under the condition.
         wrong_condition (bool): query with a random other condition value.
-        steps (int): interest = the condition's output (1) or the mean of ``steps``
-            generated item embeddings (:meth:`LUM.interests`).
+        steps (int): the interest is the condition's output (1) or pooled over ``steps``
+            greedily generated outputs (:meth:`LUM.interests`).
         per_event (bool): also return ``event_user`` / ``event_hit`` / ``event_ndcg`` per
             test event (for a paired bootstrap over users).
     """
     condition = condition or cfg.condition
     if condition == "none":
         raise ValueError("the unconditioned model needs the condition to evaluate: pass condition='genre', ...")
+    if cfg.condition not in ("none", condition):
+        raise ValueError(f"this LUM was trained on condition {cfg.condition!r}; it cannot be asked with "
+                         f"{condition!r} values (train one on {condition!r}, or evaluate the unconditioned model)")
     store = SequenceStore.open(resolve_store(cfg.dataset))
     users, events = _test_events(store, cfg)
     seconds = np.asarray(store.timestamp, dtype=np.int64) // _per_second(store)
@@ -262,7 +296,7 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
     rng = np.random.default_rng(seed)
     hits, ndcg, n_users = [], [], 0  # per test event, in (user, store) order
     event_users: List[int] = []
-    room = cfg.model.max_positions - (2 * steps - 1)
+    room = prefix_room(model, steps)
     for u in np.unique(users).tolist():
         prefix = user_prefix(seqs, u, room)
         if prefix.numel() == 0:
@@ -273,7 +307,7 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
         asked = np.asarray([rng.choice(values[values != c]) for c in conds]) if wrong_condition else conds
         query_values = np.zeros_like(asked) if cfg.condition == "none" else asked
         distinct, slot = np.unique(query_values, return_inverse=True)
-        seen = seqs.space.from_tokens("item", prefix[1::2])
+        seen = seqs.seen(u)
         interests = model.interests(prefix, seqs.space.to_tokens("condition", torch.from_numpy(distinct)), steps,
                                     exclude=seen)
         logits_by_condition = model.item_scores(interests) / model.config.temperature
@@ -322,17 +356,20 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
                  steps: int = 1, top_k: int = 50, progress: bool = False) -> Dict[str, torch.Tensor]:
     """Step 3's offline cache: every user's interest vector under every condition (one
     group query per user over its pre-cutoff history; zeros without one), the top-``k``
-    items per user and condition (history excluded), every item's LUM embedding and each
-    item's condition; saved as the side-feature set ``name``.
+    items per user and condition (the user's pre-cutoff items excluded), every item's LUM
+    embedding and each item's condition; saved as the side-feature set ``name`` with the
+    behaviour cutoff it was learned under (the ranker checks it against its split).
 
     Args:
-        steps (int): interest = the condition's output (1) or the mean of ``steps``
-            generated item embeddings.
+        steps (int): the interest is the condition's output (1) or pooled over ``steps``
+            greedily generated outputs (:meth:`LUM.interests`).
 
     Returns:
         ``lum_interest`` ``(U * C, D)`` (row ``u * C + c``), ``lum_topk`` ``(U * C, k)``
         item ids (-1 for a user without history), ``lum_item`` ``(I, D)``,
-        ``lum_item_condition`` ``(I,)``.
+        ``lum_item_condition`` ``(I,)``: the item's condition value, or for an event
+        condition its code in ``data.lum.REQUEST_CONDITION_CODES`` (the ranker then takes
+        the request's hour bucket / weekday).
     """
     from torchrec_genrec.data.content import save_side_features
 
@@ -341,22 +378,23 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
     conditions = seqs.space.to_tokens("condition", torch.arange(c))
     interest = torch.zeros(store.num_users, c, d)
     top = torch.full((store.num_users, c, top_k), -1, dtype=torch.int64)
-    room = model.config.max_positions - (2 * steps - 1)
+    room = prefix_room(model, steps)
     for u in tqdm(range(store.num_users), desc="lum features", disable=not progress):
         prefix = user_prefix(seqs, u, room)
         if prefix.numel():
-            seen = seqs.space.from_tokens("item", prefix[1::2])
+            seen = seqs.seen(u)
             interest[u] = model.interests(prefix, conditions, steps, exclude=seen)
-            scores = model.item_scores(interest[u])
-            scores[:, seen] = -math.inf
-            top[u] = scores.topk(top_k, dim=1).indices
+            top[u] = model.retrieve_from(interest[u], top_k, exclude=seen)[1]
     first, end = seqs.space.ranges["item"]
     items = model.embed(torch.arange(first, end))
-    item_condition = torch.from_numpy(np.asarray(CONDITIONS[seqs.condition](
-        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
+    if seqs.condition in REQUEST_CONDITION_CODES:  # the ranker reads the request's hour / weekday
+        item_condition = torch.full((store.num_items,), REQUEST_CONDITION_CODES[seqs.condition], dtype=torch.int64)
+    else:
+        item_condition = torch.from_numpy(np.asarray(CONDITIONS[seqs.condition](
+            store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
     out = {"lum_interest": interest.reshape(-1, d), "lum_topk": top.reshape(-1, top_k), "lum_item": items,
            "lum_item_condition": item_condition}
     if name:
         save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c,
-                                                   "steps": steps})
+                                                   "steps": steps, "behaviour_cutoff": seqs.cutoff})
     return out

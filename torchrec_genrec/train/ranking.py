@@ -35,7 +35,8 @@ from torchrec_genrec.config import to_dict
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
 from torchrec_genrec.data.ranking_batching import RankingDataset, RequestBatchSampler, make_ranking_loader
-from torchrec_genrec.data.splits import Split
+from torchrec_genrec.data.errors import DataError
+from torchrec_genrec.data.splits import GlobalTimeSplit, Split
 from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters, count_table_parameters
 from torchrec_genrec.train.ranking_metrics import ranking_metrics
 from torchrec_genrec.train.recipe import PlanConfig
@@ -141,11 +142,25 @@ def _global_eval_plan(dataset: RankingDataset, batch_size: int) -> RequestBatchS
     return RequestBatchSampler(dataset.candidates_per_request(), batch_size, shuffle=False)
 
 
-def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: Dict[str, int]
-                            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """The side-feature sets ``model`` names (``content``, ``sid``, ``das``), as the
-    :class:`Ranker`'s ``side`` inputs, and what made each (for metrics.json)."""
-    from torchrec_genrec.data.content import load_side_features
+def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: Dict[str, int],
+                            cutoff: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The side-feature sets ``model`` names (``content``, ``sid``, ``das``, ``lum``), as
+    the :class:`Ranker`'s ``side`` inputs, and what made each (for metrics.json).
+
+    Args:
+        cutoff (int): the ranking split's validation cutoff; a set learned from behaviour
+            under another cutoff (it may have read validation or test events) is refused.
+    """
+    from torchrec_genrec.data.content import load_side_features as _load
+
+    def load_side_features(path: str, name: str, expect: Dict[str, int]):
+        s = _load(path, name, expect)
+        learned = s.meta.get("behaviour_cutoff")
+        if cutoff is not None and learned is not None and int(learned) != int(cutoff):
+            raise DataError(f"side-feature set {name!r} was learned from events before {learned}, but this ranking "
+                            f"split's validation cutoff is {cutoff}: it may have read events the ranker validates "
+                            "or tests on; rebuild it with the same valid/test fractions", path=s.path)
+        return s
 
     rows = {"item": vocab_sizes["item"], "item_codes": vocab_sizes["item"], "item_fused": vocab_sizes["item"],
             "user_codes": vocab_sizes["user"], "user_fused": vocab_sizes["user"]}
@@ -171,6 +186,11 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
             side[key] = s[key]
         meta["lum"] = {"name": s.name, **s.meta}
     return side, meta
+
+
+def _validation_cutoff(data: RankingData) -> int:
+    """The first validation timestamp of the ranking split."""
+    return int(GlobalTimeSplit(data.config.valid_fraction, data.config.test_fraction).cutoffs(data.store)[0])
 
 
 def _fingerprint(cfg: RankingRecipeConfig) -> str:
@@ -199,7 +219,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
-    side, side_meta = load_ranker_side_inputs(store_path, cfg.model, data.vocab_sizes)
+    side, side_meta = load_ranker_side_inputs(store_path, cfg.model, data.vocab_sizes, _validation_cutoff(data))
     if cfg.model.muse != "none" and cfg.data.task.lifelong_len <= 0:
         raise ValueError("model.muse reads the whole history: set data.task.lifelong_len (e.g. 1000)")
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,
