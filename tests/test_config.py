@@ -77,10 +77,15 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_shipped_recipes_load():
     import glob
 
+    from torchrec_genrec.train.lum import LUMRecipeConfig
     from torchrec_genrec.train.ranking import RankingRecipeConfig
 
     paths = glob.glob("apps/configs/*.toml")
     assert paths
     for path in paths:
-        # Ranking recipes (genrec rank) have their own config tree.
-        load_config(RankingRecipeConfig if "ranking" in os.path.basename(path) else RecipeConfig, path)
+        # Ranking recipes (genrec rank) and LUM pre-training (genrec lum) have their own config trees.
+        name = os.path.basename(path)
+        if name.startswith("lum_"):
+            load_config(LUMRecipeConfig, path).validate()
+        else:
+            load_config(RankingRecipeConfig if "ranking" in name else RecipeConfig, path)
