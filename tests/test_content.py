@@ -449,3 +449,20 @@ def test_ranker_reads_the_lum_interest_under_the_items_or_the_requests_condition
     assert int(expected_condition.min()) >= 0 and int(expected_condition.max()) < conditions
     rows = per_target("user_id") * conditions + expected_condition
     torch.testing.assert_close(model._frozen_lookup(batch)["lum_interest"], side["lum_interest"][rows])
+
+
+def test_the_ranker_refuses_a_side_set_learned_under_another_split(ml100k, data):
+    from torchrec_genrec.train.ranking import load_ranker_side_inputs
+
+    v = data.vocab_sizes
+    cutoff = int(GlobalTimeSplit(0.1, 0.1).cutoffs(ml100k)[0])
+    tensors = {"lum_interest": torch.zeros(v["user"] * 2, 4), "lum_item": torch.zeros(v["item"], 4),
+               "lum_item_condition": torch.zeros(v["item"], dtype=torch.int64)}
+    for name, learned in (("lum_same", cutoff), ("lum_later", cutoff + 1), ("lum_earlier", cutoff - 1)):
+        save_side_features(ml100k.path, name, tensors, {"kind": "lum", "behaviour_cutoff": learned})
+    side, meta = load_ranker_side_inputs(ml100k.path, RankerConfig(name="dlrm", lum="lum_same"), v, cutoff)
+    assert side["lum_interest"].shape == (v["user"] * 2, 4) and meta["lum"]["behaviour_cutoff"] == cutoff
+    with pytest.raises(DataError, match="read events this ranker validates or tests on"):
+        load_ranker_side_inputs(ml100k.path, RankerConfig(name="dlrm", lum="lum_later"), v, cutoff)
+    with pytest.raises(DataError, match="misses training events"):
+        load_ranker_side_inputs(ml100k.path, RankerConfig(name="dlrm", lum="lum_earlier"), v, cutoff)

@@ -157,9 +157,11 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
         s = _load(path, name, expect)
         learned = s.meta.get("behaviour_cutoff")
         if cutoff is not None and learned is not None and int(learned) != int(cutoff):
+            why = ("it read events this ranker validates or tests on" if int(learned) > int(cutoff)
+                   else "it misses training events of this split")
             raise DataError(f"side-feature set {name!r} was learned from events before {learned}, but this ranking "
-                            f"split's validation cutoff is {cutoff}: it may have read events the ranker validates "
-                            "or tests on; rebuild it with the same valid/test fractions", path=s.path)
+                            f"split's validation cutoff is {cutoff}: {why}; rebuild it with the ranker's "
+                            "valid/test fractions", path=s.path)
         return s
 
     rows = {"item": vocab_sizes["item"], "item_codes": vocab_sizes["item"], "item_fused": vocab_sizes["item"],
