@@ -352,10 +352,21 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
                      "--codebook-size", "8", "--name", "sid_t16"]) == 0
     assert cli.main(["content", "das", "--dataset", ml100k.path, "--content", "t16", "--levels", "2",
                      "--codebook-size", "8", "--epochs", "1", "--name", "das_t16"]) == 0
+    # A LUM set of the hour condition (random vectors: what matters here is that serving
+    # reads the interest under the request's hour bucket exactly as training did).
+    from torchrec_genrec.data.lum import REQUEST_CONDITION_CODES
+
+    g = torch.Generator().manual_seed(0)
+    save_side_features(ml100k.path, "lum_hour_t", {
+        "lum_interest": torch.randn(ml100k.num_users * 8, 8, generator=g),
+        "lum_item": torch.randn(ml100k.num_items, 8, generator=g),
+        "lum_item_condition": torch.full((ml100k.num_items,), REQUEST_CONDITION_CODES["hour"])},
+        {"kind": "lum", "condition": "hour", "behaviour_cutoff": int(GlobalTimeSplit(0.1, 0.1).cutoffs(ml100k)[0])})
     out = tmp_path / "run"
     cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
         f"data.dataset={ml100k.path}", "model.name=dlrm", "model.embedding_dim=8", "model.content=t16",
-        "model.muse=both", "model.sid=sid_t16", "model.das=das_t16", "data.task.lifelong_len=100",
+        "model.muse=both", "model.sid=sid_t16", "model.das=das_t16", "model.lum=lum_hour_t",
+        "data.task.lifelong_len=100",
         "data.task.max_seq_len=8",
         "train.max_steps=3", "train.batch_size=64", f"train.output_dir={out}", "train.progress=false",
         "train.tensorboard=false"])
@@ -363,6 +374,7 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     assert payload["side_features"]["content"]["encoder"] == "tfidf"
     assert payload["side_features"]["sid"]["method"] == "rqkmeans"
     assert payload["side_features"]["das"]["kind"] == "das"
+    assert payload["side_features"]["lum"]["condition"] == "hour"
     assert payload["training"]["table_parameters"]["sid_l0"] == 8 * 8
     import torch.distributed.checkpoint as dcp
 
