@@ -119,6 +119,7 @@ def test_semantic_ids_are_tokens_of_the_unified_token_space():
     space = add_semantic_id_kinds(TokenSpace.build(num_items=10, num_actions=5), [4, 4, 3])
     tokens = semantic_id_tokens(space, torch.tensor([[0, 3, 2], [1, 0, 0]]))
     assert space.kind_of(tokens.flatten()) == ["sid0", "sid1", "sid2"] * 2
+    assert space.is_kind(tokens.flatten(), "sid1").tolist() == [False, True, False] * 2
     assert space.size == 4 + 10 + 5 + 11
     with pytest.raises(ValueError, match="sid2"):
         semantic_id_tokens(space, torch.tensor([[0, 0, 3]]))

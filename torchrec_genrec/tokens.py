@@ -105,6 +105,11 @@ class TokenSpace:
             raise ValueError(f"tokens outside the {kind} range [{first}, {end})")
         return tokens - first
 
+    def is_kind(self, tokens: torch.Tensor, kind: str) -> torch.Tensor:
+        """Bool mask of the tokens that belong to ``kind``."""
+        first, end = self.ranges[self._check(kind)]
+        return (tokens >= first) & (tokens < end)
+
     def kind_of(self, tokens: torch.Tensor) -> Sequence[str]:
         """The kind name of each token (for debugging and tests)."""
         bounds = torch.tensor([end for _, end in self.ranges.values()])

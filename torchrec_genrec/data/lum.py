@@ -33,9 +33,9 @@ from torchrec_genrec.data.ranking import _per_second, hour_and_weekday
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["CONDITIONS", "HOUR_BUCKET", "ITEM_CONDITIONS", "REQUEST_CONDITION_CODES", "ConditionItemSequences", "PackedRows", "batch_by_tokens",
-           "block_causal_mask", "condition_given_item", "condition_item_sequences", "condition_vocabulary",
-           "pack_sequences", "padding_waste"]
+__all__ = ["CONDITIONS", "HOUR_BUCKET", "ITEM_CONDITIONS", "REQUEST_CONDITION_CODES", "ConditionItemSequences",
+           "PackedRows", "batch_by_tokens", "block_causal_mask", "condition_given_item", "condition_item_sequences",
+           "condition_vocabulary", "item_conditions", "pack_sequences", "padding_waste"]
 
 
 def _genre_condition(store: SequenceStore, items: np.ndarray, seconds: np.ndarray) -> np.ndarray:
@@ -69,12 +69,18 @@ ITEM_CONDITIONS = ("genre",)
 REQUEST_CONDITION_CODES = {"hour": -1, "weekday": -2}
 
 
+def item_conditions(store: SequenceStore, condition: str) -> np.ndarray:
+    """``(I,)`` every catalogue item's value of an item-attribute condition (a time
+    condition evaluated here reads time 0 and means nothing)."""
+    return np.asarray(CONDITIONS[condition](store, np.arange(store.num_items),
+                                            np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64)
+
+
 def condition_vocabulary(store: SequenceStore, condition: str) -> int:
     """How many values the condition takes (its condition tokens)."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown LUM condition {condition!r}; choose one of {sorted(CONDITIONS)}")
-    return _CONDITION_SIZES.get(condition) or int(np.asarray(CONDITIONS[condition](
-        store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64))).max()) + 1
+    return _CONDITION_SIZES.get(condition) or int(item_conditions(store, condition).max()) + 1
 
 
 def condition_given_item(store: SequenceStore, log, condition: str) -> np.ndarray:
@@ -83,9 +89,7 @@ def condition_given_item(store: SequenceStore, log, condition: str) -> np.ndarra
     (events before the validation cutoff), add-one smoothed."""
     size = condition_vocabulary(store, condition)
     if condition in ITEM_CONDITIONS:
-        values = np.asarray(CONDITIONS[condition](store, np.arange(store.num_items),
-                                                  np.zeros(store.num_items, dtype=np.int64)))
-        return np.eye(size)[values]
+        return np.eye(size)[item_conditions(store, condition)]
     seconds = np.asarray(log.timestamp, dtype=np.int64) // _per_second(store)
     values = np.asarray(CONDITIONS[condition](store, log.item, seconds), dtype=np.int64)
     counts = np.zeros((store.num_items, size))
@@ -126,8 +130,7 @@ class ConditionItemSequences:
         return torch.from_numpy(np.unique(self.seen_items[self.seen_offsets[user]:self.seen_offsets[user + 1]]))
 
     def is_condition(self, tokens: torch.Tensor) -> torch.Tensor:
-        first, end = self.space.ranges["condition"]
-        return (tokens >= first) & (tokens < end)
+        return self.space.is_kind(tokens, "condition")
 
     def packed_rows(self, rows: Sequence[Sequence[int]], row_len: int) -> "PackedRows":
         """The given rows of sequences (from :func:`pack_sequences`) as dense tensors."""

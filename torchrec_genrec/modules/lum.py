@@ -52,6 +52,10 @@ from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["LUM", "LUMConfig"]
 
+#: Why the HSTU encoder takes no packed rows (said by the model and by the recipe config).
+HSTU_NO_PACKED_ROWS = ("packed rows need a block-diagonal mask, which HSTU's jagged kernel does not take; "
+                       "use layout='jagged' (or one user per padded row) with encoder='hstu'")
+
 
 @dataclasses.dataclass
 class LUMConfig:
@@ -149,15 +153,17 @@ class LUM(nn.Module):
         kjt = KeyedJaggedTensor.from_lengths_sync(["lum_tokens"], flat, torch.ones_like(flat))
         return self.tokens(kjt)["lum_tokens"].values().view(*tokens.shape, -1)
 
+    def _check_positions(self, position: torch.Tensor) -> None:
+        if position.numel() and int(position.max()) >= self.config.max_positions:
+            raise ValueError(f"positions reach {int(position.max())}; config.max_positions is "
+                             f"{self.config.max_positions}")
+
     def encode(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` tokens and positions, ``(B, L, L)`` bool mask -> ``(B, L, D)``
         (the transformer encoder; packed rows need an arbitrary block mask)."""
         if self.config.encoder == "hstu":
-            raise ValueError("packed rows need a block-diagonal mask, which HSTU's jagged kernel does not take; "
-                             "use layout='jagged' with encoder='hstu'")
-        if int(position.max()) >= self.config.max_positions:
-            raise ValueError(f"positions reach {int(position.max())}; config.max_positions is "
-                             f"{self.config.max_positions}")
+            raise ValueError(HSTU_NO_PACKED_ROWS)
+        self._check_positions(position)
         # A row that may attend to nothing (padding) attends to itself: no NaN from softmax.
         mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
         x = self.embed(tokens) + self.position(position)
@@ -179,9 +185,7 @@ class LUM(nn.Module):
 
     def _encode_plan_order(self, tokens: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
         position = positions_in_sequence(plan.offsets, tokens.numel())
-        if tokens.numel() and int(position.max()) >= self.config.max_positions:
-            raise ValueError(f"positions reach {int(position.max())}; config.max_positions is "
-                             f"{self.config.max_positions}")
+        self._check_positions(position)
         x = self.embed(tokens) + self.position(position)
         for block in self.blocks:
             x = block.forward_jagged(x, plan)
@@ -195,13 +199,11 @@ class LUM(nn.Module):
             lengths = (segment >= 0).sum(1)
             cols = torch.arange(segment.shape[1], device=segment.device)
             if not torch.equal(segment, torch.where(cols < lengths.unsqueeze(1), segment[:, :1], -1)):
-                raise ValueError("packed rows need a block-diagonal mask, which the HSTU encoder does not take; "
-                                 "give one user per row (padded) or use loss_jagged")
+                raise ValueError(HSTU_NO_PACKED_ROWS)
             h = self.hstu.forward_padded(self.embed(tokens), lengths)
         else:
             h = self.encode(tokens, position, block_causal_mask(segment))
-        first, end = self.space.ranges["condition"]
-        at = (tokens >= first) & (tokens < end) & (segment >= 0)
+        at = self.space.is_kind(tokens, "condition") & (segment >= 0)
         at[:, -1] = False
         rows, cols = at.nonzero(as_tuple=True)
         return self._next_item_infonce(h[rows, cols], tokens[rows, cols + 1], generator)
@@ -216,11 +218,10 @@ class LUM(nn.Module):
             plan = plan or JaggedAttentionPlan(offsets)
             tokens, offsets = plan.to_plan_order(tokens), plan.offsets
             h = self._encode_plan_order(tokens, plan)
-        first, end = self.space.ranges["condition"]
         ends = offsets[1:][offsets[1:] > offsets[:-1]]
         last = torch.zeros_like(tokens, dtype=torch.bool)
         last[ends - 1] = True  # a user's last token predicts nothing
-        at = ((tokens >= first) & (tokens < end) & ~last).nonzero(as_tuple=True)[0]
+        at = (self.space.is_kind(tokens, "condition") & ~last).nonzero(as_tuple=True)[0]
         return self._next_item_infonce(h[at], tokens[at + 1], generator)
 
     def _next_item_infonce(self, outputs: torch.Tensor, positive_tokens: torch.Tensor,
@@ -330,9 +331,12 @@ class LUM(nn.Module):
             scores[:, exclude] = -math.inf
         return scores.topk(k, dim=1)
 
+    def item_embeddings(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """``(I, D)`` every item's token embedding, in item-id order."""
+        first, end = self.space.ranges["item"]
+        return self.embed(torch.arange(first, end, device=device))
+
     @torch.no_grad()
     def item_scores(self, interests: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` interest vectors -> ``(N, I)`` cosine scores over every item."""
-        first, end = self.space.ranges["item"]
-        items = F.normalize(self.embed(torch.arange(first, end, device=interests.device)), dim=-1)
-        return F.normalize(interests, dim=-1) @ items.T
+        return F.normalize(interests, dim=-1) @ F.normalize(self.item_embeddings(interests.device), dim=-1).T

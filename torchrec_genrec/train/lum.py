@@ -14,7 +14,7 @@ Example::
 
     cfg = LUMRecipeConfig(condition="genre")
     model, seqs, history = pretrain_lum(cfg)
-    metrics = conditioned_retrieval(model, seqs, store, cfg)
+    metrics = conditioned_retrieval(model, seqs, cfg)
 """
 
 from __future__ import annotations
@@ -35,18 +35,18 @@ from tqdm import tqdm
 
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, REQUEST_CONDITION_CODES, ConditionItemSequences,
-                                      batch_by_tokens,
-                                      condition_given_item, condition_item_sequences, pack_sequences)
+                                      batch_by_tokens, condition_given_item, condition_item_sequences,
+                                      item_conditions, pack_sequences)
 from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
-from torchrec_genrec.modules.lum import LUM, LUMConfig
+from torchrec_genrec.modules.lum import HSTU_NO_PACKED_ROWS, LUM, LUMConfig
 from torchrec_genrec.train.content import behaviour_log
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "load_lum", "lum_features", "pretrain_lum", "run_lum_retrieval_study",
-           "save_lum"]
+__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "load_lum", "lum_features", "prefix_room", "pretrain_lum",
+           "run_lum_retrieval_study", "save_lum", "user_prefix"]
 
 
 @dataclasses.dataclass
@@ -93,8 +93,7 @@ class LUMRecipeConfig:
         if self.layout not in ("jagged", "packed"):
             raise ConfigError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
         if self.layout == "packed" and self.model.encoder == "hstu":
-            raise ConfigError("layout 'packed' needs a block-diagonal mask, which the HSTU encoder does not take; "
-                              "use layout='jagged' with model.encoder='hstu'")
+            raise ConfigError(f"layout 'packed' with model.encoder 'hstu': {HSTU_NO_PACKED_ROWS}")
         if 2 * self.max_events > self.model.max_positions:
             raise ConfigError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
                               f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
@@ -102,25 +101,26 @@ class LUMRecipeConfig:
         return self
 
 
-def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[Tuple[str, tuple]]:
-    """One epoch's batches in a fresh random order, in the configured layout."""
+def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[list]:
+    """One epoch's batches in a fresh random order: lists of rows (each a list of users)
+    for the packed layout, lists of users for the jagged one."""
     lengths = seqs.lengths()
     if cfg.layout == "packed":
         rows = pack_sequences(lengths, cfg.row_len)
         order = torch.randperm(len(rows), generator=g).tolist()
-        return [("packed", ([rows[i] for i in order[s:s + cfg.batch_rows]],))
-                for s in range(0, len(order), cfg.batch_rows)]
+        return [[rows[i] for i in order[s:s + cfg.batch_rows]] for s in range(0, len(order), cfg.batch_rows)]
     order = torch.randperm(len(lengths), generator=g).numpy()
-    return [("jagged", (users,)) for users in batch_by_tokens(lengths, order, cfg.batch_rows * cfg.row_len)]
+    return batch_by_tokens(lengths, order, cfg.batch_rows * cfg.row_len)
 
 
-def _step_loss(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig, kind: str, args: tuple,
+def _step_loss(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig, batch: list,
                g: torch.Generator) -> Tuple[torch.Tensor, dict, int]:
-    if kind == "packed":
-        batch = seqs.packed_rows(args[0], cfg.row_len)
-        loss, stats = model.loss(batch.tokens, batch.segment, batch.position, g)
-        return loss, stats, int((batch.segment >= 0).sum())
-    tokens, offsets = seqs.jagged_batch(args[0])
+    """The loss of one batch of :func:`_batches` and its number of real tokens."""
+    if cfg.layout == "packed":
+        rows = seqs.packed_rows(batch, cfg.row_len)
+        loss, stats = model.loss(rows.tokens, rows.segment, rows.position, g)
+        return loss, stats, int((rows.segment >= 0).sum())
+    tokens, offsets = seqs.jagged_batch(batch)
     loss, stats = model.loss_jagged(tokens, offsets, g)
     return loss, stats, tokens.numel()
 
@@ -153,8 +153,8 @@ def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, Lis
         model.train()
         sums = {"loss": 0.0, "top1": 0.0, "positions": 0.0}
         tokens, start = 0, time.perf_counter()
-        for kind, args in _batches(seqs, cfg, g):
-            loss, stats, n_tokens = _step_loss(model, seqs, cfg, kind, args, g)
+        for batch in _batches(seqs, cfg, g):
+            loss, stats, n_tokens = _step_loss(model, seqs, cfg, batch, g)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -174,7 +174,7 @@ def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, Lis
             for key in ("loss", "top1", "tokens_per_s"):
                 writer.add_scalar(f"epoch/{key}", history[-1][key], epoch)
     model.eval()
-    if writer is not None:
+    if cfg.output_dir:
         writer.close()
         save_lum(cfg.output_dir, model, cfg, history)
     return model, seqs, history
@@ -385,13 +385,11 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
             seen = seqs.seen(u)
             interest[u] = model.interests(prefix, conditions, steps, exclude=seen)
             top[u] = model.retrieve_from(interest[u], top_k, exclude=seen)[1]
-    first, end = seqs.space.ranges["item"]
-    items = model.embed(torch.arange(first, end))
+    items = model.item_embeddings()
     if seqs.condition in REQUEST_CONDITION_CODES:  # the ranker reads the request's hour / weekday
         item_condition = torch.full((store.num_items,), REQUEST_CONDITION_CODES[seqs.condition], dtype=torch.int64)
     else:
-        item_condition = torch.from_numpy(np.asarray(CONDITIONS[seqs.condition](
-            store, np.arange(store.num_items), np.zeros(store.num_items, dtype=np.int64)), dtype=np.int64))
+        item_condition = torch.from_numpy(item_conditions(store, seqs.condition))
     out = {"lum_interest": interest.reshape(-1, d), "lum_topk": top.reshape(-1, top_k), "lum_item": items,
            "lum_item_condition": item_condition}
     if name:
