@@ -334,8 +334,9 @@ class RequestBatchSampler(Sampler[List[int]]):
     Requests are taken in a seeded, epoch-dependent order (or in order) and a batch is
     closed once it holds at least ``batch_size`` candidates, so a grouped batch carries
     as many samples as a pointwise one (a request is never split). ``set_epoch`` before
-    each epoch. In a job of ``world_size`` ranks every rank plans the same batches and
-    takes every ``world_size``-th one, so global step ``s`` covers the batches a single
+    each epoch (``start_batch`` skips what a resumed run has trained). In a job of
+    ``world_size`` ranks every rank plans the same batches and takes every
+    ``world_size``-th one, so global step ``s`` covers the batches a single
     process would take at ``world_size`` times the batch size; with ``even=True`` the
     last few are dropped so that every rank takes as many steps.
 
@@ -358,9 +359,11 @@ class RequestBatchSampler(Sampler[List[int]]):
         self.epoch = 0
         self._batches = self._plan()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Plans ``epoch``'s batches; this rank starts at its ``start_batch``-th one (a
+        resumed run: the global step index in the epoch, whatever the world size)."""
         self.epoch = epoch
-        self._batches = self._plan()
+        self._batches = self._plan()[start_batch:]
 
     def _plan(self) -> List[np.ndarray]:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.candidates)) if self.shuffle

@@ -3,7 +3,8 @@
 Same machinery as the retrieval recipe: the model's tables are planned and sharded by
 TorchRec (``DistributedModelParallel``, fused row-wise Adagrad), the dense part trains
 with AdamW, validation AUC picks the epoch (early stopping), the best weights are kept
-as a ``torch.distributed.checkpoint`` and tested. Samples come pointwise (one request
+as a ``torch.distributed.checkpoint`` and tested. A checkpoint after every epoch (and every
+``checkpoint_every_steps``) lets an interrupted run resume exactly where it stopped. Samples come pointwise (one request
 per event) or grouped (one request per user and time window, see
 :mod:`torchrec_genrec.data.ranking_batching`); evaluation is pointwise by default, so
 both formats are scored on the same test samples. Under ``torchrun`` every rank takes its
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -77,6 +78,11 @@ class RankingTrainConfig:
     eval_batch_size (int): candidates per evaluation batch.
     patience (int): stop once this many epochs passed since the best validation AUC.
     max_steps (Optional[int]): stop after this many steps (smoke tests).
+    checkpoint_every_steps (Optional[int]): also checkpoint inside epochs, every this many
+        steps (a checkpoint is always written after each epoch).
+    resume (str): ``auto``: continue from the newest checkpoint in
+        ``<output_dir>/checkpoints`` if there is one (a restarted job, a longer epoch cap);
+        ``never``: start over; ``must``: fail if there is none.
     progress (bool): tqdm progress bars.
     optim (OptimConfig): optimisers (fused sparse + AdamW dense).
     """
@@ -89,6 +95,8 @@ class RankingTrainConfig:
     eval_batch_size: int = 1024
     patience: int = 2
     max_steps: Optional[int] = None
+    checkpoint_every_steps: Optional[int] = None
+    resume: Literal["auto", "never", "must"] = "auto"
     progress: bool = True
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-3, sparse_lr=0.05))
 
@@ -190,14 +198,22 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
     return side, meta
 
 
+def _fresh_epoch_sums() -> Dict[str, float]:
+    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them)."""
+    return {"loss_sum": 0.0, "batches": 0, "samples": 0, "seconds": 0.0}
+
+
 def _validation_cutoff(data: RankingData) -> int:
     """The first validation timestamp of the ranking split."""
     return int(GlobalTimeSplit(data.config.valid_fraction, data.config.test_fraction).cutoffs(data.store)[0])
 
 
-def _fingerprint(cfg: RankingRecipeConfig) -> str:
+def _fingerprint(cfg: RankingRecipeConfig, world_size: int = 1) -> str:
+    """A digest of the settings a checkpoint's weights depend on: data, model, seed,
+    optimiser and the global batch (per-rank batch x ranks, so 2 x 128 resumes as 1 x 256)."""
     keep = {"data": to_dict(cfg.data), "model": to_dict(cfg.model),
-            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "optim", "batch_size")}}
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k in ("seed", "optim")}}
+    keep["train"]["global_batch_size"] = cfg.train.batch_size * world_size
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -205,7 +221,8 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
     """Trains and tests ``cfg``; returns what it writes to ``metrics.json``."""
     from torchrec_genrec.train.distributed import init_distributed
     from torchrec_genrec.train.recipe import _seed_everything, _write_json_atomic
-    from torchrec_genrec.train.trainer import Checkpointer, build_optimizer, shard
+    from torchrec_genrec.train.trainer import (Checkpointer, _maybe_inject_fault, build_optimizer,
+                                               restore_latest_checkpoint, shard)
 
     _seed_everything(cfg.train.seed)
     start = time.perf_counter()
@@ -228,7 +245,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
                    max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, side=side)
     dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
     optimizer = build_optimizer(dmp, cfg.train.optim)
-    checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=1)
+    checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=2)
     loader = make_ranking_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                  rank=ctx.rank, world_size=ctx.world_size, even=True)
     evaluate = lambda split_set, desc: evaluate_ranker(  # noqa: E731
@@ -236,17 +253,45 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         ctx.rank, ctx.world_size)
     ranker: Ranker = dmp.module  # type: ignore[assignment]
 
+    fingerprint = _fingerprint(cfg, ctx.world_size)
     history: List[Dict[str, float]] = []
     best, best_epoch, step = -1.0, -1, 0
-    train_seconds, train_samples = 0.0, 0
-    for epoch in range(cfg.train.epochs):
-        loader.sampler.set_epoch(epoch)
+    totals = {"train_seconds": 0.0, "train_samples": 0}
+    first_epoch, first_batch, partial = 0, 0, _fresh_epoch_sums()
+    resumed_from, saved = restore_latest_checkpoint(checkpointer, dmp, optimizer, ctx, cfg.train.resume,
+                                                    fingerprint)
+    if saved is not None:
+        step, best, best_epoch, history = saved["step"], saved["best"], saved["best_epoch"], saved["history"]
+        totals, partial = saved["totals"], saved["partial"]
+        first_epoch, first_batch = (cfg.train.epochs if saved["stopped"] else saved["epoch"]), saved["batch_in_epoch"]
+        if ctx.is_main:
+            logger.info("resumed from %s: epoch %d, batch %d, step %d%s", resumed_from, saved["epoch"], first_batch,
+                        step, "" if saved["world_size"] == ctx.world_size
+                        else f" (re-sharded from {saved['world_size']} ranks)")
+
+    def save_progress(epoch: int, batch_in_epoch: int, part: Dict[str, float], stopped: bool) -> None:
+        checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
+                          {"fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                           "best": best, "best_epoch": best_epoch, "history": history, "partial": part,
+                           "totals": totals, "stopped": stopped})
+
+    for epoch in range(first_epoch, cfg.train.epochs):
+        skip = first_batch if epoch == first_epoch else 0
+        loader.sampler.set_epoch(epoch, start_batch=skip)
         dmp.train()
-        loss_sum, batches, samples = 0.0, 0, 0
-        epoch_start = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+        part = partial if epoch == first_epoch else _fresh_epoch_sums()
+        batches_in_epoch = skip + len(loader.sampler)
+        batch_in_epoch = skip
+        epoch_start = time.perf_counter() - part["seconds"]
+        batches = iter(loader)
+        if skip and saved["world_size"] == ctx.world_size:
+            # Creating the iterator drew a seed from the global generator, which the
+            # interrupted run had drawn before the checkpoint: back to the saved state.
+            checkpointer.restore_rng(resumed_from)
+        bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=not (cfg.train.progress and ctx.is_main))
         for batch in bar:
+            _maybe_inject_fault(ctx, step)
             loss, stats = dmp(batch.to(ctx.device))
             bce = float(stats["bce"])
             if ctx.world_size > 1:
@@ -258,29 +303,34 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
                 dist.all_reduce(sums)
                 loss = loss * (batch.num_candidates * ctx.world_size / float(sums[0]))
                 bce = float(sums[1] / sums[0])
-                samples += int(sums[0]) // ctx.world_size  # this rank's share, for the rate below
+                part["samples"] += int(sums[0]) // ctx.world_size  # this rank's share, for the rate below
             else:
-                samples += batch.num_candidates
+                part["samples"] += batch.num_candidates
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
-            batches += 1
-            loss_sum += bce
-            rate = samples * ctx.world_size / max(time.perf_counter() - epoch_start, 1e-9)
+            batch_in_epoch += 1
+            part["batches"] += 1
+            part["loss_sum"] += bce
+            rate = part["samples"] * ctx.world_size / max(time.perf_counter() - epoch_start, 1e-9)
             bar.set_postfix(bce=f"{bce:.4f}", samples_s=f"{rate:,.0f}")
             if writer is not None:
                 writer.add_scalar("train/bce", bce, step)
                 writer.add_scalar("train/samples_per_s", rate, step)
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                 break
+            if (cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
+                    and batch_in_epoch < batches_in_epoch):
+                part["seconds"] = time.perf_counter() - epoch_start
+                save_progress(epoch, batch_in_epoch, dict(part), stopped=False)
         seconds = time.perf_counter() - epoch_start
-        train_seconds += seconds
-        train_samples += samples * ctx.world_size
+        totals["train_seconds"] += seconds
+        totals["train_samples"] += part["samples"] * ctx.world_size
         dmp.eval()
         valid, _ = evaluate(valid_set, "valid")
-        record = {"epoch": epoch, "train_bce": loss_sum / max(batches, 1),
-                  "samples_per_s": samples * ctx.world_size / seconds,
+        record = {"epoch": epoch, "train_bce": part["loss_sum"] / max(part["batches"], 1),
+                  "samples_per_s": part["samples"] * ctx.world_size / seconds,
                   **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(record)
         if writer is not None:
@@ -292,9 +342,10 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         if valid["auc"] > best:
             best, best_epoch = valid["auc"], epoch
             checkpointer.save("best", {"model": dmp.state_dict()},
-                              {"fingerprint": _fingerprint(cfg), "epoch": epoch, "valid": valid})
+                              {"fingerprint": fingerprint, "epoch": epoch, "valid": valid})
         stop = epoch - best_epoch >= cfg.train.patience or (
             cfg.train.max_steps is not None and step >= cfg.train.max_steps)
+        save_progress(epoch + 1, 0, _fresh_epoch_sums(), stopped=stop)
         if stop:
             break
     state = {"model": dmp.state_dict()}
@@ -314,8 +365,9 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
                     "test": test},
         "training": {"best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
                      "world_size": ctx.world_size, "global_batch_size": cfg.train.batch_size * ctx.world_size,
-                     "train_seconds": round(train_seconds, 2),
-                     "train_samples_per_s": round(train_samples / max(train_seconds, 1e-9), 1),
+                     "train_seconds": round(totals["train_seconds"], 2),
+                     "train_samples_per_s": round(totals["train_samples"] / max(totals["train_seconds"], 1e-9), 1),
+                     "resumed_from": resumed_from,
                      "dense_parameters": count_dense_parameters(ranker),
                      "table_parameters": count_table_parameters(ranker), "history": history},
         "side_features": side_meta,

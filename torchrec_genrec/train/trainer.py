@@ -270,6 +270,44 @@ class Checkpointer:
             storage.rmtree(storage.join(self.directory, old))
 
 
+def restore_latest_checkpoint(checkpointer: Optional[Checkpointer], dmp: DistributedModelParallel,
+                              optimizer: CombinedOptimizer, ctx: DistContext, resume: str, fingerprint: str
+                              ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """Loads the newest periodic checkpoint into ``dmp`` and ``optimizer``, per ``resume``.
+
+    ``resume="auto"`` loads it if there is one, ``"never"`` loads nothing, ``"must"`` fails
+    without one. The checkpoint's fingerprint (the settings its weights depend on) must
+    equal ``fingerprint``. On the world size it was written with, this rank's random state
+    is restored too; on another one the tables and optimiser state re-shard.
+
+    Returns:
+        ``(name, trainer_state)`` of the checkpoint loaded, or ``(None, None)``.
+    """
+    if resume not in ("auto", "never", "must"):
+        raise ConfigError(f"train.resume must be auto, never or must, not {resume!r}")
+    latest = checkpointer.latest() if checkpointer is not None and resume != "never" else None
+    if resume == "must" and latest is None:
+        raise ConfigError("train.resume = 'must' but there is no checkpoint to resume from in "
+                          f"{checkpointer.directory if checkpointer else '(checkpoints are off)'}")
+    if latest is None:
+        return None, None
+    saved = checkpointer.trainer_state(latest)
+    if saved.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{storage.join(checkpointer.directory, latest)} was written by a run with different model/data "
+            "settings; use a new train.output_dir, or set train.resume = 'never' to start over")
+    for name, sub in optimizer.optimizers:
+        if name == "dense":
+            sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
+    state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
+    checkpointer.load(latest, state)
+    dmp.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if saved["world_size"] == ctx.world_size:
+        checkpointer.restore_rng(latest)
+    return latest, saved
+
+
 def _rng_state() -> Dict[str, Any]:
     import random
 
@@ -361,28 +399,9 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
     def training_state() -> Dict[str, Any]:
         return {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
 
-    if resume not in ("auto", "never", "must"):
-        raise ValueError(f"resume must be auto, never or must, not {resume!r}")
-    latest = checkpointer.latest() if checkpointer is not None and resume != "never" else None
-    if resume == "must" and latest is None:
-        raise ConfigError("train.resume = 'must' but there is no checkpoint to resume from in "
-                         f"{checkpointer.directory if checkpointer else '(checkpoints are off)'}")
-    if latest is not None:
-        saved = checkpointer.trainer_state(latest)
-        if saved.get("fingerprint") != fingerprint:
-            raise ConfigError(
-                f"{storage.join(checkpointer.directory, latest)} was written by a run with different model/data "
-                "settings; use a new train.output_dir, or set train.resume = 'never' to start over")
-        for name, sub in optimizer.optimizers:
-            if name == "dense":
-                sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
-        state = training_state()
-        checkpointer.load(latest, state)
-        dmp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+    latest, saved = restore_latest_checkpoint(checkpointer, dmp, optimizer, ctx, resume, fingerprint)
+    if saved is not None:
         same_world = saved["world_size"] == ctx.world_size
-        if same_world:
-            checkpointer.restore_rng(latest)
         step, best, best_epoch = saved["step"], saved["best"], saved["best_epoch"]
         history = saved["history"]
         first_epoch, first_batch = saved["epoch"], saved["batch_in_epoch"]
