@@ -392,7 +392,7 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     from torchrec_genrec.inference.predictor import History
     from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
 
-    export_ranker(str(out), str(tmp_path / "artifact"))
+    export_ranker(str(out), str(tmp_path / "artifact"), precision="fp32")
     predictor = RankerPredictor.load(str(tmp_path / "artifact"))
     model, _, data = load_trained_ranker(str(out))
     dataset = RankingDataset(data, Split.TEST)
@@ -411,6 +411,19 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
                               timestamps=data.timestamp[past].tolist())
             got = predictor.score(raw_users[data.user[e]], history, [raw_items[data.item[e]]], int(data.timestamp[e]))
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # int8: the id and semantic-ID tables quantised, the frozen content / DAS / LUM tables
+    # kept fp32; the predictor scores exactly like the model quantised in memory.
+    from torchrec_genrec.inference.ranker import quantize_ranker_tables
+
+    manifest = export_ranker(str(out), str(tmp_path / "int8"), precision="int8")
+    precisions = {name: t["precision"] for name, t in manifest["tables"].items()}
+    assert precisions["sid_l0"] == precisions["item"] == "int8"
+    assert precisions["content"] == precisions["das"] == precisions["lum"] == "fp32"
+    predictor = RankerPredictor.load(str(tmp_path / "int8"))
+    quantize_ranker_tables(model, "int8")
+    with torch.no_grad():
+        batch = dataset[list(range(0, len(dataset), 101))]
+        torch.testing.assert_close(predictor.model.predict(batch), model.predict(batch), rtol=0, atol=0)
 
 
 def test_moco_adaptation_pulls_co_consumed_items_together():

@@ -196,7 +196,7 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
     from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
 
     out = str(tmp_path / "artifact")
-    export_ranker(str(ranking_run), out)
+    export_ranker(str(ranking_run), out, precision="fp32")
     predictor = RankerPredictor.load(out)
     model, cfg, data = load_trained_ranker(str(ranking_run))
     dataset = RankingDataset(data, Split.TEST)
@@ -229,6 +229,37 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
         f.write(b"\x00\x01")
     with pytest.raises(ArtifactError, match="sha256"):
         RankerPredictor.load(out)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_quantised_ranker_artifact_scores_like_the_quantised_model(ranking_run, tmp_path, precision):
+    """An int8 / fp16 artifact holds TorchRec's quantised id tables: the predictor scores
+    exactly like the trained model quantised in memory, and close to the fp32 model."""
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+    from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEC
+
+    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker, \
+        quantize_ranker_tables
+
+    manifest = export_ranker(str(ranking_run), str(tmp_path / precision), precision=precision)
+    export_ranker(str(ranking_run), str(tmp_path / "fp32"), precision="fp32")
+    assert manifest["precision"] == precision and manifest["tables"]["item"]["precision"] == precision
+    predictor = RankerPredictor.load(str(tmp_path / precision))
+    assert isinstance(predictor.model.sequence_embeddings, QuantEC)
+    assert isinstance(predictor.model.pooled_embeddings, QuantEBC)
+    sizes = {p: os.path.getsize(tmp_path / p / "ranker.safetensors") for p in (precision, "fp32")}
+    assert sizes[precision] < sizes["fp32"]
+
+    model, _, data = load_trained_ranker(str(ranking_run))
+    fp32 = load_trained_ranker(str(ranking_run))[0]
+    quantize_ranker_tables(model, precision)
+    dataset = RankingDataset(data, Split.TEST)
+    with torch.no_grad():
+        batch = dataset[list(range(0, 10000, 97))]
+        got = torch.sigmoid(predictor.model.predict(batch))
+        torch.testing.assert_close(got, torch.sigmoid(model.predict(batch)), rtol=0, atol=0)
+        difference = (got - torch.sigmoid(fp32.predict(batch))).abs()
+    assert 0 < float(difference.max()) < (0.02 if precision == "int8" else 0.002)
 
 
 def test_rank_endpoint_batches_requests_and_answers_like_the_predictor(ranking_run, tmp_path):

@@ -333,9 +333,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.target != "predictor":
             raise DataError(f"{args.run} is a ranking run: it exports for the RankerPredictor only "
                             "(--target predictor)")
-        manifest = export_ranker(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
-        print(f"wrote {args.out}: {manifest['model']['name']} ranker (fp32 weights; --precision applies to retrieval "
-              "artifacts), load it with torchrec_genrec.inference.ranker.RankerPredictor")
+        manifest = export_ranker(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                                 precision=args.precision)
+        print(f"wrote {args.out}: {manifest['model']['name']} ranker, id tables {args.precision} (dense and frozen "
+              "content tables fp32), load it with torchrec_genrec.inference.ranker.RankerPredictor")
         for name, entry in manifest["files"].items():
             print(f"  {name:<24} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
         return 0
@@ -474,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="a finished run's output_dir (sharded or not)")
     export.add_argument("--out", required=True, help="artifact directory (or package file for torchrec-package)")
     export.add_argument("--precision", choices=["int8", "fp16", "fp32"], default="int8",
-                        help="token table precision (TorchRec inference quantisation)")
+                        help="embedding table precision (TorchRec inference quantisation): the token table of a "
+                             "retrieval run, the id tables of a ranker")
     export.add_argument("--checkpoint", default="best", help="best (default) or a checkpoint name")
     export.add_argument("--target", choices=["predictor", "torchrec-package"], default="predictor",
                         help="predictor: safe artifact for genrec's Predictor / serve (default); torchrec-package: "

@@ -41,7 +41,8 @@ __all__ = ["PRECISIONS", "UserEncoder", "build_quant_table", "export_run", "expo
 
 #: Export precisions of the token table and the TorchRec data type each maps to.
 PRECISIONS: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
-_TORCH_DTYPE = {"fp32": torch.float, "fp16": torch.half, "int8": torch.qint8}
+#: The torch dtype TorchRec's inference quantisation takes for each precision.
+TORCH_DTYPES = {"fp32": torch.float, "fp16": torch.half, "int8": torch.qint8}
 
 
 class UserEncoder(nn.Module):
@@ -98,9 +99,9 @@ def quantize_token_table(collection: EmbeddingCollection, precision: str) -> Qua
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
     holder = nn.Module()
     holder.collection = collection
-    quantize_inference_model(holder, per_table_weight_dtype={c.name: _TORCH_DTYPE[precision]
+    quantize_inference_model(holder, per_table_weight_dtype={c.name: TORCH_DTYPES[precision]
                                                              for c in collection.embedding_configs()},
-                             quantization_dtype=_TORCH_DTYPE[precision])
+                             quantization_dtype=TORCH_DTYPES[precision])
     return holder.collection
 
 

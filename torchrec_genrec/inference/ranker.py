@@ -1,7 +1,9 @@
 """Rankers for serving: export a ranking run, load it, score a user's candidates in one pass.
 
-``genrec export RUN --out DIR`` on a ``genrec rank`` run writes a directory holding the
-model's weights (every table and dense parameter, fp32, safetensors), the item and user
+``genrec export RUN --out DIR [--precision int8|fp16|fp32]`` on a ``genrec rank`` run
+writes a directory holding the model's weights (safetensors: the id tables as TorchRec's
+quantised inference collections — int8 row-wise with a per-row fp16 scale and bias, or
+fp16 —, or the trained fp32 model; dense parameters and frozen content tables fp32), the item and user
 side features it reads (genres, release year, age, gender, occupation, zip; safetensors),
 the raw ids (``vocab.json``) and a ``manifest.json`` (config, stack versions, each file's
 size and sha256) — nothing pickled; it is checked like a retrieval artifact before it
@@ -37,7 +39,8 @@ from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.predictor import History, RequestError
 from torchrec_genrec.models.ranking import Ranker, RankerConfig
 
-__all__ = ["RANKER_FORMAT", "RankRequest", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker"]
+__all__ = ["RANKER_FORMAT", "RankRequest", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker",
+           "quantize_ranker_tables"]
 
 RANKER_FORMAT = "torchrec-genrec/ranking"
 WEIGHTS = "ranker.safetensors"
@@ -86,8 +89,69 @@ def load_trained_ranker(run_dir: str, checkpoint: str = "best") -> Tuple[Ranker,
     return model.eval(), cfg, data
 
 
-def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrite: bool = False) -> Dict[str, Any]:
+def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str, Any]]:
+    """Swaps the ranker's id-table collections for TorchRec's quantised inference ones, in place.
+
+    Every ``EmbeddingCollection`` / ``EmbeddingBagCollection`` of the model (items, ratings,
+    the NS features, semantic IDs) becomes a ``QuantEmbeddingCollection`` /
+    ``QuantEmbeddingBagCollection`` over fbgemm's inference TBE at ``precision``; the model's
+    forward is unchanged. Frozen content tables (content, DAS, LUM vectors) and the dense
+    parameters stay fp32. ``fp32`` leaves the model as trained.
+
+    Args:
+        model (Ranker): an unsharded ranker on CPU.
+        precision (str): ``int8``, ``fp16`` or ``fp32``.
+
+    Returns:
+        Dict[str, Dict[str, Any]]: per table, ``rows``, ``dim`` and ``precision``.
+
+    Example::
+
+        model, _, _ = load_trained_ranker("runs/ranking_ml100k")
+        tables = quantize_ranker_tables(model, "int8")
+    """
+    from torchrec.inference.modules import quantize_inference_model
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    from torchrec_genrec.inference.export import PRECISIONS, TORCH_DTYPES
+
+    if precision not in PRECISIONS:
+        raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
+    tables: Dict[str, Dict[str, Any]] = {}
+    for module in model.modules():
+        if not isinstance(module, (EmbeddingCollection, EmbeddingBagCollection)):
+            continue
+        # TorchRec swaps exact types only: a FrozenEmbeddingCollection (a subclass) stays fp32.
+        swapped = type(module) in (EmbeddingCollection, EmbeddingBagCollection)
+        configs = module.embedding_configs() if isinstance(module, EmbeddingCollection) \
+            else module.embedding_bag_configs()
+        for c in configs:
+            tables[c.name] = {"rows": c.num_embeddings, "dim": c.embedding_dim,
+                              "precision": precision if swapped else "fp32"}
+    if precision != "fp32":
+        quantize_inference_model(model, per_table_weight_dtype={name: TORCH_DTYPES[precision] for name, t in
+                                                                tables.items() if t["precision"] == precision},
+                                 quantization_dtype=TORCH_DTYPES[precision])
+    return tables
+
+
+def _weights_to_save(model: Ranker) -> Dict[str, torch.Tensor]:
+    # A quantised collection's table rows are views into its TBE's storage: copy them out.
+    # The TBE's own buffers (offsets, cache state) are rebuilt from the config at load.
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".tbes." not in k}
+
+
+def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrite: bool = False,
+                  precision: str = "int8") -> Dict[str, Any]:
     """Writes the serving artifact of a ranking run (see the module docstring).
+
+    Args:
+        run_dir (str): a finished ``genrec rank`` run.
+        out_dir (str): the artifact directory (published atomically).
+        checkpoint (str): which checkpoint, ``best`` by default.
+        overwrite (bool): replace an existing ``out_dir``.
+        precision (str): id tables ``int8`` (default), ``fp16`` or ``fp32``
+            (:func:`quantize_ranker_tables`).
 
     Returns:
         Dict[str, Any]: the manifest.
@@ -99,10 +163,11 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
     if os.path.exists(out_dir) and not overwrite:
         raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
     model, cfg, data = load_trained_ranker(run_dir, checkpoint)
+    tables = quantize_ranker_tables(model, precision)
     store = data.store
     tmp = atomic_dir(out_dir)
     try:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, WEIGHTS))
+        save_file(_weights_to_save(model), os.path.join(tmp, WEIGHTS))
         sides = {"genre_offsets": data.genre_offsets, "genre_values": data.genre_values, "item_year": data.item_year,
                  **{f"user_{k}": data.user_features[k] for k in _USER_SIDES}}
         save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in sides.items()},
@@ -116,7 +181,8 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
         manifest = {
             "format": RANKER_FORMAT, "format_version": art.ARTIFACT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": art.stack_versions(), "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
+            "versions": art.stack_versions(), "precision": precision, "tables": tables,
+            "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
             "vocab_sizes": data.vocab_sizes, "num_genres": len(data.vocabularies["genre"]),
             "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
                     "test": record.get("metrics", {}).get("test")},
@@ -180,7 +246,13 @@ class RankerPredictor:
         model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
                        max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
                        side=Ranker.side_inputs_from_state(weights, manifest["vocab_sizes"]))
-        model.load_state_dict(weights)
+        precision = manifest.get("precision", "fp32")  # artifacts before quantised rankers were fp32
+        quantize_ranker_tables(model, precision)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if ".tbes." not in k]
+        if missing or unexpected:
+            raise art.ArtifactError(f"{WEIGHTS} does not fit a {precision} {config.name} ranker: missing "
+                                    f"{missing[:5]}, unexpected {unexpected[:5]}", path=directory)
         return cls(model, manifest, vocab, load_file(os.path.join(directory, FEATURES)))
 
     def _dense(self, index: Dict[Any, int], raw: Sequence[Any], what: str) -> np.ndarray:
@@ -278,6 +350,7 @@ class RankerPredictor:
 
     def info(self) -> Dict[str, Any]:
         return {"task": "ranking", "model": self.manifest["model"]["name"], "test": self.manifest["run"].get("test"),
+                "precision": self.manifest.get("precision", "fp32"),
                 "items": len(self._item_index), "users": len(self._user_index)}
 
 
