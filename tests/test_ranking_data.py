@@ -110,3 +110,27 @@ def test_the_builder_reads_movielens_1m_files(tmp_path):
     assert "Musical" in data.vocabularies["genre"] and data.vocab_sizes["age"] == 8
     assert set(data.vocabularies["zip"]) == {"480", "700"}
     assert sorted(data.user_features["age"].tolist()) == [1, 7]  # "Under 18" and "56+"
+
+
+def test_vectorised_request_windows_match_the_sequential_rule():
+    """``window_starts`` (successor chains, pointer doubling) == the plain loop: a window
+    opens at a user's first event and at the first event W or more after the window's start."""
+    from torchrec_genrec.data.ranking import window_starts
+
+    def reference(user, seconds, w):
+        starts, opened = [0], seconds[0]
+        for i in range(1, len(user)):
+            if user[i] != user[i - 1] or seconds[i] - opened >= w:
+                starts.append(i)
+                opened = seconds[i]
+        return np.asarray(starts + [len(user)])
+
+    g = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(g.integers(1, 80))
+        user = np.sort(g.integers(0, 6, n))
+        seconds = np.concatenate([np.sort(g.integers(0, 100, int((user == u).sum()))) for u in np.unique(user)])
+        w = int(g.integers(1, 40))
+        np.testing.assert_array_equal(window_starts(user, seconds, w), reference(user, seconds, w))
+    np.testing.assert_array_equal(window_starts(np.array([0, 0, 0, 1]), np.array([0, 5, 12, 3]), 10), [0, 2, 3, 4])
+    assert window_starts(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 5).tolist() == [0]

@@ -214,14 +214,7 @@ class RankingData:
         if events.size == 0:
             return np.zeros(1, dtype=np.int64), events
         user, ts = self.user[events], self.timestamp[events] // _per_second(self.store)
-        boundaries = [0]
-        window_start = ts[0]
-        for i in range(1, len(events)):
-            if user[i] != user[i - 1] or ts[i] - window_start >= self.config.window_seconds:
-                boundaries.append(i)
-                window_start = ts[i]
-        boundaries.append(len(events))
-        return np.asarray(boundaries, dtype=np.int64), events
+        return window_starts(user, ts, self.config.window_seconds), events
 
     def stats(self) -> Dict[str, float]:
         """Sample counts, positive rates and history lengths per split."""
@@ -235,6 +228,46 @@ class RankingData:
             offsets, _ = self.requests(split)
             out[f"{split.value}_requests"] = int(len(offsets) - 1)
         return out
+
+
+def window_starts(user: np.ndarray, seconds: np.ndarray, window_seconds: int) -> np.ndarray:
+    """Request offsets of the grouped format: events (users contiguous, time ascending
+    within a user) cut into windows, each opened by a user's first event not yet in a
+    window and holding that user's events less than ``window_seconds`` after it.
+
+    Vectorised: each event's successor (the first event of its user at or after its time +
+    W) comes from one ``searchsorted`` over ``(user, time)`` keys; the window starts are
+    what the successor chains reach from each user's first event, found by pointer
+    doubling in O(n log(windows per user)).
+
+    Returns:
+        np.ndarray: ``(R + 1,)`` offsets into the events, from 0 to ``len(user)``.
+
+    Example::
+
+        window_starts(np.array([0, 0, 0, 1]), np.array([0, 5, 12, 3]), 10)  # [0, 2, 3, 4]
+    """
+    n = len(user)
+    if n == 0:
+        return np.zeros(1, dtype=np.int64)
+    user, seconds = np.asarray(user, dtype=np.int64), np.asarray(seconds, dtype=np.int64)
+    span = int(seconds.max() - seconds.min()) + int(window_seconds) + 1
+    if int(user.max()) + 1 > np.iinfo(np.int64).max // span:
+        raise ValueError(f"{int(user.max()) + 1} users x a {span}-second span overflow int64 window keys")
+    key = user * span + (seconds - seconds.min())  # sorted: users contiguous, time ascending
+    successor = np.searchsorted(key, key + int(window_seconds), side="left")
+    successor[successor < n] = np.where(user[successor[successor < n]] == user[successor < n],
+                                        successor[successor < n], n)
+    jump = np.append(successor, n)  # index n: past the end, its own successor
+    reached = np.zeros(n + 1, dtype=bool)
+    reached[np.nonzero(np.concatenate([[True], user[1:] != user[:-1]]))[0]] = True  # each user's first event
+    while True:
+        grown = reached.copy()
+        grown[jump[reached]] = True
+        if np.array_equal(grown, reached):
+            break
+        reached, jump = grown, jump[jump]  # doubling: jump now covers twice the steps
+    return np.append(np.nonzero(reached[:n])[0], n).astype(np.int64)
 
 
 def hour_and_weekday(seconds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
