@@ -6,7 +6,7 @@ artifact (the trained model exactly):
 
 1. test AUC / GAUC over the run's whole test split (10,000 ratings on ML-100K), scored by
    the artifact's model, and the largest change of a test probability;
-2. the id tables' bytes as stored (TorchRec's inference rows: int8 carries a per-row fp16
+2. the embedding tables' bytes as stored (TorchRec's inference rows: int8 carries a per-row fp16
    scale and bias, rows are aligned) and the weights file's size;
 3. ``RankerPredictor.score`` latency for one request of ``--candidates`` candidates from
    raw ids (median over ``--calls`` calls, the precisions interleaved call by call).
@@ -15,6 +15,8 @@ Usage::
 
     bash bench/ranking_ml100k.sh          # trains runs/rank_{dlrm,onetrans,hstu}_s0..2
     .venv/bin/python bench/ranker_export_bench.py --runs runs/rank_dlrm_s0 runs/rank_onetrans_s0 runs/rank_hstu_s0
+    bash bench/content_ml100k.sh && bash bench/content_ranking.sh   # runs/c7_<variant>_s0..2
+    .venv/bin/python bench/ranker_export_bench.py --runs runs/c7_das_s0 runs/c7_both_s0 runs/c7_lum_s0
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def table_bytes(artifact: str, manifest: Dict) -> int:
-    """The id tables' bytes as stored in the artifact: TorchRec's inference rows (int8 rows
+    """The embedding tables' bytes as stored in the artifact: TorchRec's inference rows (int8 rows
     carry a per-row fp16 scale and bias, rows are aligned) or the fp32 weights."""
     from safetensors import safe_open
 
@@ -101,7 +103,7 @@ def main() -> int:
             name = manifests["fp32"]["model"]["name"]
             print(f"\n{run} ({name}; test {len(test.events):,} ratings; {len(past)} history events, "
                   f"{args.candidates} candidates per request, median of {args.calls} interleaved calls)")
-            print("| precision | test AUC | test GAUC | max |prob - fp32| | id tables | vs fp32 | weights file "
+            print("| precision | test AUC | test GAUC | max |prob - fp32| | tables | vs fp32 | weights file "
                   "| vs fp32 | score p50 | vs fp32 |")
             print("|---|---|---|---|---|---|---|---|---|---|")
             base_tables, base_file = table_bytes(os.path.join(tmp, "fp32"), manifests["fp32"]), manifests["fp32"]["files"]["ranker.safetensors"]["bytes"]

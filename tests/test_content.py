@@ -339,6 +339,27 @@ def test_ranker_refuses_missing_or_mismatched_side_inputs(data):
                side={"item_codes": torch.zeros(3, 2, dtype=torch.long)})
 
 
+def test_frozen_tables_of_any_width_rebuild_from_a_saved_state(data):
+    """Frozen tables are stored padded to a multiple of 4 columns; the saved widths cut
+    the padding off again, so a 10-d DAS vector rebuilds the same projections."""
+    v = data.vocab_sizes
+    g = torch.Generator().manual_seed(0)
+    side = {"content": torch.randn(v["item"], 10, generator=g), "item_fused": torch.randn(v["item"], 10, generator=g),
+            "user_fused": torch.randn(v["user"], 10, generator=g), "item_codes": torch.zeros(v["item"], 2,
+                                                                                        dtype=torch.long)}
+    config = RankerConfig(name="dlrm", content="c", das="d", muse="simtier", embedding_dim=8)
+    model = Ranker(config, v, 19, 8, device=torch.device("cpu"), side=side)
+    state = model.state_dict()
+    assert state["das_embeddings.embeddings.das.weight"].shape[1] == 12
+    rebuilt = Ranker(config, v, 19, 8, device=torch.device("cpu"),
+                     side=Ranker.side_inputs_from_state(state, v, model.side_widths()))
+    rebuilt.load_state_dict(state)
+    assert rebuilt.side_widths() == model.side_widths() == {"content": 10, "das": 10, "lum": 0}
+    with pytest.raises(RuntimeError, match="das_projections"):  # what the widths prevent
+        Ranker(config, v, 19, 8, device=torch.device("cpu"),
+               side=Ranker.side_inputs_from_state(state, v)).load_state_dict(state)
+
+
 def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     """genrec content embed/sid + genrec rank with SIDs and MUSE: the frozen table holds
     the content vectors after training, the metrics record the sets used."""
@@ -411,19 +432,25 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
                               timestamps=data.timestamp[past].tolist())
             got = predictor.score(raw_users[data.user[e]], history, [raw_items[data.item[e]]], int(data.timestamp[e]))
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    # int8: the id and semantic-ID tables quantised, the frozen content / DAS / LUM tables
-    # kept fp32; the predictor scores exactly like the model quantised in memory.
+    # int8: the id, semantic-ID and frozen content / DAS / LUM tables quantised; the
+    # predictor scores exactly like the model quantised in memory, and close to fp32.
+    from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEC
+
     from torchrec_genrec.inference.ranker import quantize_ranker_tables
 
     manifest = export_ranker(str(out), str(tmp_path / "int8"), precision="int8")
-    precisions = {name: t["precision"] for name, t in manifest["tables"].items()}
-    assert precisions["sid_l0"] == precisions["item"] == "int8"
-    assert precisions["content"] == precisions["das"] == precisions["lum"] == "fp32"
+    assert {t["precision"] for t in manifest["tables"].values()} == {"int8"}
+    assert {"item", "sid_l0", "content", "das", "lum"} <= set(manifest["tables"])
     predictor = RankerPredictor.load(str(tmp_path / "int8"))
-    quantize_ranker_tables(model, "int8")
+    assert isinstance(predictor.model.content_embeddings, QuantEC) and isinstance(predictor.model.lum_embeddings,
+                                                                                   QuantEC)
+    quantized, _, _ = load_trained_ranker(str(out))
+    quantize_ranker_tables(quantized, "int8")
     with torch.no_grad():
         batch = dataset[list(range(0, len(dataset), 101))]
-        torch.testing.assert_close(predictor.model.predict(batch), model.predict(batch), rtol=0, atol=0)
+        got = torch.sigmoid(predictor.model.predict(batch))
+        torch.testing.assert_close(got, torch.sigmoid(quantized.predict(batch)), rtol=0, atol=0)
+        assert float((got - torch.sigmoid(model.predict(batch))).abs().max()) < 0.02
 
 
 def test_moco_adaptation_pulls_co_consumed_items_together():

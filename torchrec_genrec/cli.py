@@ -335,8 +335,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                             "(--target predictor)")
         manifest = export_ranker(args.run, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
                                  precision=args.precision)
-        print(f"wrote {args.out}: {manifest['model']['name']} ranker, id tables {args.precision} (dense and frozen "
-              "content tables fp32), load it with torchrec_genrec.inference.ranker.RankerPredictor")
+        print(f"wrote {args.out}: {manifest['model']['name']} ranker, tables {args.precision} (dense layers fp32), "
+              "load it with torchrec_genrec.inference.ranker.RankerPredictor")
         for name, entry in manifest["files"].items():
             print(f"  {name:<24} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
         return 0

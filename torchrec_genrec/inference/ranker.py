@@ -3,7 +3,7 @@
 ``genrec export RUN --out DIR [--precision int8|fp16|fp32]`` on a ``genrec rank`` run
 writes a directory holding the model's weights (safetensors: the id tables as TorchRec's
 quantised inference collections — int8 row-wise with a per-row fp16 scale and bias, or
-fp16 —, or the trained fp32 model; dense parameters and frozen content tables fp32), the item and user
+fp16 —, or the trained fp32 model; dense parameters fp32), the item and user
 side features it reads (genres, release year, age, gender, occupation, zip; safetensors),
 the raw ids (``vocab.json``) and a ``manifest.json`` (config, stack versions, each file's
 size and sha256) — nothing pickled; it is checked like a retrieval artifact before it
@@ -46,6 +46,8 @@ RANKER_FORMAT = "torchrec-genrec/ranking"
 WEIGHTS = "ranker.safetensors"
 FEATURES = "features.safetensors"
 _USER_SIDES = ("age", "gender", "occupation", "zip")
+#: The ranker's frozen tables, each in its own collection ``<name>_embeddings``.
+_FROZEN_TABLES = ("content", "das", "lum")
 
 
 def _run_record(run_dir: str) -> Dict[str, Any]:
@@ -93,10 +95,10 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
     """Swaps the ranker's id-table collections for TorchRec's quantised inference ones, in place.
 
     Every ``EmbeddingCollection`` / ``EmbeddingBagCollection`` of the model (items, ratings,
-    the NS features, semantic IDs) becomes a ``QuantEmbeddingCollection`` /
-    ``QuantEmbeddingBagCollection`` over fbgemm's inference TBE at ``precision``; the model's
-    forward is unchanged. Frozen content tables (content, DAS, LUM vectors) and the dense
-    parameters stay fp32. ``fp32`` leaves the model as trained.
+    the NS features, semantic IDs, and the frozen content / DAS / LUM tables) becomes a
+    ``QuantEmbeddingCollection`` / ``QuantEmbeddingBagCollection`` over fbgemm's inference
+    TBE at ``precision``; the model's forward is unchanged and the dense parameters stay
+    fp32. ``fp32`` leaves the model as trained.
 
     Args:
         model (Ranker): an unsharded ranker on CPU.
@@ -110,27 +112,27 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
         model, _, _ = load_trained_ranker("runs/ranking_ml100k")
         tables = quantize_ranker_tables(model, "int8")
     """
-    from torchrec.inference.modules import quantize_inference_model
+    from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, quantize_inference_model
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+    from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
     from torchrec_genrec.inference.export import PRECISIONS, TORCH_DTYPES
+    from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
 
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
     tables: Dict[str, Dict[str, Any]] = {}
     for module in model.modules():
-        if not isinstance(module, (EmbeddingCollection, EmbeddingBagCollection)):
-            continue
-        # TorchRec swaps exact types only: a FrozenEmbeddingCollection (a subclass) stays fp32.
-        swapped = type(module) in (EmbeddingCollection, EmbeddingBagCollection)
-        configs = module.embedding_configs() if isinstance(module, EmbeddingCollection) \
-            else module.embedding_bag_configs()
-        for c in configs:
-            tables[c.name] = {"rows": c.num_embeddings, "dim": c.embedding_dim,
-                              "precision": precision if swapped else "fp32"}
+        if isinstance(module, (EmbeddingCollection, EmbeddingBagCollection)):
+            configs = module.embedding_configs() if isinstance(module, EmbeddingCollection) \
+                else module.embedding_bag_configs()
+            for c in configs:
+                tables[c.name] = {"rows": c.num_embeddings, "dim": c.embedding_dim, "precision": precision}
     if precision != "fp32":
-        quantize_inference_model(model, per_table_weight_dtype={name: TORCH_DTYPES[precision] for name, t in
-                                                                tables.items() if t["precision"] == precision},
+        # TorchRec swaps modules by exact type name: the frozen subclass is named too.
+        mapping = {**DEFAULT_QUANT_MAPPING, torch.typename(FrozenEmbeddingCollection): QuantEmbeddingCollection}
+        quantize_inference_model(model, quantization_mapping=mapping,
+                                 per_table_weight_dtype={name: TORCH_DTYPES[precision] for name in tables},
                                  quantization_dtype=TORCH_DTYPES[precision])
     return tables
 
@@ -182,6 +184,7 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
             "format": RANKER_FORMAT, "format_version": art.ARTIFACT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": art.stack_versions(), "precision": precision, "tables": tables,
+            "side_widths": model.side_widths(),
             "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
             "vocab_sizes": data.vocab_sizes, "num_genres": len(data.vocabularies["genre"]),
             "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
@@ -242,11 +245,17 @@ class RankerPredictor:
             vocab = json.load(f)
         config = from_dict(RankerConfig, manifest["model"], os.path.join(directory, art.MANIFEST))
         weights = load_file(os.path.join(directory, WEIGHTS))
+        precision = manifest.get("precision", "fp32")  # artifacts before quantised rankers were fp32
         # Semantic-ID codes and frozen tables travel inside the weights: rebuild the side inputs.
+        # A quantised frozen table only sizes the model here (its rows load after quantising).
+        shapes = dict(weights)
+        for name, table in manifest.get("tables", {}).items():
+            key = f"{name}_embeddings.embeddings.{name}.weight"
+            if name in _FROZEN_TABLES and key in weights and table["precision"] != "fp32":
+                shapes[key] = torch.zeros(table["rows"], table["dim"])
         model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
                        max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
-                       side=Ranker.side_inputs_from_state(weights, manifest["vocab_sizes"]))
-        precision = manifest.get("precision", "fp32")  # artifacts before quantised rankers were fp32
+                       side=Ranker.side_inputs_from_state(shapes, manifest["vocab_sizes"], manifest.get("side_widths")))
         quantize_ranker_tables(model, precision)
         missing, unexpected = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if ".tbes." not in k]

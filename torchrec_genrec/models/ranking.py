@@ -390,25 +390,37 @@ class Ranker(nn.Module):
         return groups
 
     @staticmethod
-    def side_inputs_from_state(state: Dict[str, torch.Tensor], vocab_sizes: Dict[str, int]
-                               ) -> Dict[str, torch.Tensor]:
+    def side_inputs_from_state(state: Dict[str, torch.Tensor], vocab_sizes: Dict[str, int],
+                               widths: Optional[Dict[str, int]] = None) -> Dict[str, torch.Tensor]:
         """The ``side`` inputs a saved state dict carries (semantic-ID code buffers, frozen
-        content / DAS tables), so an exported ranker rebuilds without the dataset's sets."""
+        content / DAS / LUM tables), so an exported ranker rebuilds without the dataset's sets.
+
+        ``widths`` (:meth:`side_widths` of the saved model) cuts the frozen tables' padding
+        columns off; without it the tables come back padded to a multiple of 4 columns."""
         side: Dict[str, torch.Tensor] = {}
         for key in ("item_codes", "user_codes"):
             if key in state:
                 side[key] = state[key]
-        content = state.get("content_embeddings.embeddings.content.weight")
+
+        def frozen(name: str) -> Optional[torch.Tensor]:
+            weight = state.get(f"{name}_embeddings.embeddings.{name}.weight")
+            return weight[:, :widths[name]] if weight is not None and widths else weight
+
+        content = frozen("content")
         if content is not None:
             side["content"] = content
-        das = state.get("das_embeddings.embeddings.das.weight")
+        das = frozen("das")
         if das is not None:
             side["item_fused"], side["user_fused"] = das[:vocab_sizes["item"]], das[vocab_sizes["item"]:]
-        lum = state.get("lum_embeddings.embeddings.lum.weight")
+        lum = frozen("lum")
         if lum is not None:
             side["lum_interest"], side["lum_item"] = lum[:-vocab_sizes["item"]], lum[-vocab_sizes["item"]:]
             side["lum_item_condition"] = state["lum_item_condition"]
         return side
+
+    def side_widths(self) -> Dict[str, int]:
+        """The frozen tables' widths before padding (what :meth:`side_inputs_from_state` cuts to)."""
+        return {"content": self.content_dim, "das": self.das_dim, "lum": self.lum_dim}
 
     def frozen_table_weights(self) -> Dict[str, torch.Tensor]:
         """Rows of the frozen tables (content, DAS vectors), written after sharding."""
