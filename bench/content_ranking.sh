@@ -29,6 +29,8 @@ V[small]="--set model.item_ids=hashed --set model.item_hash_rows=256"
 # LUM pre-trained with the ranker's seed.
 V[lum]="--set model.lum=lum_genre_s{seed}"
 V[lum_hour]="--set model.lum=lum_hour_s{seed}"   # --condition hour: the request's 3-hour bucket
+# The same LUMs' sets with point-in-time interests for training samples (--point-in-time).
+V[lum_pit]="--set model.lum=lum_genre_pit_s{seed}"
 VARIANTS=${VARIANTS:-"ids sid simtier sata both das both_scl sid_only small_sid small"}
 jobs=()
 for seed in $SEEDS; do for v in $VARIANTS; do jobs+=("$v:$seed"); done; done

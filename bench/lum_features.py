@@ -8,6 +8,8 @@ reads the LUM of seed s) and `bench/content_report.py --variants ids lum`.
 
     .venv/bin/python bench/lum_features.py --epochs 20 --seeds 0 1 2
     .venv/bin/python bench/lum_features.py --condition hour     # then VARIANTS=lum_hour
+    # point-in-time training features from the same LUMs: then VARIANTS=lum_pit
+    .venv/bin/python bench/lum_features.py --from-runs lum_genre --point-in-time --name lum_genre_pit
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchrec_genrec.data.datasets import resolve_store  # noqa: E402
 from torchrec_genrec.data.store import SequenceStore  # noqa: E402
 from torchrec_genrec.modules.lum import LUMConfig  # noqa: E402
-from torchrec_genrec.train.lum import LUMRecipeConfig, lum_features, pretrain_lum  # noqa: E402
+from torchrec_genrec.train.lum import LUMRecipeConfig, load_lum, lum_features, pretrain_lum  # noqa: E402
 
 
 def main() -> None:
@@ -32,15 +35,27 @@ def main() -> None:
     parser.add_argument("--condition", default="genre", help="genre (the target's) or hour / weekday (the request's)")
     parser.add_argument("--encoder", choices=["transformer", "hstu"], default="transformer")
     parser.add_argument("--name", default="", help="sets are <name>_s<seed> (default lum_<condition>)")
+    parser.add_argument("--point-in-time", action="store_true",
+                        help="also cache each pre-cutoff event's interest from the events before it (the ranker's "
+                             "training samples read those)")
+    parser.add_argument("--from-runs", default="", help="read the LUM of runs/<PREFIX>_s<seed> instead of training")
     args = parser.parse_args()
     for seed in args.seeds:
         name = f"{args.name or 'lum_' + args.condition}_s{seed}"
-        cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, output_dir=f"runs/{name}",
-                              model=LUMConfig(encoder=args.encoder))
-        model, seqs, history = pretrain_lum(cfg)
-        out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.dataset)), name, steps=args.steps)
-        print(f"{name}: pre-training {history[-1]}; interests {tuple(out['lum_interest'].shape)}, "
-              f"items {tuple(out['lum_item'].shape)}")
+        if args.from_runs:
+            model, seqs, cfg = load_lum(f"runs/{args.from_runs}_s{seed}")
+            trained = f"read runs/{args.from_runs}_s{seed}"
+        else:
+            cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, output_dir=f"runs/{name}",
+                                  model=LUMConfig(encoder=args.encoder))
+            model, seqs, history = pretrain_lum(cfg)
+            trained = f"pre-training {history[-1]}"
+        start = time.perf_counter()
+        out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.dataset)), name, steps=args.steps,
+                           event_history=cfg.max_events if args.point_in_time else None)
+        events = f", events {tuple(out['lum_event_interest'].shape)}" if "lum_event" in out else ""
+        print(f"{name}: {trained}; interests {tuple(out['lum_interest'].shape)}{events}, "
+              f"items {tuple(out['lum_item'].shape)} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -379,11 +379,15 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     from torchrec_genrec.data.lum import REQUEST_CONDITION_CODES
 
     g = torch.Generator().manual_seed(0)
+    cutoff = int(GlobalTimeSplit(0.1, 0.1).cutoffs(ml100k)[0])
+    pre_cutoff = torch.from_numpy(np.nonzero(np.asarray(ml100k.timestamp) < cutoff)[0])
     save_side_features(ml100k.path, "lum_hour_t", {
         "lum_interest": torch.randn(ml100k.num_users * 8, 8, generator=g),
         "lum_item": torch.randn(ml100k.num_items, 8, generator=g),
-        "lum_item_condition": torch.full((ml100k.num_items,), REQUEST_CONDITION_CODES["hour"])},
-        {"kind": "lum", "condition": "hour", "behaviour_cutoff": int(GlobalTimeSplit(0.1, 0.1).cutoffs(ml100k)[0])})
+        "lum_item_condition": torch.full((ml100k.num_items,), REQUEST_CONDITION_CODES["hour"]),
+        # Point-in-time interests of the training events (the exported ranker leaves them out).
+        "lum_event": pre_cutoff, "lum_event_interest": torch.randn(len(pre_cutoff), 8, generator=g)},
+        {"kind": "lum", "condition": "hour", "behaviour_cutoff": cutoff})
     out = tmp_path / "run"
     cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", [
         f"data.dataset={ml100k.path}", "model.name=dlrm", "model.embedding_dim=8", "model.content=t16",
@@ -405,6 +409,10 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     state = {key: torch.zeros_like(content)}
     dcp.load(state, checkpoint_id=str(out / "checkpoints" / "best"))
     torch.testing.assert_close(state[key], content)
+    key = "model.lum_event_embeddings.embeddings.lum_event.weight"  # the point-in-time rows, frozen
+    state = {key: torch.zeros(len(pre_cutoff), 8)}
+    dcp.load(state, checkpoint_id=str(out / "checkpoints" / "best"))
+    torch.testing.assert_close(state[key], load_side_features(ml100k.path, "lum_hour_t")["lum_event_interest"])
     report = json.loads(json.dumps(payload["side_features"]))
     assert report["sid"]["item_stats"]["items"] == ml100k.num_items
 
@@ -441,6 +449,7 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     manifest = export_ranker(str(out), str(tmp_path / "int8"), precision="int8")
     assert {t["precision"] for t in manifest["tables"].values()} == {"int8"}
     assert {"item", "sid_l0", "content", "das", "lum"} <= set(manifest["tables"])
+    assert "lum_event" not in manifest["tables"]  # training samples only: not served
     predictor = RankerPredictor.load(str(tmp_path / "int8"))
     assert isinstance(predictor.model.content_embeddings, QuantEC) and isinstance(predictor.model.lum_embeddings,
                                                                                    QuantEC)
@@ -502,6 +511,37 @@ def test_ranker_reads_the_lum_interest_under_the_items_or_the_requests_condition
     assert int(expected_condition.min()) >= 0 and int(expected_condition.max()) < conditions
     rows = per_target("user_id") * conditions + expected_condition
     torch.testing.assert_close(model._frozen_lookup(batch)["lum_interest"], side["lum_interest"][rows])
+
+
+def test_training_samples_read_their_events_point_in_time_lum_interest(data):
+    """With per-event interests in the set, a sample of a listed (training) event reads its
+    event's row; any other sample (validation, test, serving: event -1) its user's row. The
+    exported model is built without them."""
+    v = data.vocab_sizes
+    g = torch.Generator().manual_seed(0)
+    train = RankingDataset(data, Split.TRAIN)
+    batch = train[list(range(0, 40, 2))]
+    listed = batch.event[::3].sort().values  # a third of the batch's events have a row
+    side = {"lum_interest": torch.randn(v["user"] * 4, 12, generator=g),
+            "lum_item": torch.randn(v["item"], 12, generator=g),
+            "lum_item_condition": torch.randint(0, 4, (v["item"],), generator=g),
+            "lum_event": listed, "lum_event_interest": torch.randn(len(listed), 12, generator=g)}
+    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l"), v, 19, 8,
+                   device=torch.device("cpu"), side=side).eval()
+    assert "lum_event" in {t.name for t in model.table_specs()}
+    with torch.no_grad():
+        for name, table in (("lum", model.lum_embeddings), ("lum_event", model.lum_event_embeddings)):
+            table.embeddings[name].weight.copy_(model.frozen_table_weights()[name])
+    target = batch.sequence.to_dict()["target_item"]
+    user_rows = side["lum_interest"][batch.pooled["user_id"].values() * 4 + side["lum_item_condition"][target.values()]]
+    got = model._frozen_lookup(batch)["lum_interest"]
+    hit = torch.isin(batch.event, listed)
+    assert int(hit.sum()) == len(listed) and not bool(hit.all())
+    torch.testing.assert_close(got[~hit], user_rows[~hit])
+    torch.testing.assert_close(got[hit], side["lum_event_interest"][torch.searchsorted(listed, batch.event[hit])])
+    with pytest.raises(ValueError, match="ascending"):
+        Ranker(RankerConfig(name="dlrm", lum="l"), v, 19, 8, device=torch.device("cpu"),
+               side={**side, "lum_event": listed.flip(0)})
 
 
 def test_the_ranker_refuses_a_side_set_learned_under_another_split(ml100k, data):

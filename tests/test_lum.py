@@ -315,3 +315,38 @@ def test_lum_on_the_hstu_encoder_trains_jagged_and_its_group_query_is_the_target
     assert float(loss.detach()) < float(first.detach()) - 0.5
     with pytest.raises(ValueError, match="encoder"):
         LUMConfig(encoder="mamba").validate()
+
+
+@pytest.mark.parametrize("condition", ["hour", "weekday"])
+def test_point_in_time_event_interests_equal_one_query_per_event(tmp_path, condition):
+    """Each pre-cutoff event's interest == LUM.query of the user's at most max_events
+    events strictly earlier in time (ties left out), under the event's own condition."""
+    import pyarrow as pa
+
+    from torchrec_genrec.data.store import SequenceStore, write_store
+    from torchrec_genrec.data.synthetic import SyntheticConfig, generate
+    from torchrec_genrec.train.lum import event_interests
+
+    inter = generate(SyntheticConfig(num_users=12, num_items=30, num_events=300, min_seq_len=4, seed=2))
+    hours = pa.array((inter.events.column("timestamp").to_numpy() // 7200) * 7200)  # ties within a user
+    inter = dataclasses.replace(inter, events=inter.events.set_column(
+        inter.events.schema.get_field_index("timestamp"), "timestamp", hours))
+    write_store(inter, str(tmp_path / "store"))
+    store = SequenceStore.open(str(tmp_path / "store"))
+    log = behaviour_log(store)
+    full = condition_item_sequences(store, log, condition, max_events=10**6)  # pair j = event j of the log
+    torch.manual_seed(0)
+    model = LUM(LUMConfig(embedding_dim=16, num_layers=2, num_heads=2, max_positions=16, num_negatives=8,
+                          dropout=0.0), full.space).eval()
+    events, got = event_interests(model, store, log.cutoff, condition, max_events=5, batch_tokens=64)
+    assert len(events) == len(log.user) and (np.asarray(store.timestamp)[events] < log.cutoff).all()
+    ties = 0
+    with torch.no_grad():
+        for j in range(len(events)):
+            same_user = np.nonzero(log.user == log.user[j])[0]
+            earlier = same_user[log.timestamp[same_user] < log.timestamp[j]][-5:]  # cap: min(5, room 15 // 2)
+            ties += int(((log.timestamp[same_user] == log.timestamp[j]) & (same_user < j)).sum())
+            prefix = torch.from_numpy(np.stack([full.tokens[2 * earlier], full.tokens[2 * earlier + 1]], 1).reshape(-1))
+            expected = model.query(prefix, torch.from_numpy(full.tokens[2 * j:2 * j + 1]))[0]
+            torch.testing.assert_close(got[j], expected, atol=1e-5, rtol=1e-5)
+    assert ties > 0  # the strictly-earlier rule was exercised

@@ -205,8 +205,10 @@ def _lum_use(args: argparse.Namespace, model, seqs, cfg) -> int:
     store = SequenceStore.open(resolve_store(cfg.dataset))
     if args.action == "features":
         name = args.name or f"lum_{cfg.condition}"
-        out = pipeline.lum_features(model, seqs, store, name, steps=args.steps, top_k=args.k, progress=True)
-        print(f"{name}: interests {tuple(out['lum_interest'].shape)} (user x condition), top-{args.k} items "
+        out = pipeline.lum_features(model, seqs, store, name, steps=args.steps, top_k=args.k, progress=True,
+                                    event_history=cfg.max_events if args.point_in_time else None)
+        events = f", point-in-time interests of {len(out['lum_event']):,} events" if "lum_event" in out else ""
+        print(f"{name}: interests {tuple(out['lum_interest'].shape)} (user x condition){events}, top-{args.k} items "
               f"{tuple(out['lum_topk'].shape)}, item embeddings {tuple(out['lum_item'].shape)} -> "
               f"{store.path}/content/{name}.safetensors; use it with `genrec rank --set model.lum={name}`")
         return 0
@@ -433,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     lum.add_argument("--steps", type=int, default=1, help="generated items pooled into each interest (1: none)")
     lum.add_argument("--name", default="", help="features: the side-feature set written (default lum_<condition>)")
     lum.add_argument("--k", type=int, default=10, help="features/retrieve: top-k items per condition")
+    lum.add_argument("--point-in-time", action="store_true",
+                     help="features: also cache every pre-cutoff event's interest given only the events before it "
+                          "(the ranker's training samples read those: no sample sees itself or its future)")
     lum.add_argument("--user", default="", help="retrieve: a raw user id")
     lum.add_argument("--conditions", nargs="+", type=int, default=[], help="retrieve: condition values asked")
     lum.set_defaults(func=_cmd_lum)

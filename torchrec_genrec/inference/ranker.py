@@ -63,8 +63,12 @@ def is_ranking_run(run_dir: str) -> bool:
     return _run_record(run_dir).get("task") == "ranking"
 
 
-def load_trained_ranker(run_dir: str, checkpoint: str = "best") -> Tuple[Ranker, Any, RankingData]:
+def load_trained_ranker(run_dir: str, checkpoint: str = "best", serving: bool = False
+                        ) -> Tuple[Ranker, Any, RankingData]:
     """The run's ranker, unsharded on CPU in eval mode, its config and its ranking data.
+
+    ``serving=True`` leaves out what only training samples read (point-in-time LUM
+    interests of training events): the model a request is scored with.
 
     Raises:
         DataError: no metrics.json, not a ranking run, or no such checkpoint.
@@ -83,6 +87,8 @@ def load_trained_ranker(run_dir: str, checkpoint: str = "best") -> Tuple[Ranker,
     from torchrec_genrec.train.ranking import load_ranker_side_inputs
 
     side, _ = load_ranker_side_inputs(record["dataset"]["path"], cfg.model, data.vocab_sizes)
+    if serving:
+        side = {k: v for k, v in side.items() if k not in Ranker.TRAINING_ONLY_SIDE_KEYS}
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=len(data.vocabularies["genre"]),
                    max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, device=torch.device("cpu"), side=side)
     state = {"model": model.state_dict()}
@@ -164,7 +170,7 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
 
     if os.path.exists(out_dir) and not overwrite:
         raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
-    model, cfg, data = load_trained_ranker(run_dir, checkpoint)
+    model, cfg, data = load_trained_ranker(run_dir, checkpoint, serving=True)
     tables = quantize_ranker_tables(model, precision)
     store = data.store
     tmp = atomic_dir(out_dir)

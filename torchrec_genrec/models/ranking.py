@@ -210,6 +210,11 @@ class Ranker(nn.Module):
         if "lum_interest" in side:
             self._frozen_weights["lum"] = torch.cat([side["lum_interest"], side["lum_item"]]).float()
             self.lum_conditions = side["lum_interest"].shape[0] // vocab_sizes["user"]
+        # Point-in-time interests of training events (sorted store event ids -> rows): a
+        # training sample reads its own event's row instead of its user's final interest.
+        self.register_buffer("lum_events", side["lum_event"].to(torch.int64) if "lum_event" in side else None)
+        if "lum_event_interest" in side:
+            self._frozen_weights["lum_event"] = side["lum_event_interest"].float()
         self.lum_dim = int(side["lum_item"].shape[1]) if "lum_item" in side else 0
         self.content_dim = int(side["content"].shape[1]) if "content" in side else 0
         self.das_dim = int(side["item_fused"].shape[1]) if "item_fused" in side else 0
@@ -232,6 +237,8 @@ class Ranker(nn.Module):
             if "das" in frozen else None
         self.lum_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["lum"]]), device=device) \
             if "lum" in frozen else None
+        self.lum_event_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["lum_event"]]), device=device) \
+            if "lum_event" in frozen else None
         self.ns_inputs = _NS_INPUTS + self._extra_ns_inputs()
         self.ns_groups = self._groups()
         if self.das_dim:
@@ -331,11 +338,19 @@ class Ranker(nn.Module):
                                  ("lum_interest", "lum_item"), trainable=False,
                                  sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
                                  description="frozen LUM vectors: user x condition interests, then items"))
+        if self.lum_events is not None:
+            out.append(TableSpec("lum_event", int(self.lum_events.numel()), table_width(self.lum_dim),
+                                 ("lum_event_interest",), trainable=False, sharding_types=("table_wise", "row_wise"),
+                                 ids_per_sample=1.0,
+                                 description="frozen LUM point-in-time interests of training events (not exported)"))
         return out
 
     # ------------------------------------------------------------ side inputs
     _SIDE_KEYS = ("content", "item_codes", "user_codes", "item_fused", "user_fused", "lum_interest", "lum_item",
-                  "lum_item_condition")
+                  "lum_item_condition", "lum_event", "lum_event_interest")
+    #: Side inputs that only training reads (per-event features of training events):
+    #: an exported ranker is built without them.
+    TRAINING_ONLY_SIDE_KEYS = ("lum_event", "lum_event_interest")
 
     def _check_side(self, side: Dict[str, torch.Tensor]) -> None:
         c, v = self.config, self.vocab_sizes
@@ -354,6 +369,12 @@ class Ranker(nn.Module):
                           ("lum_item_condition", v["item"])):
             if key in side and side[key].shape[0] != rows:
                 raise ValueError(f"side input {key!r} has {side[key].shape[0]} rows, the data has {rows}")
+        if ("lum_event" in side) != ("lum_event_interest" in side) or ("lum_event" in side and "lum_interest" not in side):
+            raise ValueError("point-in-time LUM inputs come as lum_event + lum_event_interest, with lum_interest")
+        if "lum_event" in side:
+            events = side["lum_event"]
+            if events.shape[0] != side["lum_event_interest"].shape[0] or bool((events[1:] <= events[:-1]).any()):
+                raise ValueError("lum_event must be ascending store event ids, one per lum_event_interest row")
 
     @staticmethod
     def _codebook_sizes(codes: torch.Tensor) -> List[int]:
@@ -543,10 +564,20 @@ class Ranker(nn.Module):
             item_row = target.values() + self.vocab_sizes["user"] * self.lum_conditions
             requests.append((self.lum_embeddings, ["lum_interest", "lum_item"], [interest_row, item_row],
                              [target.lengths(), target.lengths()], self.lum_dim))
+        at_event = None
+        if self.lum_event_embeddings is not None:
+            # Samples of training events read the interest their event had (point in time).
+            row = torch.searchsorted(self.lum_events, batch.event).clamp(max=self.lum_events.numel() - 1)
+            at_event = self.lum_events[row] == batch.event
+            requests.append((self.lum_event_embeddings, ["lum_event_interest"], [row[at_event]],
+                             [at_event.to(torch.int32)], self.lum_dim))
         for module, keys, values, lengths, width in requests:
             looked_up = module(KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths)))
             # Frozen: no gradient flows into the table.
             out.update({k: looked_up[k].values()[:, :width].detach() for k in keys})
+        if at_event is not None:
+            out["lum_interest"] = out["lum_interest"].index_put((at_event.nonzero().view(-1),),
+                                                                out.pop("lum_event_interest"))
         return out
 
     def _muse(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

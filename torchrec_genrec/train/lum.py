@@ -41,11 +41,11 @@ from torchrec_genrec.data.ranking import _per_second
 from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.modules.lum import HSTU_NO_PACKED_ROWS, LUM, LUMConfig
-from torchrec_genrec.train.content import behaviour_log
+from torchrec_genrec.train.content import BehaviourLog, behaviour_log
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "load_lum", "lum_features", "prefix_room", "pretrain_lum",
+__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "event_interests", "load_lum", "lum_features", "prefix_room", "pretrain_lum",
            "run_lum_retrieval_study", "save_lum", "user_prefix"]
 
 
@@ -352,8 +352,62 @@ def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "mov
 
 
 @torch.no_grad()
+@torch.no_grad()
+def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: str, max_events: int,
+                    batch_tokens: int = 1 << 16, progress: bool = False) -> Tuple[np.ndarray, torch.Tensor]:
+    """Point-in-time interests: for every event before ``cutoff``, the interest under that
+    event's own condition (its item's genre, or its hour bucket / weekday) given the user's
+    at most ``max_events`` most recent events strictly earlier in time — what the ranker's
+    per-user interest would have been when the event happened. A ranker trained on these
+    sees, for each training sample, no event at or after it (the per-user cache reads the
+    whole pre-cutoff history, the sample itself included).
+
+    Each event is one query ``[prefix ; condition]`` (:meth:`LUM.query` with one
+    condition), all of them encoded as jagged sequences of about ``batch_tokens`` tokens.
+
+    Returns:
+        ``(events, interests)``: ``(E',)`` the store ids of the events before ``cutoff``
+        (ascending), ``(E', D)`` their interests.
+
+    Example::
+
+        model, seqs, cfg = load_lum("runs/lum_genre")
+        events, vectors = event_interests(model, store, seqs.cutoff, cfg.condition, cfg.max_events)
+    """
+    timestamp = np.asarray(store.timestamp, dtype=np.int64)
+    events = np.nonzero(timestamp < cutoff)[0]
+    user = np.repeat(np.arange(store.num_users, dtype=np.int64), store.lengths)[events]
+    ts = timestamp[events]
+    log = BehaviourLog(user, np.asarray(store.item, dtype=np.int64)[events], ts, int(cutoff), store.num_users,
+                       store.num_items)
+    # Every event of the log as a <condition, item> pair, in log order: pair j is event j.
+    pairs = condition_item_sequences(store, log, condition, max_events=len(events)).tokens
+    n = len(events)
+    # The prefix of event j: the pairs of its user strictly earlier in time, at most `cap`.
+    same_time = np.zeros(n, dtype=bool)
+    same_time[1:] = (ts[1:] == ts[:-1]) & (user[1:] == user[:-1])
+    end = np.maximum.accumulate(np.where(same_time, 0, np.arange(n)))
+    first_of_user = np.searchsorted(user, user, side="left")
+    cap = min(max_events, prefix_room(model, 1) // 2)
+    start = np.maximum(end - cap, first_of_user)
+    lengths = 2 * (end - start) + 1  # the prefix's tokens, then the event's condition
+    out = torch.zeros(n, model.config.embedding_dim)
+    chunks = np.split(np.arange(n), np.nonzero(np.diff(np.cumsum(lengths) // batch_tokens))[0] + 1)
+    for chunk in tqdm(chunks, desc="event interests", disable=not progress):
+        length = lengths[chunk]
+        offsets = np.concatenate([[0], np.cumsum(length)])
+        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], length)
+        prefix_tokens = np.repeat(2 * (end[chunk] - start[chunk]), length)
+        index = np.where(within < prefix_tokens, np.repeat(2 * start[chunk], length) + within,
+                         np.repeat(2 * chunk, length))  # the last token: event j's own condition
+        h = model.encode_jagged(torch.from_numpy(pairs[index]), torch.from_numpy(offsets))
+        out[torch.from_numpy(chunk)] = h[torch.from_numpy(offsets[1:] - 1)]
+    return events, out
+
+
 def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore, name: Optional[str] = None,
-                 steps: int = 1, top_k: int = 50, progress: bool = False) -> Dict[str, torch.Tensor]:
+                 steps: int = 1, top_k: int = 50, progress: bool = False,
+                 event_history: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Step 3's offline cache: every user's interest vector under every condition (one
     group query per user over its pre-cutoff history; zeros without one), the top-``k``
     items per user and condition (the user's pre-cutoff items excluded), every item's LUM
@@ -363,16 +417,23 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
     Args:
         steps (int): the interest is the condition's output (1) or pooled over ``steps``
             greedily generated outputs (:meth:`LUM.interests`).
+        event_history (Optional[int]): also cache every pre-cutoff event's point-in-time
+            interest (:func:`event_interests`, given at most this many earlier events: the
+            pre-training's ``max_events``); the ranker then reads those for its training
+            samples. Needs ``steps = 1``.
 
     Returns:
         ``lum_interest`` ``(U * C, D)`` (row ``u * C + c``), ``lum_topk`` ``(U * C, k)``
         item ids (-1 for a user without history), ``lum_item`` ``(I, D)``,
         ``lum_item_condition`` ``(I,)``: the item's condition value, or for an event
         condition its code in ``data.lum.REQUEST_CONDITION_CODES`` (the ranker then takes
-        the request's hour bucket / weekday).
+        the request's hour bucket / weekday); with ``event_history``, ``lum_event``
+        ``(E',)`` store event ids and ``lum_event_interest`` ``(E', D)``.
     """
     from torchrec_genrec.data.content import save_side_features
 
+    if event_history is not None and steps != 1:
+        raise ValueError("point-in-time event interests are the condition's output: use steps = 1")
     c = seqs.space.count("condition")
     d = model.config.embedding_dim
     conditions = seqs.space.to_tokens("condition", torch.arange(c))
@@ -392,7 +453,11 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
         item_condition = torch.from_numpy(item_conditions(store, seqs.condition))
     out = {"lum_interest": interest.reshape(-1, d), "lum_topk": top.reshape(-1, top_k), "lum_item": items,
            "lum_item_condition": item_condition}
+    if event_history is not None:
+        events, vectors = event_interests(model, store, seqs.cutoff, seqs.condition, event_history, progress=progress)
+        out.update(lum_event=torch.from_numpy(events), lum_event_interest=vectors)
     if name:
         save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c,
-                                                   "steps": steps, "behaviour_cutoff": seqs.cutoff})
+                                                   "steps": steps, "behaviour_cutoff": seqs.cutoff,
+                                                   "event_history": event_history})
     return out
