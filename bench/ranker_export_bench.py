@@ -106,11 +106,13 @@ def main() -> int:
             print("| precision | test AUC | test GAUC | max |prob - fp32| | tables | vs fp32 | weights file "
                   "| vs fp32 | score p50 | vs fp32 |")
             print("|---|---|---|---|---|---|---|---|---|---|")
-            base_tables, base_file = table_bytes(os.path.join(tmp, "fp32"), manifests["fp32"]), manifests["fp32"]["files"]["ranker.safetensors"]["bytes"]
+            base_tables = table_bytes(os.path.join(tmp, "fp32"), manifests["fp32"])
+            base_file = manifests["fp32"]["files"]["ranker.safetensors"]["bytes"]
             base_time = float(np.median(times["fp32"]))
             for p in PRECISIONS:
                 m = scored[p][0]
-                tables, size = table_bytes(os.path.join(tmp, p), manifests[p]), manifests[p]["files"]["ranker.safetensors"]["bytes"]
+                tables = table_bytes(os.path.join(tmp, p), manifests[p])
+                size = manifests[p]["files"]["ranker.safetensors"]["bytes"]
                 t = float(np.median(times[p]))
                 print(f"| {p} | {m['auc']:.5f} | {m['gauc']:.5f} | {np.abs(probs[p] - probs['fp32']).max():.5f} "
                       f"| {tables / 2**10:,.0f} KiB | {tables / base_tables:.2f}x | {size / 2**10:,.0f} KiB "

@@ -134,3 +134,9 @@ def test_vectorised_request_windows_match_the_sequential_rule():
         np.testing.assert_array_equal(window_starts(user, seconds, w), reference(user, seconds, w))
     np.testing.assert_array_equal(window_starts(np.array([0, 0, 0, 1]), np.array([0, 5, 12, 3]), 10), [0, 2, 3, 4])
     assert window_starts(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 5).tolist() == [0]
+    with pytest.raises(ValueError, match="window_seconds must be >= 1"):
+        window_starts(np.array([0, 0]), np.array([0, 5]), 0)
+    with pytest.raises(ValueError, match="user order"):
+        window_starts(np.array([1, 0]), np.array([0, 5]), 10)
+    with pytest.raises(ValueError, match="data.task.window_seconds"):
+        RankingConfig(window_seconds=0)

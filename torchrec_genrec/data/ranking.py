@@ -63,6 +63,11 @@ class RankingConfig:
     window_seconds: int = 86400
     lifelong_len: int = 0
 
+    def __post_init__(self) -> None:
+        if self.window_seconds < 1:
+            raise ValueError(f"data.task.window_seconds must be >= 1 (seconds per grouped request window), "
+                             f"got {self.window_seconds}")
+
 
 def _vocab(values: List[Optional[str]]) -> Tuple[np.ndarray, List[str]]:
     """Strings -> ids 1..V in sorted order (0 = missing), and the vocabulary."""
@@ -247,10 +252,14 @@ def window_starts(user: np.ndarray, seconds: np.ndarray, window_seconds: int) ->
 
         window_starts(np.array([0, 0, 0, 1]), np.array([0, 5, 12, 3]), 10)  # [0, 2, 3, 4]
     """
+    if window_seconds < 1:
+        raise ValueError(f"window_seconds must be >= 1, got {window_seconds}")
     n = len(user)
     if n == 0:
         return np.zeros(1, dtype=np.int64)
     user, seconds = np.asarray(user, dtype=np.int64), np.asarray(seconds, dtype=np.int64)
+    if (np.diff(user) < 0).any():
+        raise ValueError("window_starts needs events in user order (ascending user ids, time ascending within one)")
     span = int(seconds.max() - seconds.min()) + int(window_seconds) + 1
     if int(user.max()) + 1 > np.iinfo(np.int64).max // span:
         raise ValueError(f"{int(user.max()) + 1} users x a {span}-second span overflow int64 window keys")

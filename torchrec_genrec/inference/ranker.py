@@ -120,6 +120,7 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
     """
     from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, quantize_inference_model
     from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
     from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
     from torchrec_genrec.inference.export import PRECISIONS, TORCH_DTYPES
@@ -140,6 +141,14 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
         quantize_inference_model(model, quantization_mapping=mapping,
                                  per_table_weight_dtype={name: TORCH_DTYPES[precision] for name in tables},
                                  quantization_dtype=TORCH_DTYPES[precision])
+        # Record what was swapped, not what was asked for.
+        quant_types = (QuantEmbeddingCollection, QuantEmbeddingBagCollection)
+        quantised = [m for m in model.modules() if isinstance(m, quant_types)]
+        swapped = {c.name for m in quantised
+                   for c in (m.embedding_configs() if isinstance(m, QuantEmbeddingCollection)
+                             else m.embedding_bag_configs())}
+        for name, table in tables.items():
+            table["precision"] = precision if name in swapped else "fp32"
     return tables
 
 

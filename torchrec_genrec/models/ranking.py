@@ -369,7 +369,8 @@ class Ranker(nn.Module):
                           ("lum_item_condition", v["item"])):
             if key in side and side[key].shape[0] != rows:
                 raise ValueError(f"side input {key!r} has {side[key].shape[0]} rows, the data has {rows}")
-        if ("lum_event" in side) != ("lum_event_interest" in side) or ("lum_event" in side and "lum_interest" not in side):
+        paired = ("lum_event" in side) == ("lum_event_interest" in side)
+        if not paired or ("lum_event" in side and "lum_interest" not in side):
             raise ValueError("point-in-time LUM inputs come as lum_event + lum_event_interest, with lum_interest")
         if "lum_event" in side:
             events = side["lum_event"]

@@ -45,7 +45,8 @@ from torchrec_genrec.train.content import BehaviourLog, behaviour_log
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "event_interests", "load_lum", "lum_features", "prefix_room", "pretrain_lum",
+__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "event_interests", "load_lum", "lum_features", "prefix_room",
+           "pretrain_lum",
            "run_lum_retrieval_study", "save_lum", "user_prefix"]
 
 
@@ -352,13 +353,13 @@ def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "mov
 
 
 @torch.no_grad()
-@torch.no_grad()
 def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: str, max_events: int,
                     batch_tokens: int = 1 << 16, progress: bool = False) -> Tuple[np.ndarray, torch.Tensor]:
     """Point-in-time interests: for every event before ``cutoff``, the interest under that
     event's own condition (its item's genre, or its hour bucket / weekday) given the user's
     at most ``max_events`` most recent events strictly earlier in time — what the ranker's
-    per-user interest would have been when the event happened. A ranker trained on these
+    per-user interest would have been when the event happened (zeros without an earlier
+    event, like a user without history). A ranker trained on these
     sees, for each training sample, no event at or after it (the per-user cache reads the
     whole pre-cutoff history, the sample itself included).
 
@@ -402,9 +403,13 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
                          np.repeat(2 * chunk, length))  # the last token: event j's own condition
         h = model.encode_jagged(torch.from_numpy(pairs[index]), torch.from_numpy(offsets))
         out[torch.from_numpy(chunk)] = h[torch.from_numpy(offsets[1:] - 1)]
+    # No earlier event: zeros, as the per-user cache (and so serving) has for a user
+    # without history.
+    out[torch.from_numpy(end == start)] = 0.0
     return events, out
 
 
+@torch.no_grad()
 def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore, name: Optional[str] = None,
                  steps: int = 1, top_k: int = 50, progress: bool = False,
                  event_history: Optional[int] = None) -> Dict[str, torch.Tensor]:

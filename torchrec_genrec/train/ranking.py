@@ -4,8 +4,8 @@ Same machinery as the retrieval recipe: the model's tables are planned and shard
 TorchRec (``DistributedModelParallel``, fused row-wise Adagrad), the dense part trains
 with AdamW, validation AUC picks the epoch (early stopping), the best weights are kept
 as a ``torch.distributed.checkpoint`` and tested. A checkpoint after every epoch (and every
-``checkpoint_every_steps``) lets an interrupted run resume exactly where it stopped. Samples come pointwise (one request
-per event) or grouped (one request per user and time window, see
+``checkpoint_every_steps``) lets an interrupted run resume exactly where it stopped.
+Samples come pointwise (one request per event) or grouped (one request per user and time window, see
 :mod:`torchrec_genrec.data.ranking_batching`); evaluation is pointwise by default, so
 both formats are scored on the same test samples. Under ``torchrun`` every rank takes its
 share of each global batch (the losses weighted so the step equals one process at the
@@ -200,7 +200,8 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
 
 
 def _fresh_epoch_sums() -> Dict[str, float]:
-    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them)."""
+    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them);
+    ``samples`` counts every rank's."""
     return {"loss_sum": 0.0, "batches": 0, "samples": 0, "seconds": 0.0}
 
 
@@ -223,7 +224,8 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
     from torchrec_genrec.train.distributed import init_distributed
     from torchrec_genrec.train.recipe import _seed_everything, _write_json_atomic
     from torchrec_genrec.train.trainer import (Checkpointer, _maybe_inject_fault, build_optimizer,
-                                               restore_latest_checkpoint, shard)
+                                               restore_latest_checkpoint, resume_epoch, resume_pins, shard,
+                                               sharding_pins, stop_reason)
 
     _seed_everything(cfg.train.seed)
     start = time.perf_counter()
@@ -244,9 +246,13 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         raise ValueError("model.muse reads the whole history: set data.task.lifelong_len (e.g. 1000)")
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,
                    max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, side=side)
-    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
-    optimizer = build_optimizer(dmp, cfg.train.optim)
     checkpointer = Checkpointer(os.path.join(cfg.train.output_dir, "checkpoints"), ctx, keep_latest=2)
+    # A resume plans the tables as the checkpoint's run did (another world size may pick
+    # other sharding types, whose optimiser states would not load).
+    fingerprint = _fingerprint(cfg, ctx.world_size)
+    pins = resume_pins(checkpointer, cfg.train.resume, cfg.plan.pins, fingerprint)
+    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, pins)
+    optimizer = build_optimizer(dmp, cfg.train.optim)
     loader = make_ranking_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                  rank=ctx.rank, world_size=ctx.world_size, even=True)
     evaluate = lambda split_set, desc: evaluate_ranker(  # noqa: E731
@@ -254,7 +260,6 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         ctx.rank, ctx.world_size)
     ranker: Ranker = dmp.module  # type: ignore[assignment]
 
-    fingerprint = _fingerprint(cfg, ctx.world_size)
     history: List[Dict[str, float]] = []
     best, best_epoch, step = -1.0, -1, 0
     totals = {"train_seconds": 0.0, "train_samples": 0}
@@ -264,17 +269,22 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
     if saved is not None:
         step, best, best_epoch, history = saved["step"], saved["best"], saved["best_epoch"], saved["history"]
         totals, partial = saved["totals"], saved["partial"]
-        first_epoch, first_batch = (cfg.train.epochs if saved["stopped"] else saved["epoch"]), saved["batch_in_epoch"]
+        first_epoch = resume_epoch(saved, cfg.train.epochs, cfg.train.patience, cfg.train.max_steps)
+        first_batch = saved["batch_in_epoch"]
+        if ctx.is_main and cfg.data.grouped and first_batch and saved["world_size"] != ctx.world_size:
+            logger.warning("resuming grouped training mid-epoch on %d ranks (saved on %d): grouped batches of "
+                           "another per-rank size pack requests differently, so the rest of this epoch may skip or "
+                           "repeat a few requests", ctx.world_size, saved["world_size"])
         if ctx.is_main:
             logger.info("resumed from %s: epoch %d, batch %d, step %d%s", resumed_from, saved["epoch"], first_batch,
                         step, "" if saved["world_size"] == ctx.world_size
                         else f" (re-sharded from {saved['world_size']} ranks)")
 
-    def save_progress(epoch: int, batch_in_epoch: int, part: Dict[str, float], stopped: bool) -> None:
+    def save_progress(epoch: int, batch_in_epoch: int, part: Dict[str, float], stopped: str) -> None:
         checkpointer.save(f"step-{step:09d}", {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()},
                           {"fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                            "best": best, "best_epoch": best_epoch, "history": history, "partial": part,
-                           "totals": totals, "stopped": stopped})
+                           "totals": totals, "stopped": stopped, "sharding": sharding_pins(dmp)})
 
     for epoch in range(first_epoch, cfg.train.epochs):
         skip = first_batch if epoch == first_epoch else 0
@@ -304,7 +314,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
                 dist.all_reduce(sums)
                 loss = loss * (batch.num_candidates * ctx.world_size / float(sums[0]))
                 bce = float(sums[1] / sums[0])
-                part["samples"] += int(sums[0]) // ctx.world_size  # this rank's share, for the rate below
+                part["samples"] += int(sums[0])  # global: a resume on another world size counts on
             else:
                 part["samples"] += batch.num_candidates
             optimizer.zero_grad()
@@ -314,7 +324,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
             batch_in_epoch += 1
             part["batches"] += 1
             part["loss_sum"] += bce
-            rate = part["samples"] * ctx.world_size / max(time.perf_counter() - epoch_start, 1e-9)
+            rate = part["samples"] / max(time.perf_counter() - epoch_start, 1e-9)
             bar.set_postfix(bce=f"{bce:.4f}", samples_s=f"{rate:,.0f}")
             if writer is not None:
                 writer.add_scalar("train/bce", bce, step)
@@ -324,14 +334,14 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
             if (cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
                     and batch_in_epoch < batches_in_epoch):
                 part["seconds"] = time.perf_counter() - epoch_start
-                save_progress(epoch, batch_in_epoch, dict(part), stopped=False)
+                save_progress(epoch, batch_in_epoch, dict(part), stopped="")
         seconds = time.perf_counter() - epoch_start
         totals["train_seconds"] += seconds
-        totals["train_samples"] += part["samples"] * ctx.world_size
+        totals["train_samples"] += part["samples"]
         dmp.eval()
         valid, _ = evaluate(valid_set, "valid")
         record = {"epoch": epoch, "train_bce": part["loss_sum"] / max(part["batches"], 1),
-                  "samples_per_s": part["samples"] * ctx.world_size / seconds,
+                  "samples_per_s": part["samples"] / seconds,
                   **{f"valid_{k}": v for k, v in valid.items()}}
         history.append(record)
         if writer is not None:
@@ -344,8 +354,7 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
             best, best_epoch = valid["auc"], epoch
             checkpointer.save("best", {"model": dmp.state_dict()},
                               {"fingerprint": fingerprint, "epoch": epoch, "valid": valid})
-        stop = epoch - best_epoch >= cfg.train.patience or (
-            cfg.train.max_steps is not None and step >= cfg.train.max_steps)
+        stop = stop_reason(epoch - best_epoch >= cfg.train.patience, step, cfg.train.max_steps)
         save_progress(epoch + 1, 0, _fresh_epoch_sums(), stopped=stop)
         if stop:
             break

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
@@ -126,6 +127,29 @@ def _local_table_blocks(dmp: DistributedModelParallel):
         for shard in value.local_shards():
             row0, col0 = shard.metadata.shard_offsets
             yield parts[-2], shard.tensor, row0, col0, tuple(value.size())
+
+
+def sharding_pins(dmp: DistributedModelParallel) -> List[str]:
+    """The plan ``dmp`` runs as pins, ``TABLE:SHARDING_TYPE:COMPUTE_KERNEL`` per table: what
+    a checkpoint records so a resume on another world size keeps each table's sharding type
+    and kernel (a data-parallel table trains with the dense optimiser, a fused one with the
+    fused optimiser: their optimiser states do not load into each other)."""
+    return sorted(f"{table}:{sharding.sharding_type}:{sharding.compute_kernel}"
+                  for module_plan in dmp.plan.plan.values() for table, sharding in module_plan.items())
+
+
+def resume_pins(checkpointer: Checkpointer, resume: str, pins: Sequence[str], fingerprint: str) -> List[str]:
+    """``pins`` plus the plan of the checkpoint a resume would load (tables not pinned by
+    ``pins``), so the tables are planned as they were when it was written. A checkpoint
+    of other settings adds nothing (:func:`restore_latest_checkpoint` refuses it)."""
+    latest = checkpointer.latest() if resume != "never" else None
+    if latest is None:
+        return list(pins)
+    saved = checkpointer.trainer_state(latest)
+    if saved.get("fingerprint") != fingerprint:
+        return list(pins)
+    pinned = {p.split(":")[0] for p in pins}
+    return list(pins) + [p for p in saved.get("sharding", []) if p.split(":")[0] not in pinned]
 
 
 def write_table_rows(dmp: DistributedModelParallel, table: str, weight: torch.Tensor) -> int:
@@ -295,17 +319,55 @@ def restore_latest_checkpoint(checkpointer: Optional[Checkpointer], dmp: Distrib
     if saved.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"{storage.join(checkpointer.directory, latest)} was written by a run with different model/data "
-            "settings; use a new train.output_dir, or set train.resume = 'never' to start over")
+            "settings or another global batch (train.batch_size x ranks: keep it when changing the number of "
+            "ranks); use a new train.output_dir, or set train.resume = 'never' to start over")
     for name, sub in optimizer.optimizers:
         if name == "dense":
             sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
     state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-    checkpointer.load(latest, state)
+    try:
+        checkpointer.load(latest, state)
+    except (RuntimeError, CheckpointException) as err:  # "Missing key in checkpoint state_dict: ..."
+        reason = str(err).strip().splitlines()[-1]
+        raise ConfigError(
+            f"{storage.join(checkpointer.directory, latest)} does not fit this model's sharding plan or tables "
+            f"({reason}): a table planned with another sharding type or kernel keeps other optimiser state, and a "
+            "rebuilt side-feature set may add or drop tables. Resume with the plan and sets it was written with "
+            "(its trainer.json 'sharding', as plan.pins), or set train.resume = 'never'"
+        ) from None
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if saved["world_size"] == ctx.world_size:
         checkpointer.restore_rng(latest)
     return latest, saved
+
+
+def stop_reason(patience_over: bool, step: int, max_steps: Optional[int]) -> str:
+    """Why a run stops after an epoch: ``"patience"``, ``"max_steps"`` or ``""`` (it goes on)."""
+    if patience_over:
+        return "patience"
+    return "max_steps" if max_steps is not None and step >= max_steps else ""
+
+
+def resume_epoch(saved: Dict[str, Any], epochs: int, patience: int, max_steps: Optional[int]) -> int:
+    """The epoch a resumed run continues from: the checkpoint's position, or ``epochs``
+    (nothing left to train) when the run it ended would still stop under the current
+    settings. A raised ``patience`` continues an early-stopped run; a run stopped by
+    ``max_steps`` is not continued by raising it (the rest of that epoch was skipped),
+    which is an error rather than a silent re-evaluation."""
+    reason = saved.get("stopped")
+    if not reason:
+        return saved["epoch"]
+    if reason == "max_steps":
+        if max_steps is None or saved["step"] < max_steps:
+            raise ConfigError(f"this run's checkpoint stopped at train.max_steps = {saved['step']}, inside an epoch; "
+                              "a longer run cannot continue it exactly: set train.resume = 'never' (or a new "
+                              "train.output_dir) to train it in full")
+        return epochs
+    history = saved.get("history") or []
+    if reason == "patience" and history and history[-1]["epoch"] - saved["best_epoch"] < patience:
+        return saved["epoch"]
+    return epochs  # early stopping ended it (or a checkpoint that kept no reason, from before)
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -406,8 +468,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         history = saved["history"]
         first_epoch, first_batch = saved["epoch"], saved["batch_in_epoch"]
         partial = saved["partial"]
-        if saved.get("stopped"):
-            first_epoch = epochs  # early stopping had ended that run: nothing left to train
+        first_epoch = resume_epoch(saved, epochs, patience, max_steps)
         # The fingerprint pins the global batch (per-rank batch x ranks), so a rank's batch
         # index in the epoch is the global step index whatever the world size: it carries over.
         resumed_from = latest
@@ -483,7 +544,7 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         if ctx.is_main:
             shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "valid_ndcg@10", "valid_hr@10")}
             logger.info("epoch %d %s", epoch, shown)
-        stop = (evaluate and epoch - best_epoch >= patience) or (max_steps is not None and step >= max_steps)
+        stop = stop_reason(evaluate and epoch - best_epoch >= patience, step, max_steps)
         if checkpointer is not None:
             checkpointer.save(f"step-{step:09d}", training_state(),
                               {**trainer_state(epoch + 1, 0, _fresh_epoch_sums()), "stopped": stop})
