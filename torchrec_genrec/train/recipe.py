@@ -178,7 +178,7 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
     else:
         from torchrec_genrec.models.retrieval import GenerativeRetrieval
         from torchrec_genrec.train.distributed import init_distributed
-        from torchrec_genrec.train.trainer import Checkpointer, build_optimizer, fit, shard
+        from torchrec_genrec.train.trainer import Checkpointer, build_optimizer, fit, resume_pins, shard
 
         ctx = init_distributed()
         is_main = ctx.is_main
@@ -188,12 +188,15 @@ def run_recipe(cfg: RecipeConfig) -> Dict[str, Any]:
             writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
         model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len,
                                     seed=cfg.train.seed)
-        dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, cfg.plan.pins)
-        optimizer = build_optimizer(dmp, cfg.train.optim)
-        train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
         checkpoint_dir = cfg.train.checkpoint_dir or os.path.join(cfg.train.output_dir, "checkpoints")
         checkpointer = (Checkpointer(checkpoint_dir, ctx)
                         if cfg.train.checkpoint else None)
+        # A resume plans the tables as the checkpoint's run did (see trainer.resume_pins).
+        pins = (resume_pins(checkpointer, cfg.train.resume, cfg.plan.pins, fingerprint(cfg, ctx.world_size))
+                if checkpointer is not None else list(cfg.plan.pins))
+        dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size, pins)
+        optimizer = build_optimizer(dmp, cfg.train.optim)
+        train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
         result = fit(dmp, optimizer, train_set, valid_set, ctx=ctx, epochs=cfg.train.epochs,
                      batch_size=cfg.train.batch_size, eval_batch_size=cfg.eval.batch_size, ks=cfg.eval.ks,
                      patience=cfg.train.patience, seed=cfg.train.seed, num_workers=cfg.data.num_workers,

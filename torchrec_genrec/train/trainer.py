@@ -478,7 +478,8 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
 
     def trainer_state(epoch: int, batch_in_epoch: int, part: Dict[str, float]) -> Dict[str, Any]:
         return {"fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "best": best, "best_epoch": best_epoch, "history": history, "partial": part}
+                "best": best, "best_epoch": best_epoch, "history": history, "partial": part,
+                "sharding": sharding_pins(dmp)}
 
     epoch = first_epoch - 1
     for epoch in range(first_epoch, epochs):
