@@ -451,8 +451,7 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     assert {"item", "sid_l0", "content", "das", "lum"} <= set(manifest["tables"])
     assert "lum_event" not in manifest["tables"]  # training samples only: not served
     predictor = RankerPredictor.load(str(tmp_path / "int8"))
-    assert isinstance(predictor.model.content_embeddings, QuantEC) and isinstance(predictor.model.lum_embeddings,
-                                                                                   QuantEC)
+    assert all(isinstance(getattr(predictor.model, f"{name}_embeddings"), QuantEC) for name in ("content", "das", "lum"))
     quantized, _, _ = load_trained_ranker(str(out))
     quantize_ranker_tables(quantized, "int8")
     with torch.no_grad():

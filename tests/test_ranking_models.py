@@ -224,6 +224,16 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
         predictor.score(raw_users[0], history, ["no-such-item"], int(data.timestamp[e]))
     with pytest.raises(RequestError, match="strictly before"):
         predictor.score(raw_users[0], history, many, int(data.timestamp[past[0]]))
+    # An artifact written before quantised rankers (no precision / tables / side widths in
+    # its manifest) loads as the fp32 model it is.
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    for key in ("precision", "tables", "side_widths"):
+        manifest.pop(key)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    np.testing.assert_allclose(RankerPredictor.load(out).score(raw_users[0], history, many, int(data.timestamp[e])),
+                               together, rtol=0, atol=0)
     with open(os.path.join(out, "ranker.safetensors"), "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01")
