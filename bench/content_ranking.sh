@@ -31,6 +31,8 @@ V[lum]="--set model.lum=lum_genre_s{seed}"
 V[lum_hour]="--set model.lum=lum_hour_s{seed}"   # --condition hour: the request's 3-hour bucket
 # The same LUMs' sets with point-in-time interests for training samples (--point-in-time).
 V[lum_pit]="--set model.lum=lum_genre_pit_s{seed}"
+# Cross-fitted LUMs (--folds 2 --point-in-time): every vector out of sample for its user.
+V[lum_xfit]="--set model.lum=lum_genre_xfit_s{seed}"
 VARIANTS=${VARIANTS:-"ids sid simtier sata both das both_scl sid_only small_sid small"}
 jobs=()
 for seed in $SEEDS; do for v in $VARIANTS; do jobs+=("$v:$seed"); done; done

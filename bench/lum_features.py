@@ -10,6 +10,9 @@ reads the LUM of seed s) and `bench/content_report.py --variants ids lum`.
     .venv/bin/python bench/lum_features.py --condition hour     # then VARIANTS=lum_hour
     # point-in-time training features from the same LUMs: then VARIANTS=lum_pit
     .venv/bin/python bench/lum_features.py --from-runs lum_genre --point-in-time --name lum_genre_pit
+    # cross-fitted: every user's (and every training event's) vectors from a LUM that never
+    # trained on that user: then VARIANTS=lum_xfit
+    .venv/bin/python bench/lum_features.py --folds 2 --point-in-time --name lum_genre_xfit
 """
 
 from __future__ import annotations
@@ -39,12 +42,24 @@ def main() -> None:
                         help="also cache each pre-cutoff event's interest from the events before it (the ranker's "
                              "training samples read those)")
     parser.add_argument("--from-runs", default="", help="read the LUM of runs/<PREFIX>_s<seed> instead of training")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="cross-fit: pre-train this many LUMs, each without one fold of users, and give each user "
+                             "the vectors of the LUM that never trained on it (runs/<name>_f<k>)")
     args = parser.parse_args()
     for seed in args.seeds:
         name = f"{args.name or 'lum_' + args.condition}_s{seed}"
         if args.from_runs:
             model, seqs, cfg = load_lum(f"runs/{args.from_runs}_s{seed}")
             trained = f"read runs/{args.from_runs}_s{seed}"
+        elif args.folds > 1:
+            model = []
+            for k in range(args.folds):
+                cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, folds=args.folds,
+                                      holdout_fold=k, output_dir=f"runs/{name}_f{k}",
+                                      model=LUMConfig(encoder=args.encoder))
+                fold_model, seqs, history = pretrain_lum(cfg)
+                model.append(fold_model)
+            trained = f"{args.folds} cross-fitted LUMs, the last {history[-1]}"
         else:
             cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, output_dir=f"runs/{name}",
                                   model=LUMConfig(encoder=args.encoder))

@@ -178,8 +178,21 @@ def _cmd_lum(args: argparse.Namespace) -> int:
     if not args.run:
         raise SystemExit(f"genrec lum {args.action}: give --run DIR (a `genrec lum train --out DIR` run)")
     try:
-        return _lum_use(args, *pipeline.load_lum(args.run))
-    except ValueError as e:  # bad --condition / --steps / ids: say what, not a traceback
+        if len(args.run) == 1:
+            return _lum_use(args, *pipeline.load_lum(args.run[0]))
+        if args.action != "features":
+            raise ValueError("several --run directories (cross-fitted LUMs) are for `features` only")
+        loaded = [pipeline.load_lum(run) for run in args.run]
+        for k, (run, (_, _, cfg)) in enumerate(zip(args.run, loaded)):
+            if (cfg.folds, cfg.holdout_fold) != (len(args.run), k):
+                raise ValueError(f"--run {run} was trained with folds {cfg.folds}, holdout_fold {cfg.holdout_fold}; "
+                                 f"cross-fitted runs come in holdout order: run k has folds {len(args.run)}, "
+                                 "holdout_fold k")
+            if (cfg.dataset, cfg.condition, cfg.max_events) != (loaded[0][2].dataset, loaded[0][2].condition,
+                                                                loaded[0][2].max_events):
+                raise ValueError(f"--run {run} differs from {args.run[0]} in dataset, condition or max_events")
+        return _lum_use(args, [m for m, _, _ in loaded], loaded[0][1], loaded[0][2])
+    except ValueError as e:  # bad --condition / --steps / ids / folds: say what, not a traceback
         raise SystemExit(f"genrec lum {args.action}: {e}") from None
 
 
@@ -430,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     lum.add_argument("--config", default=None, help="train: a TOML LUMRecipeConfig (apps/configs/lum_ml100k.toml)")
     lum.add_argument("--set", action="append", default=[], help="train: override a config key, e.g. condition=hour")
     lum.add_argument("--out", default="", help="train: the run directory")
-    lum.add_argument("--run", default="", help="eval/features/retrieve: a trained run directory")
+    lum.add_argument("--run", nargs="+", default=[],
+                     help="eval/features/retrieve: a trained run directory; features also takes K cross-fitted "
+                          "runs (folds=K, holdout_fold 0..K-1, in that order)")
     lum.add_argument("--condition", default="", help="eval: the condition asked (required for condition=none)")
     lum.add_argument("--steps", type=int, default=1, help="generated items pooled into each interest (1: none)")
     lum.add_argument("--name", default="", help="features: the side-feature set written (default lum_<condition>)")

@@ -210,6 +210,11 @@ class Ranker(nn.Module):
         if "lum_interest" in side:
             self._frozen_weights["lum"] = torch.cat([side["lum_interest"], side["lum_item"]]).float()
             self.lum_conditions = side["lum_interest"].shape[0] // vocab_sizes["user"]
+        # Cross-fitted LUMs: user u's vectors come from model lum_user_fold[u], with its own
+        # item table (the K item tables follow the interests, model after model).
+        self.register_buffer("lum_user_fold",
+                             side["lum_user_fold"].to(torch.int64) if "lum_user_fold" in side else None)
+        self.lum_folds = int(self.lum_user_fold.max()) + 1 if self.lum_user_fold is not None else 1
         # Point-in-time interests of training events (sorted store event ids -> rows): a
         # training sample reads its own event's row instead of its user's final interest.
         self.register_buffer("lum_events", side["lum_event"].to(torch.int64) if "lum_event" in side else None)
@@ -244,8 +249,10 @@ class Ranker(nn.Module):
         if self.das_dim:
             self.das_projections = nn.ModuleDict({k: nn.Linear(self.das_dim, d) for k in ("das_item", "das_user")})
         if self.lum_dim:
-            self.lum_projections = nn.ModuleDict({"lum_interest": nn.Linear(self.lum_dim, d),
-                                                  "lum_similarity": nn.Linear(1, d)})
+            # One projection per cross-fitted model: their embedding spaces differ.
+            interest = {"lum_interest": nn.Linear(self.lum_dim, d)} if self.lum_folds == 1 else {
+                f"lum_interest_fold{k}": nn.Linear(self.lum_dim, d) for k in range(self.lum_folds)}
+            self.lum_projections = nn.ModuleDict({**interest, "lum_similarity": nn.Linear(1, d)})
         muse = config.muse
         self.simtier = SimTier() if muse in ("simtier", "both") else None
         self.sata = SimilarityAwareTargetAttention(d) if muse in ("sata", "both") else None
@@ -334,7 +341,8 @@ class Ranker(nn.Module):
                                  trainable=False, sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
                                  description="frozen DAS fused vectors: items, then users"))
         if self.lum_dim:
-            out.append(TableSpec("lum", v["user"] * self.lum_conditions + v["item"], table_width(self.lum_dim),
+            out.append(TableSpec("lum", v["user"] * self.lum_conditions + self.lum_folds * v["item"],
+                                 table_width(self.lum_dim),
                                  ("lum_interest", "lum_item"), trainable=False,
                                  sharding_types=("table_wise", "row_wise"), ids_per_sample=2.0,
                                  description="frozen LUM vectors: user x condition interests, then items"))
@@ -347,10 +355,12 @@ class Ranker(nn.Module):
 
     # ------------------------------------------------------------ side inputs
     _SIDE_KEYS = ("content", "item_codes", "user_codes", "item_fused", "user_fused", "lum_interest", "lum_item",
-                  "lum_item_condition", "lum_event", "lum_event_interest")
+                  "lum_item_condition", "lum_event", "lum_event_interest", "lum_user_fold")
     #: Side inputs that only training reads (per-event features of training events):
     #: an exported ranker is built without them.
     TRAINING_ONLY_SIDE_KEYS = ("lum_event", "lum_event_interest")
+    #: LUM set entries that only some sets have (point-in-time interests, cross-fit folds).
+    _OPTIONAL_LUM_KEYS = TRAINING_ONLY_SIDE_KEYS + ("lum_user_fold",)
 
     def _check_side(self, side: Dict[str, torch.Tensor]) -> None:
         c, v = self.config, self.vocab_sizes
@@ -364,9 +374,10 @@ class Ranker(nn.Module):
             if needed and key not in side:
                 raise ValueError(f"the model config asks for {key!r} (model.sid / model.das / model.content) but "
                                  "no such side input was given")
+        folds = int(side["lum_user_fold"].max()) + 1 if "lum_user_fold" in side else 1
         for key, rows in (("content", v["item"]), ("item_codes", v["item"]), ("item_fused", v["item"]),
-                          ("user_codes", v["user"]), ("user_fused", v["user"]), ("lum_item", v["item"]),
-                          ("lum_item_condition", v["item"])):
+                          ("user_codes", v["user"]), ("user_fused", v["user"]), ("lum_item", folds * v["item"]),
+                          ("lum_item_condition", v["item"]), ("lum_user_fold", v["user"])):
             if key in side and side[key].shape[0] != rows:
                 raise ValueError(f"side input {key!r} has {side[key].shape[0]} rows, the data has {rows}")
         paired = ("lum_event" in side) == ("lum_event_interest" in side)
@@ -436,7 +447,12 @@ class Ranker(nn.Module):
             side["item_fused"], side["user_fused"] = das[:vocab_sizes["item"]], das[vocab_sizes["item"]:]
         lum = frozen("lum")
         if lum is not None:
-            side["lum_interest"], side["lum_item"] = lum[:-vocab_sizes["item"]], lum[-vocab_sizes["item"]:]
+            folds = 1
+            if state.get("lum_user_fold") is not None:
+                side["lum_user_fold"] = state["lum_user_fold"]
+                folds = int(state["lum_user_fold"].max()) + 1
+            items = folds * vocab_sizes["item"]
+            side["lum_interest"], side["lum_item"] = lum[:-items], lum[-items:]
             side["lum_item_condition"] = state["lum_item_condition"]
         return side
 
@@ -471,7 +487,12 @@ class Ranker(nn.Module):
         if self.lum_dim:
             interest, item = frozen["lum_interest"], frozen["lum_item"]
             similarity = F.cosine_similarity(interest, item, dim=-1, eps=1e-8).unsqueeze(-1)
-            out["lum_interest"] = self.lum_projections["lum_interest"](interest)
+            if self.lum_folds == 1:
+                out["lum_interest"] = self.lum_projections["lum_interest"](interest)
+            else:
+                fold = self.lum_user_fold[batch.pooled["user_id"].values()].unsqueeze(-1)
+                out["lum_interest"] = sum((fold == k) * self.lum_projections[f"lum_interest_fold{k}"](interest)
+                                          for k in range(self.lum_folds))
             out["lum_similarity"] = self.lum_projections["lum_similarity"](similarity)
         for name in SEQUENCES:
             # Profiles sit on first candidate rows: broadcast each request's to its candidates.
@@ -563,6 +584,8 @@ class Ranker(nn.Module):
             condition = torch.where(condition == REQUEST_CONDITION_CODES["weekday"], weekday, condition)
             interest_row = user.values() * self.lum_conditions + condition
             item_row = target.values() + self.vocab_sizes["user"] * self.lum_conditions
+            if self.lum_user_fold is not None:
+                item_row = item_row + self.lum_user_fold[user.values()] * self.vocab_sizes["item"]
             requests.append((self.lum_embeddings, ["lum_interest", "lum_item"], [interest_row, item_row],
                              [target.lengths(), target.lengths()], self.lum_dim))
         at_event = None

@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -67,6 +67,10 @@ class LUMRecipeConfig:
     output_dir (str): where ``lum.pt``, ``config.json``, ``history.json`` and TensorBoard
         events go (nothing written when empty).
     progress (bool): tqdm bar over the epochs.
+    folds (int): user folds for cross-fitting (user ``u`` is in fold ``u % folds``).
+    holdout_fold (int): pre-train without the users of this fold (-1: every user), so
+        their features come from a model that never trained on their events
+        (:func:`crossfit_lum_features`).
     model (LUMConfig): sizes.
     """
 
@@ -83,6 +87,8 @@ class LUMRecipeConfig:
     test_fraction: float = 0.1
     output_dir: str = ""
     progress: bool = False
+    folds: int = 1
+    holdout_fold: int = -1
     model: LUMConfig = dataclasses.field(default_factory=LUMConfig)
 
     def validate(self) -> "LUMRecipeConfig":
@@ -98,6 +104,9 @@ class LUMRecipeConfig:
         if 2 * self.max_events > self.model.max_positions:
             raise ConfigError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
                               f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
+        if self.folds < 1 or not -1 <= self.holdout_fold < self.folds:
+            raise ConfigError(f"holdout_fold must be -1 or in [0, folds), with folds >= 1; got folds {self.folds}, "
+                              f"holdout_fold {self.holdout_fold}")
         self.model.validate()
         return self
 
@@ -105,13 +114,20 @@ class LUMRecipeConfig:
 def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[list]:
     """One epoch's batches in a fresh random order: lists of rows (each a list of users)
     for the packed layout, lists of users for the jagged one."""
-    lengths = seqs.lengths()
+    lengths = seqs.lengths().copy()
+    if cfg.holdout_fold >= 0:  # cross-fitting: the held-out fold's users are not trained on
+        lengths[user_folds(len(lengths), cfg.folds) == cfg.holdout_fold] = 0
     if cfg.layout == "packed":
         rows = pack_sequences(lengths, cfg.row_len)
         order = torch.randperm(len(rows), generator=g).tolist()
         return [[rows[i] for i in order[s:s + cfg.batch_rows]] for s in range(0, len(order), cfg.batch_rows)]
     order = torch.randperm(len(lengths), generator=g).numpy()
     return batch_by_tokens(lengths, order, cfg.batch_rows * cfg.row_len)
+
+
+def user_folds(num_users: int, folds: int) -> np.ndarray:
+    """``(U,)`` each user's cross-fitting fold: ``u % folds``."""
+    return np.arange(num_users, dtype=np.int64) % folds
 
 
 def _step_loss(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig, batch: list,
@@ -354,7 +370,8 @@ def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "mov
 
 @torch.no_grad()
 def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: str, max_events: int,
-                    batch_tokens: int = 1 << 16, progress: bool = False) -> Tuple[np.ndarray, torch.Tensor]:
+                    batch_tokens: int = 1 << 16, progress: bool = False,
+                    users: Optional[np.ndarray] = None) -> Tuple[np.ndarray, torch.Tensor]:
     """Point-in-time interests: for every event before ``cutoff``, the interest under that
     event's own condition (its item's genre, or its hour bucket / weekday) given the user's
     at most ``max_events`` most recent events strictly earlier in time — what the ranker's
@@ -365,6 +382,7 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
 
     Each event is one query ``[prefix ; condition]`` (:meth:`LUM.query` with one
     condition), all of them encoded as jagged sequences of about ``batch_tokens`` tokens.
+    ``users`` (a ``(U,)`` bool mask) keeps only those users' events.
 
     Returns:
         ``(events, interests)``: ``(E',)`` the store ids of the events before ``cutoff``
@@ -392,9 +410,10 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
     cap = min(max_events, prefix_room(model, 1) // 2)
     start = np.maximum(end - cap, first_of_user)
     lengths = 2 * (end - start) + 1  # the prefix's tokens, then the event's condition
+    asked = np.arange(n) if users is None else np.nonzero(np.asarray(users, dtype=bool)[user])[0]
     out = torch.zeros(n, model.config.embedding_dim)
-    chunks = np.split(np.arange(n), np.nonzero(np.diff(np.cumsum(lengths) // batch_tokens))[0] + 1)
-    for chunk in tqdm(chunks, desc="event interests", disable=not progress):
+    chunks = np.split(asked, np.nonzero(np.diff(np.cumsum(lengths[asked]) // batch_tokens))[0] + 1)
+    for chunk in tqdm(chunks if asked.size else [], desc="event interests", disable=not progress):
         length = lengths[chunk]
         offsets = np.concatenate([[0], np.cumsum(length)])
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], length)
@@ -406,12 +425,12 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
     # No earlier event: zeros, as the per-user cache (and so serving) has for a user
     # without history.
     out[torch.from_numpy(end == start)] = 0.0
-    return events, out
+    return events[asked], out[torch.from_numpy(asked)]
 
 
 @torch.no_grad()
-def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore, name: Optional[str] = None,
-                 steps: int = 1, top_k: int = 50, progress: bool = False,
+def lum_features(model: Union[LUM, Sequence[LUM]], seqs: ConditionItemSequences, store: SequenceStore,
+                 name: Optional[str] = None, steps: int = 1, top_k: int = 50, progress: bool = False,
                  event_history: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Step 3's offline cache: every user's interest vector under every condition (one
     group query per user over its pre-cutoff history; zeros without one), the top-``k``
@@ -420,6 +439,11 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
     behaviour cutoff it was learned under (the ranker checks it against its split).
 
     Args:
+        model (LUM or a sequence of K LUMs): with K cross-fitted models (model ``k``
+            pre-trained with ``holdout_fold = k`` of ``folds = K``), user ``u``'s vectors come
+            from model ``u % K``, which never trained on the user's events; the set then holds
+            K item tables (``lum_item`` ``(K * I, D)``, model after model) and
+            ``lum_user_fold`` ``(U,)``.
         steps (int): the interest is the condition's output (1) or pooled over ``steps``
             greedily generated outputs (:meth:`LUM.interests`).
         event_history (Optional[int]): also cache every pre-cutoff event's point-in-time
@@ -439,30 +463,38 @@ def lum_features(model: LUM, seqs: ConditionItemSequences, store: SequenceStore,
 
     if event_history is not None and steps != 1:
         raise ValueError("point-in-time event interests are the condition's output: use steps = 1")
+    models = [model] if isinstance(model, LUM) else list(model)
+    fold = user_folds(store.num_users, len(models))
     c = seqs.space.count("condition")
-    d = model.config.embedding_dim
+    d = models[0].config.embedding_dim
     conditions = seqs.space.to_tokens("condition", torch.arange(c))
     interest = torch.zeros(store.num_users, c, d)
     top = torch.full((store.num_users, c, top_k), -1, dtype=torch.int64)
-    room = prefix_room(model, steps)
+    room = min(prefix_room(m, steps) for m in models)
     for u in tqdm(range(store.num_users), desc="lum features", disable=not progress):
         prefix = user_prefix(seqs, u, room)
         if prefix.numel():
-            seen = seqs.seen(u)
-            interest[u] = model.interests(prefix, conditions, steps, exclude=seen)
-            top[u] = model.retrieve_from(interest[u], top_k, exclude=seen)[1]
-    items = model.item_embeddings()
+            seen, m = seqs.seen(u), models[fold[u]]
+            interest[u] = m.interests(prefix, conditions, steps, exclude=seen)
+            top[u] = m.retrieve_from(interest[u], top_k, exclude=seen)[1]
+    items = torch.cat([m.item_embeddings() for m in models])
     if seqs.condition in REQUEST_CONDITION_CODES:  # the ranker reads the request's hour / weekday
         item_condition = torch.full((store.num_items,), REQUEST_CONDITION_CODES[seqs.condition], dtype=torch.int64)
     else:
         item_condition = torch.from_numpy(item_conditions(store, seqs.condition))
     out = {"lum_interest": interest.reshape(-1, d), "lum_topk": top.reshape(-1, top_k), "lum_item": items,
            "lum_item_condition": item_condition}
+    if len(models) > 1:
+        out["lum_user_fold"] = torch.from_numpy(fold)
     if event_history is not None:
-        events, vectors = event_interests(model, store, seqs.cutoff, seqs.condition, event_history, progress=progress)
-        out.update(lum_event=torch.from_numpy(events), lum_event_interest=vectors)
+        parts = [event_interests(m, store, seqs.cutoff, seqs.condition, event_history, progress=progress,
+                                 users=fold == k) for k, m in enumerate(models)]
+        events = np.concatenate([p[0] for p in parts])
+        order = torch.from_numpy(np.argsort(events, kind="stable"))
+        vectors = torch.cat([p[1] for p in parts])
+        out.update(lum_event=torch.from_numpy(events)[order], lum_event_interest=vectors[order])
     if name:
         save_side_features(store.path, name, out, {"kind": "lum", "condition": seqs.condition, "conditions": c,
                                                    "steps": steps, "behaviour_cutoff": seqs.cutoff,
-                                                   "event_history": event_history})
+                                                   "event_history": event_history, "folds": len(models)})
     return out

@@ -192,8 +192,9 @@ def load_ranker_side_inputs(store_path: str, model: RankerConfig, vocab_sizes: D
         meta["das"] = {"name": s.name, **s.meta}
     if model.lum:
         s = load_side_features(store_path, model.lum, rows)
-        for key in ("lum_interest", "lum_item", "lum_item_condition", "lum_event", "lum_event_interest"):
-            if key in s or key not in Ranker.TRAINING_ONLY_SIDE_KEYS:  # per-event interests are optional
+        for key in ("lum_interest", "lum_item", "lum_item_condition", "lum_event", "lum_event_interest",
+                    "lum_user_fold"):
+            if key in s or key not in Ranker._OPTIONAL_LUM_KEYS:
                 side[key] = s[key]
         meta["lum"] = {"name": s.name, **s.meta}
     return side, meta
