@@ -14,6 +14,7 @@ columns is the skew a ranker learns under.
 
     .venv/bin/python bench/lum_features.py --from-runs lum_genre --point-in-time --name lum_genre_pit
     .venv/bin/python bench/lum_skew.py --sets lum_genre_pit_s0 lum_genre_pit_s1 lum_genre_pit_s2
+    .venv/bin/python bench/lum_skew.py --sets lum_genre_xfit_s0 lum_genre_xfit_s1 lum_genre_xfit_s2  # cross-fitted
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def main() -> int:
         events, event_interest = s["lum_event"].numpy(), F.normalize(s["lum_event_interest"], dim=-1)
         user_interest = F.normalize(s["lum_interest"], dim=-1)
 
+        # Cross-fitted sets hold one item table per fold: a user's rows come from its fold's LUM.
+        fold = s["lum_user_fold"] if "lum_user_fold" in s else torch.zeros(data.store.num_users, dtype=torch.int64)
+
         def cosine(samples: np.ndarray, point_in_time: bool) -> torch.Tensor:
             target = torch.from_numpy(data.item[samples])
+            item_rows = fold[torch.from_numpy(data.user[samples])] * data.store.num_items + target
             if point_in_time:
                 at = np.searchsorted(events, samples)
                 if not (events[np.minimum(at, len(events) - 1)] == samples).all():
@@ -65,7 +70,7 @@ def main() -> int:
             else:
                 user = torch.from_numpy(data.user[samples])
                 interest = user_interest[user * conditions + s["lum_item_condition"][target]]
-            return (interest * items[target]).sum(-1)
+            return (interest * items[item_rows]).sum(-1)
 
         for split, point_in_time in ((Split.TRAIN, False), (Split.TRAIN, True), (Split.VALID, False),
                                      (Split.TEST, False)):

@@ -543,6 +543,35 @@ def test_training_samples_read_their_events_point_in_time_lum_interest(data):
                side={**side, "lum_event": listed.flip(0)})
 
 
+def test_a_cross_fitted_lum_set_reads_each_users_fold(data):
+    """Users of fold k read fold k's item table (rows after the interests, fold after fold)
+    and their interest goes through fold k's projection; the set rebuilds from a state."""
+    v = data.vocab_sizes
+    g = torch.Generator().manual_seed(0)
+    fold = torch.arange(v["user"]) % 2
+    side = {"lum_interest": torch.randn(v["user"] * 4, 12, generator=g),
+            "lum_item": torch.randn(2 * v["item"], 12, generator=g),
+            "lum_item_condition": torch.randint(0, 4, (v["item"],), generator=g), "lum_user_fold": fold}
+    config = RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l")
+    model = Ranker(config, v, 19, 8, device=torch.device("cpu"), side=side).eval()
+    assert {"lum_interest_fold0", "lum_interest_fold1"} <= set(model.lum_projections)
+    with torch.no_grad():
+        model.lum_embeddings.embeddings["lum"].weight.copy_(model.frozen_table_weights()["lum"])
+    batch = RankingDataset(data, Split.TEST)[list(range(0, 300, 7))]
+    user, target = batch.pooled["user_id"].values(), batch.sequence.to_dict()["target_item"].values()
+    assert set(fold[user].tolist()) == {0, 1}
+    got = model._frozen_lookup(batch)["lum_item"]
+    torch.testing.assert_close(got, side["lum_item"][fold[user] * v["item"] + target])
+    state = model.state_dict()
+    rebuilt = Ranker(config, v, 19, 8, device=torch.device("cpu"),
+                     side=Ranker.side_inputs_from_state(state, v, model.side_widths()))
+    rebuilt.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval().predict(batch), model.predict(batch))
+    with pytest.raises(ValueError, match="rows"):
+        Ranker(config, v, 19, 8, device=torch.device("cpu"), side={**side, "lum_item": side["lum_item"][:v["item"]]})
+
+
 def test_the_ranker_refuses_a_side_set_learned_under_another_split(ml100k, data):
     from torchrec_genrec.train.ranking import load_ranker_side_inputs
 

@@ -269,6 +269,19 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
         cli.main(["lum", "retrieve", "--run", run, "--user", user, "--conditions", "1", "--steps", "0"])
     with pytest.raises(SystemExit, match="trained on condition 'genre'"):
         cli.main(["lum", "eval", "--run", run, "--condition", "hour"])
+    # Cross-fitting: two runs, each without one fold of users, make one set (in holdout order).
+    folds = [str(tmp_path / f"lum_f{k}") for k in (0, 1)]
+    for k, out in enumerate(folds):
+        assert cli.main(["lum", "train", "--out", out] + sum((["--set", s] for s in small + [
+            "folds=2", f"holdout_fold={k}"]), [])) == 0
+    with pytest.raises(SystemExit, match="holdout order"):
+        cli.main(["lum", "features", "--run", folds[1], folds[0], "--name", "lum_xfit_cli"])
+    with pytest.raises(SystemExit, match="are for .features. only"):
+        cli.main(["lum", "eval", "--run", folds[0], folds[1]])
+    assert cli.main(["lum", "features", "--run", *folds, "--name", "lum_xfit_cli", "--k", "3", "--point-in-time"]) == 0
+    side = load_side_features(ml100k.path, "lum_xfit_cli")
+    assert side.meta["folds"] == 2 and side["lum_item"].shape[0] == 2 * ml100k.num_items
+    assert side["lum_event"].numel() == len(log.user)
 
 
 def test_lum_on_the_hstu_encoder_trains_jagged_and_its_group_query_is_the_target_aware_pass(sequences):
@@ -340,6 +353,11 @@ def test_point_in_time_event_interests_equal_one_query_per_event(tmp_path, condi
                           dropout=0.0), full.space).eval()
     events, got = event_interests(model, store, log.cutoff, condition, max_events=5, batch_tokens=64)
     assert len(events) == len(log.user) and (np.asarray(store.timestamp)[events] < log.cutoff).all()
+    some = np.arange(store.num_users) % 3 == 1  # only these users' events: the same rows
+    kept, rows = event_interests(model, store, log.cutoff, condition, max_events=5, batch_tokens=64, users=some)
+    mask = some[log.user]
+    np.testing.assert_array_equal(kept, events[mask])
+    torch.testing.assert_close(rows, got[torch.from_numpy(mask)])
     ties = 0
     with torch.no_grad():
         for j in range(len(events)):
@@ -353,3 +371,34 @@ def test_point_in_time_event_interests_equal_one_query_per_event(tmp_path, condi
             expected = model.query(prefix, torch.from_numpy(full.tokens[2 * j:2 * j + 1]))[0]
             torch.testing.assert_close(got[j], expected, atol=1e-5, rtol=1e-5)
     assert ties > 0  # the strictly-earlier rule was exercised
+
+
+def test_cross_fitted_lums_never_train_on_and_serve_their_held_out_users(ml100k, sequences):
+    """A LUM pre-trained with holdout_fold k sees no user of fold k; lum_features over K
+    such models gives user u the vectors of model u % K, and K item tables."""
+    from torchrec_genrec.train.lum import LUMRecipeConfig, _batches, lum_features, user_folds
+
+    cfg = LUMRecipeConfig(dataset=ml100k.path, max_events=20, row_len=64, folds=2, holdout_fold=1,
+                          model=LUMConfig(embedding_dim=16, num_heads=2, max_positions=64))
+    for layout in ("jagged", "packed"):
+        batches = _batches(sequences, dataclasses.replace(cfg, layout=layout), torch.Generator().manual_seed(0))
+        users = np.asarray([u for b in batches for u in (sum(b, []) if layout == "packed" else b)])
+        assert len(users) and (users % 2 == 0).all()
+        assert len(users) == int(((sequences.lengths() > 0) & (user_folds(len(sequences.lengths()), 2) == 0)).sum())
+    with pytest.raises(Exception, match="holdout_fold"):
+        dataclasses.replace(cfg, holdout_fold=2).validate()
+    models = [_model(sequences.space), _model(sequences.space)]
+    with torch.no_grad():
+        models[1].position.weight.add_(0.5)  # two different models
+    out = lum_features(models, sequences, ml100k, None, top_k=3)
+    c = sequences.space.count("condition")
+    assert torch.equal(out["lum_user_fold"], torch.from_numpy(user_folds(ml100k.num_users, 2)))
+    assert out["lum_item"].shape[0] == 2 * ml100k.num_items
+    conditions = sequences.space.to_tokens("condition", torch.arange(c))
+    with_history = np.nonzero(sequences.lengths() > 0)[0]
+    chosen = [int(with_history[with_history % 2 == k][i]) for k in (0, 1) for i in (0, 1)]
+    for u in chosen:
+        prefix = torch.from_numpy(sequences.tokens[sequences.offsets[u]:sequences.offsets[u + 1]])
+        with torch.no_grad():
+            expected = models[u % 2].interests(prefix, conditions)
+        torch.testing.assert_close(out["lum_interest"][u * c:(u + 1) * c], expected, atol=1e-5, rtol=1e-5)
