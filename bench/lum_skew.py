@@ -7,10 +7,11 @@ sample's own event and later ones included — while a validation / test sample 
 served request) only has the past. Point-in-time interests (``genrec lum features
 --point-in-time``) give each training sample the interest of its own moment.
 
-For each split, in one run: the mean cosine, and how well the cosine alone orders the
-labels (AUC, GAUC: the feature as a one-feature ranker), for the training samples under
-both caches and for the validation / test samples; the gap between the training and test
-columns is the skew a ranker learns under.
+For each split, in one run: the share of samples whose user has a history to read an
+interest from (without one the interest is zeros), the mean cosine over all samples and
+over those with a history, and how well the cosine alone orders the labels (AUC, GAUC: the
+feature as a one-feature ranker), for the training samples under both caches and for the
+validation / test samples.
 
     .venv/bin/python bench/lum_features.py --from-runs lum_genre --point-in-time --name lum_genre_pit
     .venv/bin/python bench/lum_skew.py --sets lum_genre_pit_s0 lum_genre_pit_s1 lum_genre_pit_s2
@@ -70,25 +71,27 @@ def main() -> int:
             else:
                 user = torch.from_numpy(data.user[samples])
                 interest = user_interest[user * conditions + s["lum_item_condition"][target]]
-            return (interest * items[item_rows]).sum(-1)
+            return (interest * items[item_rows]).sum(-1), interest.norm(dim=-1) > 0
 
         for split, point_in_time in ((Split.TRAIN, False), (Split.TRAIN, True), (Split.VALID, False),
                                      (Split.TEST, False)):
             samples = data.samples(split)
-            cos = cosine(samples, point_in_time)
+            cos, known = cosine(samples, point_in_time)
             m = ranking_metrics(cos * 10.0, torch.from_numpy(data.label[samples]).float(),
                                 torch.from_numpy(data.user[samples]))
             label = f"{split.value} ({'point in time' if point_in_time else 'per-user cache'})"
-            rows.append((name, label, float(cos.mean()), m["auc"], m["gauc"]))
-    print("| set | samples (interest from) | mean cosine(interest, target) | AUC of the cosine | GAUC of the cosine |")
-    print("|---|---|---|---|---|")
-    for name, label, mean, auc, gauc in rows:
-        print(f"| {name} | {label} | {mean:.4f} | {auc:.4f} | {gauc:.4f} |")
+            rows.append((name, label, float(known.float().mean()), float(cos.mean()), float(cos[known].mean()),
+                         m["auc"], m["gauc"]))
+    print("| set | samples (interest from) | with a history | mean cosine(interest, target) | ... where there is "
+          "a history | AUC of the cosine | GAUC of the cosine |")
+    print("|---|---|---|---|---|---|---|")
+    for name, label, share, mean, mean_known, auc, gauc in rows:
+        print(f"| {name} | {label} | {share:.3f} | {mean:.4f} | {mean_known:.4f} | {auc:.4f} | {gauc:.4f} |")
     print("\nmeans over sets:")
     for label in dict.fromkeys(r[1] for r in rows):
-        chosen = [r for r in rows if r[1] == label]
-        print(f"  {label:<32} cosine {np.mean([r[2] for r in chosen]):.4f}  AUC {np.mean([r[3] for r in chosen]):.4f}"
-              f"  GAUC {np.mean([r[4] for r in chosen]):.4f}")
+        chosen = np.asarray([r[2:] for r in rows if r[1] == label]).mean(0)
+        print(f"  {label:<32} with a history {chosen[0]:.3f}  cosine {chosen[1]:.4f} ({chosen[2]:.4f} where there is "
+              f"one)  AUC {chosen[3]:.4f}  GAUC {chosen[4]:.4f}")
     return 0
 
 
