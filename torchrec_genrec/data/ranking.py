@@ -112,10 +112,7 @@ class RankingData:
         # History bounds: within each user (sorted by time), the first event with the same timestamp.
         starts = np.repeat(store.offsets[:-1], lengths)
         self.history_start = starts
-        same_as_previous = np.zeros(len(ts), dtype=bool)
-        same_as_previous[1:] = (ts[1:] == ts[:-1]) & (self.user[1:] == self.user[:-1])
-        run_start = np.where(same_as_previous, 0, np.arange(len(ts)))
-        self.history_end = np.maximum.accumulate(run_start)
+        self.history_end = same_time_start(self.user, ts)
 
         # Each kind of behaviour as one event list in store order (users contiguous, time
         # ascending), with prefix counts: a history's sequence is then one slice of it.
@@ -233,6 +230,15 @@ class RankingData:
             offsets, _ = self.requests(split)
             out[f"{split.value}_requests"] = int(len(offsets) - 1)
         return out
+
+
+def same_time_start(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """``(E,)`` for events in user order (time ascending within a user), the index of the
+    first event of the same user with the same timestamp: the end of each event's strictly
+    earlier history (ties are simultaneous, so none sees the others)."""
+    same_as_previous = np.zeros(len(timestamp), dtype=bool)
+    same_as_previous[1:] = (timestamp[1:] == timestamp[:-1]) & (user[1:] == user[:-1])
+    return np.maximum.accumulate(np.where(same_as_previous, 0, np.arange(len(timestamp))))
 
 
 def window_starts(user: np.ndarray, seconds: np.ndarray, window_seconds: int) -> np.ndarray:

@@ -134,7 +134,7 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
             configs = module.embedding_configs() if isinstance(module, EmbeddingCollection) \
                 else module.embedding_bag_configs()
             for c in configs:
-                tables[c.name] = {"rows": c.num_embeddings, "dim": c.embedding_dim, "precision": precision}
+                tables[c.name] = {"rows": c.num_embeddings, "dim": c.embedding_dim, "precision": "fp32"}
     if precision != "fp32":
         # TorchRec swaps modules by exact type name: the frozen subclass is named too.
         mapping = {**DEFAULT_QUANT_MAPPING, torch.typename(FrozenEmbeddingCollection): QuantEmbeddingCollection}
@@ -147,8 +147,8 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
         swapped = {c.name for m in quantised
                    for c in (m.embedding_configs() if isinstance(m, QuantEmbeddingCollection)
                              else m.embedding_bag_configs())}
-        for name, table in tables.items():
-            table["precision"] = precision if name in swapped else "fp32"
+        for name in swapped:
+            tables[name]["precision"] = precision
     return tables
 
 

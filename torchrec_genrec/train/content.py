@@ -34,7 +34,8 @@ from torchrec_genrec.modules.semantic_ids import (RQVAEConfig, disambiguate, rec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BehaviourLog", "ContentAdapter", "adapt_content_moco", "behaviour_log", "build_semantic_ids",
+__all__ = ["BehaviourLog", "ContentAdapter", "adapt_content_moco", "behaviour_log", "behaviour_log_before",
+           "build_semantic_ids",
            "co_consumption_lift", "content_i2i_recall", "embed_content", "train_das", "user_content"]
 
 
@@ -72,10 +73,17 @@ class BehaviourLog:
 
 def behaviour_log(store: SequenceStore, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> BehaviourLog:
     """The store's events before the ranking split's validation cutoff."""
-    cutoff, before = behaviour_cutoff(store, valid_fraction, test_fraction)
+    return behaviour_log_before(store, behaviour_cutoff(store, valid_fraction, test_fraction)[0])
+
+
+def behaviour_log_before(store: SequenceStore, cutoff: int) -> BehaviourLog:
+    """The store's events strictly before ``cutoff`` (store order: they are the store
+    events ``np.nonzero(store.timestamp < cutoff)``, one for one)."""
+    before = np.asarray(store.timestamp) < cutoff
     user = np.repeat(np.arange(store.num_users, dtype=np.int64), store.lengths)
     return BehaviourLog(user[before], np.asarray(store.item, dtype=np.int64)[before],
-                        np.asarray(store.timestamp, dtype=np.int64)[before], cutoff, store.num_users, store.num_items)
+                        np.asarray(store.timestamp, dtype=np.int64)[before], int(cutoff), store.num_users,
+                        store.num_items)
 
 
 def user_content(log: BehaviourLog, item_content: torch.Tensor) -> torch.Tensor:

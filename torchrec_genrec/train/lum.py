@@ -37,17 +37,16 @@ from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, REQUEST_CONDITION_CODES, ConditionItemSequences,
                                       batch_by_tokens, condition_given_item, condition_item_sequences,
                                       item_conditions, pack_sequences)
-from torchrec_genrec.data.ranking import _per_second
+from torchrec_genrec.data.ranking import _per_second, same_time_start
 from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.modules.lum import HSTU_NO_PACKED_ROWS, LUM, LUMConfig
-from torchrec_genrec.train.content import BehaviourLog, behaviour_log
+from torchrec_genrec.train.content import behaviour_log, behaviour_log_before
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LUMRecipeConfig", "conditioned_retrieval", "event_interests", "load_lum", "lum_features", "prefix_room",
-           "pretrain_lum",
-           "run_lum_retrieval_study", "save_lum", "user_prefix"]
+           "pretrain_lum", "run_lum_retrieval_study", "save_lum", "user_folds", "user_prefix"]
 
 
 @dataclasses.dataclass
@@ -70,7 +69,7 @@ class LUMRecipeConfig:
     folds (int): user folds for cross-fitting (user ``u`` is in fold ``u % folds``).
     holdout_fold (int): pre-train without the users of this fold (-1: every user), so
         their features come from a model that never trained on their events
-        (:func:`crossfit_lum_features`).
+        (:func:`lum_features` over the K models of holdout folds 0..K-1).
     model (LUMConfig): sizes.
     """
 
@@ -393,19 +392,13 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
         model, seqs, cfg = load_lum("runs/lum_genre")
         events, vectors = event_interests(model, store, seqs.cutoff, cfg.condition, cfg.max_events)
     """
-    timestamp = np.asarray(store.timestamp, dtype=np.int64)
-    events = np.nonzero(timestamp < cutoff)[0]
-    user = np.repeat(np.arange(store.num_users, dtype=np.int64), store.lengths)[events]
-    ts = timestamp[events]
-    log = BehaviourLog(user, np.asarray(store.item, dtype=np.int64)[events], ts, int(cutoff), store.num_users,
-                       store.num_items)
+    log = behaviour_log_before(store, cutoff)
+    events = np.nonzero(np.asarray(store.timestamp) < cutoff)[0]  # the log's events, one for one
+    user, n = log.user, len(events)
     # Every event of the log as a <condition, item> pair, in log order: pair j is event j.
-    pairs = condition_item_sequences(store, log, condition, max_events=len(events)).tokens
-    n = len(events)
+    pairs = condition_item_sequences(store, log, condition, max_events=n).tokens
     # The prefix of event j: the pairs of its user strictly earlier in time, at most `cap`.
-    same_time = np.zeros(n, dtype=bool)
-    same_time[1:] = (ts[1:] == ts[:-1]) & (user[1:] == user[:-1])
-    end = np.maximum.accumulate(np.where(same_time, 0, np.arange(n)))
+    end = same_time_start(user, log.timestamp)
     first_of_user = np.searchsorted(user, user, side="left")
     cap = min(max_events, prefix_room(model, 1) // 2)
     start = np.maximum(end - cap, first_of_user)

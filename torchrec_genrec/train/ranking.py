@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from torchrec_genrec import __version__
 from torchrec_genrec.config import to_dict
+from torchrec_genrec.data.content import behaviour_cutoff
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
 from torchrec_genrec.data.ranking_batching import RankingDataset, RequestBatchSampler, make_ranking_loader
 from torchrec_genrec.data.errors import DataError
-from torchrec_genrec.data.splits import GlobalTimeSplit, Split
+from torchrec_genrec.data.splits import Split
 from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_dense_parameters, count_table_parameters
 from torchrec_genrec.train.ranking_metrics import ranking_metrics
 from torchrec_genrec.train.recipe import PlanConfig
@@ -206,11 +207,6 @@ def _fresh_epoch_sums() -> Dict[str, float]:
     return {"loss_sum": 0.0, "batches": 0, "samples": 0, "seconds": 0.0}
 
 
-def _validation_cutoff(data: RankingData) -> int:
-    """The first validation timestamp of the ranking split."""
-    return int(GlobalTimeSplit(data.config.valid_fraction, data.config.test_fraction).cutoffs(data.store)[0])
-
-
 def _fingerprint(cfg: RankingRecipeConfig, world_size: int = 1) -> str:
     """A digest of the settings a checkpoint's weights depend on: data, model, seed,
     optimiser and the global batch (per-rank batch x ranks, so 2 x 128 resumes as 1 x 256)."""
@@ -242,7 +238,8 @@ def run_ranking_recipe(cfg: RankingRecipeConfig) -> Dict[str, Any]:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.train.output_dir, "tensorboard"))
-    side, side_meta = load_ranker_side_inputs(store_path, cfg.model, data.vocab_sizes, _validation_cutoff(data))
+    cutoff, _ = behaviour_cutoff(data.store, cfg.data.task.valid_fraction, cfg.data.task.test_fraction)
+    side, side_meta = load_ranker_side_inputs(store_path, cfg.model, data.vocab_sizes, cutoff)
     if cfg.model.muse != "none" and cfg.data.task.lifelong_len <= 0:
         raise ValueError("model.muse reads the whole history: set data.task.lifelong_len (e.g. 1000)")
     model = Ranker(cfg.model, data.vocab_sizes, num_genres=train_set.num_genres,

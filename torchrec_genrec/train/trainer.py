@@ -466,9 +466,8 @@ def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: 
         same_world = saved["world_size"] == ctx.world_size
         step, best, best_epoch = saved["step"], saved["best"], saved["best_epoch"]
         history = saved["history"]
-        first_epoch, first_batch = saved["epoch"], saved["batch_in_epoch"]
+        first_epoch, first_batch = resume_epoch(saved, epochs, patience, max_steps), saved["batch_in_epoch"]
         partial = saved["partial"]
-        first_epoch = resume_epoch(saved, epochs, patience, max_steps)
         # The fingerprint pins the global batch (per-rank batch x ranks), so a rank's batch
         # index in the epoch is the global step index whatever the world size: it carries over.
         resumed_from = latest
