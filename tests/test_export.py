@@ -4,7 +4,6 @@ truncated, corrupted, unsafe or incompatible files."""
 import json
 import os
 import shutil
-import zipfile
 
 import numpy as np
 import pytest
@@ -214,47 +213,6 @@ def test_refuses_truncated_corrupted_and_incompatible_artifacts(tiny_artifacts, 
         Predictor.load(newer)
 
 
-def _rewrite_archive(src, dst, edit):
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for item in zin.infolist():
-            zout.writestr(item, edit(item.filename, zin.read(item.filename)))
-
-
-class _Payload:  # anything a full unpickler would construct
-    pass
-
-
-def test_refuses_exported_programs_that_would_unpickle(tiny_artifacts, tmp_path):
-    encoder = os.path.join(tiny_artifacts["fp32"], art.ENCODER)
-    art.check_exported_program_is_safe(encoder)  # the real export passes
-
-    def pickled_weight(name, data):
-        if name.endswith("_weights_config.json"):
-            config = json.loads(data)
-            first = next(iter(config["config"]))
-            config["config"][first]["use_pickle"] = True
-            return json.dumps(config).encode()
-        return data
-
-    bad = str(tmp_path / "pickled_weight.pt2")
-    _rewrite_archive(encoder, bad, pickled_weight)
-    with pytest.raises(art.ArtifactError, match="is pickled"):
-        art.check_exported_program_is_safe(bad)
-
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(((_Payload(),), {}), buffer)
-
-    def pickled_inputs(name, data):
-        return buffer.getvalue() if "/sample_inputs/" in name else data
-
-    bad = str(tmp_path / "pickled_inputs.pt2")
-    _rewrite_archive(encoder, bad, pickled_inputs)
-    with pytest.raises(art.ArtifactError, match="need full unpickling"):
-        art.check_exported_program_is_safe(bad)
-
-
 def test_cli_export_and_torchrec_package(tiny_run, tiny_artifacts, tmp_path, capsys):
     run, _ = tiny_run
     out = str(tmp_path / "cli_artifact")
@@ -266,10 +224,12 @@ def test_cli_export_and_torchrec_package(tiny_run, tiny_artifacts, tmp_path, cap
     assert art.read_manifest(out)["precision"] == "int8"
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
 
-    from torch.package import PackageImporter
+    from torchrec_genrec.inference.torchrec_package import load_predict_factory
 
     package = export_torchrec_package(run, str(tmp_path / "model.pt"), precision="fp32")
-    factory = PackageImporter(package).import_module("__module_loader").MODULE_FACTORY()
+    with pytest.raises(PermissionError, match="trust=True"):  # a package is code: never loaded by default
+        load_predict_factory(package)
+    factory = load_predict_factory(package, trust=True)
     module = factory.create_predict_module()
     predictor = Predictor.load(tiny_artifacts["fp32"])
     items = predictor.item_ids[[1, 4, 9, 2]].tolist()

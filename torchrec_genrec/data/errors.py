@@ -1,29 +1,5 @@
-"""Errors raised for bad input data: each names the file (and line) and says how to fix it."""
+"""Errors raised for bad input data (defined in :mod:`torchrec_genrec.errors`)."""
 
-from __future__ import annotations
+from torchrec_genrec.errors import DataError
 
-from typing import Optional
-
-
-class DataError(ValueError):
-    """Bad input data.
-
-    Args:
-        message (str): what is wrong and how to fix it.
-        path (Optional[str]): the file the problem is in.
-        line (Optional[int]): 1-based line number in ``path``, where one applies.
-
-    Example::
-
-        raise DataError("expected 4 fields, found 3", path="ratings.dat", line=17)
-        # DataError: ratings.dat:17: expected 4 fields, found 3
-    """
-
-    def __init__(self, message: str, path: Optional[str] = None, line: Optional[int] = None) -> None:
-        self.path = path
-        self.line = line
-        self.reason = message
-        where = ""
-        if path is not None:
-            where = f"{path}:{line}: " if line is not None else f"{path}: "
-        super().__init__(where + message)
+__all__ = ["DataError"]

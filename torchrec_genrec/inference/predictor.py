@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from torchrec_genrec.inference import artifact as art
-from torchrec_genrec.inference.export import build_quant_table
+from torchrec_genrec.inference.exported_program import load_exported_program
+from torchrec_genrec.inference.export import PRECISIONS, build_quant_table
 from torchrec_genrec.inference.layout import layout_tokens, lookup_tokens, pad_tokens, rows_of
 from torchrec_genrec.ops.jagged import plan_length_buckets
 from torchrec_genrec.tokens import TokenSpace
@@ -37,6 +38,13 @@ __all__ = ["History", "Predictor", "PreparedHistory", "Recommendation", "Request
 
 #: Item rows dequantised and scored at a time.
 _CHUNK_ROWS = 32768
+
+
+def _flat_ids(ids: List[Any]) -> bool:
+    """Raw ids are all integers or all strings (what a store's id map holds)."""
+    if all(type(i) is int for i in ids):
+        return True
+    return all(isinstance(i, str) for i in ids)
 
 
 class RequestError(ValueError):
@@ -161,46 +169,80 @@ class Predictor:
         from safetensors.torch import load_file
 
         self.directory = directory
-        self.manifest = m = art.verify_artifact(directory, check_versions=check_versions)
-        encoder_path = os.path.join(directory, art.ENCODER)
-        art.check_exported_program_is_safe(encoder_path)
+        reader = art.ArtifactReader(directory, art.ARTIFACT_FORMAT, required=(art.ENCODER, art.EMBEDDINGS, art.VOCAB),
+                                    check_versions=check_versions)
+        self.manifest = m = reader.manifest
+        where = reader.manifest_path
+        positive = (lambda n: n > 0, "a positive integer")
+        self.precision = art.require(m, "precision", str, where, lambda p: p in PRECISIONS,
+                                     f"one of {sorted(PRECISIONS)}")
+        self.num_items = art.require(m, "num_items", int, where, *positive)
+        self.dim = art.require(m, "embedding_dim", int, where, *positive)
+        self.action_mode = art.require(m, "action_mode", str, where, lambda a: a in ("interleaved", "summed", "none"),
+                                       "interleaved, summed or none")
+        self.max_history = art.require(m, "max_history", int, where, *positive)
+        self.uses_timestamps = art.require(m, "uses_timestamps", bool, where)
+        num_actions = art.require(m, "num_actions", int, where, lambda n: n >= 0, "a count >= 0")
+        art.require(m, "model.name", str, where)
+        table = art.require(m, "table", dict, where)
+        art.require(m, "table.name", str, where)
+        rows = art.require(m, "table.rows", int, where, *positive)
+        dim = art.require(m, "table.dim", int, where, lambda d: d >= self.dim, f"at least embedding_dim {self.dim}")
+        row_bytes = art.require(m, "table.row_bytes", int, where, *positive)
+        features = art.require(m, "table.features", list, where,
+                               lambda f: len(f) >= 2 and all(isinstance(x, str) and x.isidentifier() for x in f),
+                               "two or more feature names")
+        self.space = TokenSpace.build(num_items=self.num_items, num_actions=num_actions)
+        if rows < self.space.offset("item") + self.num_items:
+            raise art.ArtifactError(f"table.rows {rows} cannot hold {self.num_items} items", path=where)
+
+        encoder_path = reader.path(art.ENCODER)
+        program = load_exported_program(reader.bytes(art.ENCODER, art.MAX_PROGRAM_BYTES), encoder_path)
         try:
-            self._encoder = torch.export.load(encoder_path).module()
+            self._encoder = program.module()
         except Exception as e:  # noqa: BLE001 - any failure here is an unusable artifact
-            raise art.ArtifactError(f"torch.export.load failed ({type(e).__name__}: {e})", path=encoder_path) from e
-        table = m["table"]
-        self.precision = m["precision"]
-        embeddings_path = os.path.join(directory, art.EMBEDDINGS)
+            raise art.ArtifactError(f"the exported program does not run ({type(e).__name__}: {e})",
+                                    path=encoder_path) from e
+        embeddings_path = reader.verified_path(art.EMBEDDINGS)
         try:
             weight = load_file(embeddings_path)["weight"]
         except (SafetensorError, KeyError, OSError) as e:
             raise art.ArtifactError(f"cannot read the token table ({e})", path=embeddings_path) from e
-        expected = (table["rows"], table["row_bytes"])
-        if tuple(weight.shape) != expected:
-            raise art.ArtifactError(f"token table is {tuple(weight.shape)}, the manifest says {expected}",
-                                    path=embeddings_path)
-        self._features = list(table["features"])
-        self._table = build_quant_table(table["name"], table["rows"], table["dim"], self._features, self.precision)
-        self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight}, strict=False)
+        if tuple(weight.shape) != (rows, row_bytes) or weight.dtype != torch.uint8:
+            raise art.ArtifactError(f"token table is {tuple(weight.shape)} {weight.dtype}, the manifest says "
+                                    f"{(rows, row_bytes)} uint8", path=embeddings_path)
+        self._features = list(features)
+        self._table = build_quant_table(table["name"], rows, dim, self._features, self.precision)
+        try:
+            self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight}, strict=False)
+        except RuntimeError as e:
+            raise art.ArtifactError(f"the token table does not fit a {self.precision} table of {rows} x {dim} "
+                                    f"({e})", path=embeddings_path) from e
 
-        vocab_path = os.path.join(directory, art.VOCAB)
-        with open(vocab_path) as f:
-            vocab = json.load(f)
-        self.item_ids = np.asarray(vocab["item_ids"])
-        if len(self.item_ids) != m["num_items"]:
-            raise art.ArtifactError(f"{len(self.item_ids)} item ids for {m['num_items']} items", path=vocab_path)
+        vocab_path = reader.path(art.VOCAB)
+        vocab = reader.json(art.VOCAB)
+        if not isinstance(vocab, dict):
+            raise art.ArtifactError("expected an object with item_ids, action_name, action_values", path=vocab_path)
+        item_ids = art.require(vocab, "item_ids", list, vocab_path, _flat_ids, "a flat list of integer or string ids")
+        self.item_ids = np.asarray(item_ids)
+        if len(self.item_ids) != self.num_items:
+            raise art.ArtifactError(f"{len(self.item_ids)} item ids for {self.num_items} items", path=vocab_path)
         self._item_order = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids = self.item_ids[self._item_order]
-        self._actions = {float(v): i for i, v in enumerate(vocab.get("action_values") or [])}
-        self.action_name = vocab.get("action_name")
-
-        self.num_items = int(m["num_items"])
-        self.dim = int(m["embedding_dim"])
-        self.action_mode = m["action_mode"]
-        self.max_history = int(m["max_history"])
+        if len(np.unique(self._sorted_ids)) != self.num_items:
+            raise art.ArtifactError("item_ids repeats an id", path=vocab_path)
+        action_values = vocab.get("action_values") or []
+        if not isinstance(action_values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in action_values):
+            raise art.ArtifactError("key 'action_values' must be a list of numbers", path=vocab_path)
+        if self.action_mode != "none" and len(action_values) != num_actions:
+            raise art.ArtifactError(f"{len(action_values)} action values for {num_actions} actions", path=vocab_path)
+        self._actions = {float(v): i for i, v in enumerate(action_values)}
+        action_name = vocab.get("action_name")
+        if action_name is not None and not isinstance(action_name, str):
+            raise art.ArtifactError("key 'action_name' must be a string or null", path=vocab_path)
+        self.action_name = action_name
         self.uses_actions = self.action_mode != "none"
-        self.uses_timestamps = bool(m["uses_timestamps"])
-        self.space = TokenSpace.build(num_items=self.num_items, num_actions=int(m["num_actions"]))
         self._index = _ItemIndex(self._table, self.precision, self.space.offset("item"), self.num_items, self.dim)
 
     @classmethod

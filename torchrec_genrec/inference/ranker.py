@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from torchrec_genrec.config import from_dict, to_dict
+from torchrec_genrec.config import ConfigError, from_dict, to_dict
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.ranking import RankingData, hour_and_weekday
 from torchrec_genrec.data.ranking_batching import SEQUENCES, EventSequences, ItemSides, assemble_batch
@@ -215,6 +215,52 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
     return manifest
 
 
+_FEATURE_KEYS = ("genre_offsets", "genre_values", "item_year", *(f"user_{k}" for k in _USER_SIDES))
+
+
+def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise art.ArtifactError(f"not a readable safetensors file ({e})", path=path) from e
+
+
+def _check_ranker_manifest(manifest: Dict[str, Any], where: str) -> None:
+    """The settings a ranker is rebuilt from, each of the expected type (a clear error, not
+    a KeyError deep in the model's constructor)."""
+    art.require(manifest, "model", dict, where)
+    art.require(manifest, "model.name", str, where)
+    art.require(manifest, "task", dict, where)
+    art.require(manifest, "task.max_seq_len", int, where, lambda n: n > 0, "a positive integer")
+    art.require(manifest, "task.positive_threshold", (int, float), where)
+    if "lifelong_len" in manifest["task"]:
+        art.require(manifest, "task.lifelong_len", int, where, lambda n: n >= 0, "an integer >= 0")
+    art.require(manifest, "vocab_sizes", dict, where,
+                lambda v: all(type(n) is int and n > 0 for n in v.values()), "positive table sizes")
+    art.require(manifest, "num_genres", int, where, lambda n: n > 0, "a positive integer")
+    if "precision" in manifest:
+        art.require(manifest, "precision", str, where, lambda p: p in ("fp32", "fp16", "int8"), "fp32, fp16 or int8")
+    for name, table in (manifest.get("tables") or {}).items():
+        for key, check in (("rows", lambda n: n > 0), ("dim", lambda n: n > 0)):
+            art.require(manifest, f"tables.{name}.{key}", int, where, check, "a positive integer")
+        art.require(manifest, f"tables.{name}.precision", str, where, lambda p: p in ("fp32", "fp16", "int8"),
+                    "fp32, fp16 or int8")
+
+
+def _check_ranker_vocab(vocab: Any, where: str) -> None:
+    if not isinstance(vocab, dict):
+        raise art.ArtifactError("expected an object with item_ids, user_ids, action_values, genres", path=where)
+    for key in ("item_ids", "user_ids"):
+        art.require(vocab, key, list, where, lambda ids: all(type(i) in (int, str) for i in ids),
+                    "a flat list of integer or string ids")
+    art.require(vocab, "action_values", list, where,
+                lambda v: all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v), "a list of numbers")
+    art.require(vocab, "genres", list, where)
+
+
 @dataclasses.dataclass
 class RankRequest:
     """A validated ranking request in dense ids (:meth:`RankerPredictor.prepare`)."""
@@ -253,13 +299,17 @@ class RankerPredictor:
     @classmethod
     def load(cls, directory: str, check_versions: bool = True) -> "RankerPredictor":
         """Verifies (sizes, sha256, versions) and loads an artifact of ``export_ranker``."""
-        from safetensors.torch import load_file
-
-        manifest = art.verify_artifact(directory, check_versions, expected_format=RANKER_FORMAT)
-        with open(os.path.join(directory, art.VOCAB)) as f:
-            vocab = json.load(f)
-        config = from_dict(RankerConfig, manifest["model"], os.path.join(directory, art.MANIFEST))
-        weights = load_file(os.path.join(directory, WEIGHTS))
+        reader = art.ArtifactReader(directory, RANKER_FORMAT, required=(WEIGHTS, FEATURES, art.VOCAB),
+                                    check_versions=check_versions)
+        manifest, where = reader.manifest, reader.manifest_path
+        _check_ranker_manifest(manifest, where)
+        vocab = reader.json(art.VOCAB)
+        _check_ranker_vocab(vocab, reader.path(art.VOCAB))
+        try:
+            config = from_dict(RankerConfig, manifest["model"], where)
+        except ConfigError as e:
+            raise art.ArtifactError(f"the model settings do not fit this library's ranker ({e})", path=where) from e
+        weights = _load_tensors(reader.verified_path(WEIGHTS))
         precision = manifest.get("precision", "fp32")  # artifacts before quantised rankers were fp32
         # Semantic-ID codes and frozen tables travel inside the weights: rebuild the side inputs.
         # A quantised frozen table only sizes the model here (its rows load after quantising).
@@ -268,16 +318,25 @@ class RankerPredictor:
             key = f"{name}_embeddings.embeddings.{name}.weight"
             if name in _FROZEN_TABLES and key in weights and table["precision"] != "fp32":
                 shapes[key] = torch.zeros(table["rows"], table["dim"])
-        model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
-                       max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
-                       side=Ranker.side_inputs_from_state(shapes, manifest["vocab_sizes"], manifest.get("side_widths")))
-        quantize_ranker_tables(model, precision)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        try:
+            model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
+                           max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
+                           side=Ranker.side_inputs_from_state(shapes, manifest["vocab_sizes"],
+                                                              manifest.get("side_widths")))
+            quantize_ranker_tables(model, precision)
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise art.ArtifactError(f"{WEIGHTS} does not fit the {precision} {config.name} ranker its manifest "
+                                    f"describes ({type(e).__name__}: {e})", path=reader.path(WEIGHTS)) from e
         missing = [k for k in missing if ".tbes." not in k]
         if missing or unexpected:
             raise art.ArtifactError(f"{WEIGHTS} does not fit a {precision} {config.name} ranker: missing "
                                     f"{missing[:5]}, unexpected {unexpected[:5]}", path=directory)
-        return cls(model, manifest, vocab, load_file(os.path.join(directory, FEATURES)))
+        features = _load_tensors(reader.verified_path(FEATURES))
+        missing_sides = [k for k in _FEATURE_KEYS if k not in features]
+        if missing_sides:
+            raise art.ArtifactError(f"side features {missing_sides} are missing", path=reader.path(FEATURES))
+        return cls(model, manifest, vocab, features)
 
     def _dense(self, index: Dict[Any, int], raw: Sequence[Any], what: str) -> np.ndarray:
         ids, unknown = [], []

@@ -8,9 +8,8 @@ writes exactly that (this module's code interned, torch / TorchRec / fbgemm exte
 the float weights as safetensors bytes, the settings as JSON), so a TorchRec serving
 deployment loads it like its own DLRM package::
 
-    from torch.package import PackageImporter
-    importer = PackageImporter("hstu.torchrec.pt")
-    factory = importer.import_module("__module_loader").MODULE_FACTORY()
+    from torchrec_genrec.inference.torchrec_package import load_predict_factory
+    factory = load_predict_factory("hstu.torchrec.pt", trust=True)   # unpickles: your own files only
     module = factory.create_predict_module()            # quantised, eval mode, CPU
     out = module({"item": items, "action": actions, "timestamp": ts, "lengths": lengths})
     out["user_embedding"]   # (B, D) unit vectors;  out["scores"]  # (B, N) cosine over all items
@@ -23,8 +22,8 @@ Inputs are dense ids (the artifact's ``vocab.json`` maps raw ids): ``item``, ``a
 (empty when the model reads no actions), ``timestamp`` — jagged values, events oldest
 first — and ``lengths`` ``(B,)`` events per user.
 
-Loading a ``torch.package`` unpickles its contents: use it only for packages you built or
-trust. The artifact for :class:`~torchrec_genrec.inference.Predictor` and ``genrec serve``
+Loading a ``torch.package`` unpickles its contents and runs its code: use it only for
+packages you built or trust (:func:`load_predict_factory` asks for ``trust=True``). The artifact for :class:`~torchrec_genrec.inference.Predictor` and ``genrec serve``
 (``--target predictor``) is the one that loads without unpickling.
 """
 
@@ -48,7 +47,7 @@ try:  # defined inside a torch.package only
 except ImportError:
     torch_package_importer = None
 
-__all__ = ["QuantRetrievalModel", "RetrievalPredictFactory", "RetrievalPredictModule"]
+__all__ = ["QuantRetrievalModel", "RetrievalPredictFactory", "RetrievalPredictModule", "load_predict_factory"]
 
 CONFIG_NAME = "retrieval.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -142,3 +141,37 @@ class RetrievalPredictFactory(PredictFactory):
     def run_weights_dependent_transformations(self, predict_module: nn.Module) -> nn.Module:
         return predict_module
 
+
+
+def load_predict_factory(path: str, trust: bool = False) -> PredictFactory:
+    """The ``PredictFactory`` inside a package written by ``genrec export --target
+    torchrec-package``.
+
+    A ``torch.package`` is code: loading one unpickles its contents and runs the modules it
+    interns, so a tampered package runs whatever it holds. This function loads only when the
+    caller says the file is trusted (built by you, or checked against a checksum you
+    trust); serve untrusted files as a ``--target predictor`` artifact instead, which is
+    loaded as data.
+
+    Args:
+        path (str): the ``.pt`` package.
+        trust (bool): must be True: you vouch that the package is yours.
+
+    Returns:
+        PredictFactory: call ``create_predict_module()`` for the quantised module.
+
+    Raises:
+        PermissionError: ``trust`` is not True.
+
+    Example::
+
+        factory = load_predict_factory("hstu.torchrec.pt", trust=True)
+        module = factory.create_predict_module()
+    """
+    if trust is not True:
+        raise PermissionError(f"{path}: a torch.package unpickles and runs code when it loads; pass trust=True "
+                              "only for a package you built or verified, or serve the `--target predictor` "
+                              "artifact, which loads as data")
+    from torch.package import PackageImporter
+
+    return PackageImporter(path).import_module("__module_loader").MODULE_FACTORY()
