@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.readers import (
     ML100K_GENRES,
+    ReaderArgumentError,
     read_interactions,
     read_movielens_100k,
     read_movielens_100k_recbole,
@@ -378,7 +379,11 @@ def test_generic_missing_column(tmp_path: Path) -> None:
         read_interactions(path)
     msg = _message(e)
     assert "log.csv:1:" in msg and "['user_id', 'movie_id', 'time']" in msg
-    assert "--user-col user_id --item-col movie_id --timestamp-col time" in msg
+    # A Python caller reads parameter names; the command line's flags are its own business.
+    assert "e.g. user_col='user_id', item_col='movie_id', timestamp_col='time'" in msg
+    assert "--" not in msg
+    assert isinstance(e.value, ReaderArgumentError)
+    assert [a.name for a in e.value.arguments][:3] == ["user_col", "item_col", "timestamp_col"]
 
 
 def test_generic_tsv_passed_as_csv(tmp_path: Path) -> None:
@@ -476,8 +481,9 @@ def test_crlf_line_endings(tmp_path: Path) -> None:
 def test_extra_column_typed_from_first_block_falls_back_to_text(tmp_path, monkeypatch):
     # The first parse block types the extra column as an integer; a later block holds text.
     from torchrec_genrec.data import readers
+    from torchrec_genrec.data.readers import _parsing
 
-    monkeypatch.setattr(readers, "_BLOCK_SIZE", 1 << 10)
+    monkeypatch.setattr(_parsing, "BLOCK_SIZE", 1 << 10)
     rows = [f"{i % 7},{i % 11},{i},{i % 3}" for i in range(400)] + ["1,2,999,click"]
     path = tmp_path / "events.csv"
     path.write_text("user,item,timestamp,kind\n" + "\n".join(rows) + "\n")

@@ -36,17 +36,42 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from torchrec_genrec.data import datasets
 
     if args.dataset == "csv":
+        import shlex
+
+        from torchrec_genrec.data.errors import DataError
+        from torchrec_genrec.data.readers import ArgumentSpelling, ReaderArgumentError
+
         if not args.path or not args.out:
             raise SystemExit("genrec prepare csv needs --path FILE and --out DIR")
         def column(name):  # "2" is a 0-based position, anything else a header name
             return int(name) if name is not None and name.isdigit() else name
 
-        stats = datasets.prepare_csv(
-            args.path, args.out, delimiter=args.delimiter, user_col=column(args.user_col),
-            item_col=column(args.item_col), timestamp_col=column(args.timestamp_col),
-            action_col=column(args.action_col),
-            has_header=not args.no_header, id_type=args.id_type,
-        )
+        # The reader names its own parameters; its errors are re-spelled with our flags.
+        flags = {"delimiter": "--delimiter", "user_col": "--user-col", "item_col": "--item-col",
+                 "timestamp_col": "--timestamp-col", "action_col": "--action-col", "id_type": "--id-type",
+                 "has_header": "--no-header"}
+
+        def shell_word(value) -> str:  # a tab must be typed as $'\t' in a shell
+            text = str(value)
+            if text.isprintable():
+                return shlex.quote(text)
+            return "$'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+        def setting(name, value) -> str:
+            if name == "has_header":
+                return "--no-header" if not value else "without --no-header"
+            return f"{flags.get(name, name)} {shell_word(value)}"
+
+        cli_spelling = ArgumentSpelling(name=lambda name: flags.get(name, name), setting=setting, separator=" ")
+        try:
+            stats = datasets.prepare_csv(
+                args.path, args.out, delimiter=args.delimiter, user_col=column(args.user_col),
+                item_col=column(args.item_col), timestamp_col=column(args.timestamp_col),
+                action_col=column(args.action_col),
+                has_header=not args.no_header, id_type=args.id_type,
+            )
+        except ReaderArgumentError as e:
+            raise DataError(e.render(cli_spelling), path=e.path, line=e.line) from None
         out = args.out
     else:
         stats = datasets.prepare(args.dataset, path=args.path, out=args.out, force=args.force)
@@ -397,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--path", help="raw files: a directory (MovieLens), a file (csv) or the RecBole wheel")
     prepare.add_argument("--out", help="store directory (default: $GENREC_HOME/datasets/NAME)")
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
-    prepare.add_argument("--delimiter", help="csv: field delimiter (default: from the extension)")
+    prepare.add_argument("--delimiter", help="csv: field delimiter, one or more characters, e.g. ',' or '::' "
+                                             "(default: from the extension, else sniffed from line 1)")
     prepare.add_argument("--user-col", default="user", help="csv: user id column")
     prepare.add_argument("--item-col", default="item", help="csv: item id column")
     prepare.add_argument("--timestamp-col", default="timestamp", help="csv: timestamp column")
