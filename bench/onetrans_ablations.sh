@@ -20,16 +20,16 @@ run() {
     --set train.output_dir=runs/abl_$name$suffix --set train.progress=false --set train.patience=1 \
     --set train.seed=$SEED "$@"
 }
-run shared --set model.shared_ns_params=true
-run nopyramid --set model.pyramid=none
-run scorer_topk --set model.selection=scorer_topk
-run scorer_threshold --set model.selection=scorer_threshold
-run sep --set model.merge=sep
-run groupwise --set model.ns_tokenizer=group_wise
+run shared --set model.onetrans.shared_ns_params=true
+run nopyramid --set model.onetrans.pyramid=none
+run scorer_topk --set model.onetrans.selection=scorer_topk
+run scorer_threshold --set model.onetrans.selection=scorer_threshold
+run sep --set model.onetrans.merge=sep
+run groupwise --set model.onetrans.ns_tokenizer=group_wise
 run grouped --set data.grouped=true
 run grouped_10min --set data.grouped=true --set data.task.window_seconds=600
-run depth1 --set model.num_layers=1
-run depth4 --set model.num_layers=4
+run depth1 --set model.onetrans.num_layers=1
+run depth4 --set model.onetrans.num_layers=4
 run len10 --set data.task.max_seq_len=10
 run len25 --set data.task.max_seq_len=25
 names=(shared nopyramid scorer_topk scorer_threshold sep groupwise grouped grouped_10min depth1 depth4 len10 len25)

@@ -41,7 +41,7 @@ def training_speed(steps: int) -> None:
     from torchrec_genrec.data.ranking import RankingConfig, RankingData
     from torchrec_genrec.data.ranking_batching import RankingDataset, make_ranking_loader
     from torchrec_genrec.data.splits import Split
-    from torchrec_genrec.models.ranking import Ranker, RankerConfig
+    from torchrec_genrec.models.ranking import OneTransRankerConfig, Ranker, RankerConfig
     from torchrec_genrec.modules.onetrans import OneTransConfig, flops_per_sample
     from torchrec_genrec.train.distributed import init_distributed
     from torchrec_genrec.train.trainer import OptimConfig, build_optimizer, shard
@@ -73,7 +73,7 @@ def training_speed(steps: int) -> None:
 
     print(f"## Training samples/s ({steps} steps of 256 candidates, after 3 warm-up steps)\n")
     pyr = speed(RankerConfig(name="onetrans"), False)
-    flat = speed(RankerConfig(name="onetrans", pyramid="none"), False)
+    flat = speed(RankerConfig(name="onetrans", onetrans=OneTransRankerConfig(pyramid="none")), False)
     base = OneTransConfig(embedding_dim=32, num_layers=2, num_heads=2, num_ns_tokens=4)
     macs_pyr = flops_per_sample(base, 100, pyramid="linear")
     macs_flat = flops_per_sample(base, 100, pyramid="none")

@@ -13,7 +13,7 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
 from torchrec_genrec.data.ranking_batching import RankingDataset
 from torchrec_genrec.data.splits import GlobalTimeSplit, Split
-from torchrec_genrec.models.ranking import Ranker, RankerConfig, count_table_parameters
+from torchrec_genrec.models.ranking import OneTransRankerConfig, Ranker, RankerConfig, count_table_parameters
 from torchrec_genrec.modules.das import DAS, DASBatch, DASConfig, SIDFusion, info_nce
 from torchrec_genrec.modules.muse import (SimilarityAwareTargetAttention, SimTier, gsu_top_k,
                                           target_attention_reference)
@@ -277,10 +277,10 @@ def _side(data, g):
     {"name": "dlrm", "sid": "s", "das": "d", "content": "c", "muse": "both"},
     {"name": "dlrm", "sid": "s", "item_ids": "none"},
     {"name": "onetrans", "sid": "s", "item_ids": "hashed", "item_hash_rows": 50, "content": "c", "muse": "both",
-     "ns_tokenizer": "group_wise"},
+     "onetrans": OneTransRankerConfig(ns_tokenizer="group_wise")},
     {"name": "hstu", "content": "c", "muse": "simtier", "das": "d"},
     {"name": "dlrm", "lum": "l"},
-    {"name": "onetrans", "lum": "l", "sid": "s", "ns_tokenizer": "group_wise"},
+    {"name": "onetrans", "lum": "l", "sid": "s", "onetrans": OneTransRankerConfig(ns_tokenizer="group_wise")},
 ])
 def test_rankers_with_content_features_score_alone_like_grouped(data, overrides):
     """SID / DAS / MUSE features keep a grouped request's one pass equal to each
@@ -296,7 +296,7 @@ def test_rankers_with_content_features_score_alone_like_grouped(data, overrides)
         side.pop("item_codes"), side.pop("user_codes")
     if "lum" not in overrides:
         side.pop("lum_interest"), side.pop("lum_item"), side.pop("lum_item_condition")
-    cfg = RankerConfig(embedding_dim=8, num_heads=2, tower_dims=(16,), dropout=0.0, muse_top_k=5, **overrides)
+    cfg = RankerConfig(embedding_dim=8, tower_dims=(16,), dropout=0.0, muse_top_k=5, **overrides)
     model = Ranker(cfg, data.vocab_sizes, grouped.num_genres, 8, device=torch.device("cpu"), side=side).eval()
     for name, weight in model.frozen_table_weights().items():
         module = {"content": model.content_embeddings, "das": model.das_embeddings, "lum": model.lum_embeddings}[name]
@@ -497,7 +497,7 @@ def test_ranker_reads_the_lum_interest_under_the_items_or_the_requests_condition
                       else torch.full((v["item"],), REQUEST_CONDITION_CODES[condition]))
     side = {"lum_interest": torch.randn(v["user"] * conditions, 12, generator=g),
             "lum_item": torch.randn(v["item"], 12, generator=g), "lum_item_condition": item_condition}
-    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l"), v, 19, 8,
+    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, tower_dims=(16,), lum="l"), v, 19, 8,
                    device=torch.device("cpu"), side=side).eval()
     with torch.no_grad():
         model.lum_embeddings.embeddings["lum"].weight.copy_(model.frozen_table_weights()["lum"])
@@ -525,7 +525,7 @@ def test_training_samples_read_their_events_point_in_time_lum_interest(data):
             "lum_item": torch.randn(v["item"], 12, generator=g),
             "lum_item_condition": torch.randint(0, 4, (v["item"],), generator=g),
             "lum_event": listed, "lum_event_interest": torch.randn(len(listed), 12, generator=g)}
-    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l"), v, 19, 8,
+    model = Ranker(RankerConfig(name="dlrm", embedding_dim=8, tower_dims=(16,), lum="l"), v, 19, 8,
                    device=torch.device("cpu"), side=side).eval()
     assert "lum_event" in {t.name for t in model.table_specs()}
     with torch.no_grad():
@@ -552,7 +552,7 @@ def test_a_cross_fitted_lum_set_reads_each_users_fold(data):
     side = {"lum_interest": torch.randn(v["user"] * 4, 12, generator=g),
             "lum_item": torch.randn(2 * v["item"], 12, generator=g),
             "lum_item_condition": torch.randint(0, 4, (v["item"],), generator=g), "lum_user_fold": fold}
-    config = RankerConfig(name="dlrm", embedding_dim=8, num_heads=2, tower_dims=(16,), lum="l")
+    config = RankerConfig(name="dlrm", embedding_dim=8, tower_dims=(16,), lum="l")
     model = Ranker(config, v, 19, 8, device=torch.device("cpu"), side=side).eval()
     assert {"lum_interest_fold0", "lum_interest_fold1"} <= set(model.lum_projections)
     with torch.no_grad():

@@ -12,7 +12,9 @@ from torchrec_genrec.data.ranking import RankingConfig, RankingData
 from torchrec_genrec.data.ranking_batching import (NS_FEATURES, RankingDataset, RequestBatchSampler,
                                                    make_ranking_loader)
 from torchrec_genrec.data.splits import Split
-from torchrec_genrec.models.ranking import Ranker, RankerConfig
+from torchrec_genrec.models.ranking import (DLRMRanker, HSTURanker, OneTransRanker, OneTransRankerConfig, Ranker,
+                                           RankerConfig)
+from torchrec_genrec.modules.din import DINAttention, din_reference
 from torchrec_genrec.ops.jagged import jagged_to_padded
 from torchrec_genrec.train.ranking_metrics import paired_bootstrap_ranking, per_user_auc, ranking_metrics
 
@@ -114,15 +116,16 @@ def test_metrics_match_direct_definitions():
 
 def _model(data, dataset, **overrides):
     torch.manual_seed(0)
-    cfg = RankerConfig(embedding_dim=8, num_heads=2, tower_dims=(16,), dropout=0.0, **overrides)
+    cfg = RankerConfig(embedding_dim=8, tower_dims=(16,), dropout=0.0, **overrides)
     return Ranker(cfg, data.vocab_sizes, dataset.num_genres, data.config.max_seq_len, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("overrides", [
     {"name": "dlrm"},
     {"name": "onetrans"},
-    {"name": "onetrans", "merge": "sep", "ns_tokenizer": "group_wise", "selection": "scorer_topk"},
-    {"name": "onetrans", "pyramid": "none", "shared_ns_params": True},
+    {"name": "onetrans", "onetrans": OneTransRankerConfig(merge="sep", ns_tokenizer="group_wise",
+                                                          selection="scorer_topk")},
+    {"name": "onetrans", "onetrans": OneTransRankerConfig(pyramid="none", shared_ns_params=True)},
     {"name": "hstu"},
 ])
 def test_rankers_score_a_candidate_the_same_alone_or_in_a_grouped_request(data, overrides):
@@ -152,10 +155,56 @@ def test_rankers_score_a_candidate_the_same_alone_or_in_a_grouped_request(data, 
 def test_ranker_config_errors_name_the_field():
     with pytest.raises(ValueError, match="model.name"):
         RankerConfig(name="dien")
-    with pytest.raises(ValueError, match="model.merge"):
-        RankerConfig(merge="zip")
-    with pytest.raises(ValueError, match="divisible"):
-        RankerConfig(embedding_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="model.onetrans.merge"):
+        OneTransRankerConfig(merge="zip")
+    with pytest.raises(ValueError, match="divisible by model.onetrans.num_heads"):
+        RankerConfig(embedding_dim=30, onetrans=OneTransRankerConfig(num_heads=4))
+    RankerConfig(name="dlrm", embedding_dim=30, onetrans=OneTransRankerConfig(num_heads=4))  # heads unused
+
+
+def test_each_architecture_reads_its_own_section_of_the_config():
+    """``--set model.onetrans.pyramid=none``: one section per architecture; the flat key
+    of before is an unknown key whose closest match is the new one."""
+    from torchrec_genrec.config import ConfigError, load_config
+
+    @dataclasses.dataclass
+    class Recipe:
+        model: RankerConfig = dataclasses.field(default_factory=RankerConfig)
+
+    cfg = load_config(Recipe, None, ["model.onetrans.pyramid=none", "model.dlrm.cross_layers=3",
+                                     "model.hstu.num_heads=4"])
+    assert cfg.model.onetrans.pyramid == "none" and cfg.model.dlrm.cross_layers == 3 and cfg.model.hstu.num_heads == 4
+    with pytest.raises(ConfigError, match="did you mean 'model.onetrans.pyramid'"):
+        load_config(Recipe, None, ["model.pyramid=none"])
+    with pytest.raises(ConfigError, match="model.onetrans.merge"):
+        load_config(Recipe, None, ["model.onetrans.merge=zip"])
+
+
+def test_ranker_builds_the_architecture_its_config_names(data):
+    v = data.vocab_sizes
+    for name, cls in (("dlrm", DLRMRanker), ("onetrans", OneTransRanker), ("hstu", HSTURanker)):
+        model = Ranker(RankerConfig(name=name, embedding_dim=8), v, 19, 8, device=torch.device("cpu"))
+        assert type(model) is cls and isinstance(model, Ranker)
+    with pytest.raises(ValueError, match="model.name is 'dlrm'"):
+        OneTransRanker(RankerConfig(name="dlrm"), v, 19, 8)
+
+
+def test_din_attention_pools_each_candidates_own_events():
+    """Padded and batched = candidate by candidate over the unpadded events (the plain
+    reading); padding never counts, and the weights are not normalised."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    din = DINAttention(embedding_dim=8, hidden_dim=16)
+    lengths = [3, 0, 5, 1]
+    events = [torch.randn(n, 8, generator=g) for n in lengths]
+    query = torch.randn(len(lengths), 8, generator=g)
+    keys, valid = jagged_to_padded(torch.cat(events), torch.tensor(lengths), max(lengths))
+    keys = keys + (~valid).unsqueeze(-1) * 100.0  # garbage in the padding
+    pooled = din(query, keys, valid)
+    torch.testing.assert_close(pooled, din_reference(din, query, events))
+    assert float(pooled[1].abs().sum()) == 0  # no history: zeros
+    doubled = din_reference(din, query[:1], [torch.cat([events[0], events[0]])])
+    torch.testing.assert_close(doubled, 2 * pooled[:1])  # a sum, not an average
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +223,8 @@ def ranking_run(ml100k, tmp_path_factory):
 
 
 def test_ranking_recipe_trains_and_writes_metrics(ml100k, ranking_run):
+    from torchrec_genrec.config import from_dict
+
     out = ranking_run
     payload = json.loads((out / "metrics.json").read_text())
     test = payload["metrics"]["test"]
@@ -183,7 +234,7 @@ def test_ranking_recipe_trains_and_writes_metrics(ml100k, ranking_run):
     pred = np.load(out / "test_predictions.npz")
     assert len(pred["logit"]) == 10000 and set(np.unique(pred["label"])) == {0.0, 1.0}
     assert os.path.isdir(out / "checkpoints" / "best")
-    cfg = RankerConfig(**{k: v for k, v in payload["config"]["model"].items() if k != "tower_dims"})
+    cfg = from_dict(RankerConfig, payload["config"]["model"])
     assert set(NS_FEATURES) <= {t.name for t in Ranker(cfg, RankingData.build(ml100k.path).vocab_sizes, 19, 8)
                                 .table_specs()}
 

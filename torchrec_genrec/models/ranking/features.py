@@ -1,57 +1,39 @@
-"""Rankers on TorchRec tables: DCNv2 + DIN (the DLRM baseline), OneTrans, and the HSTU ranker.
+"""The part all rankers share: their tables, side inputs and feature lookups.
 
-All three read the same :class:`~torchrec_genrec.data.ranking_batching.RankingBatch`
+Every ranker reads the same :class:`~torchrec_genrec.data.ranking_batching.RankingBatch`
 through the same tables (:func:`~torchrec_genrec.plans.models.onetrans_tables`): one
 ``EmbeddingCollection`` (the item table, shared by the target and both behaviour
 sequences; the rating table) and one ``EmbeddingBagCollection`` (genre bags; one table
-per NS feature). They differ in how sequences and features meet:
-
-- ``dlrm``: DIN target attention over each behaviour sequence, DCNv2 (TorchRec's
-  ``CrossNet``) + a deep MLP over the non-sequential features, concatenated into an MLP —
-  sequence modelling and feature crossing kept apart;
-- ``onetrans``: one causal transformer over ``[S-tokens ; NS-tokens]``
-  (:mod:`torchrec_genrec.modules.onetrans`); the S side runs once per request (Stage I)
-  and each candidate's NS tokens attend to its cached keys/values (Stage II);
-- ``hstu``: the user's merged history, then the candidates under a target-aware mask
-  (:mod:`torchrec_genrec.modules.hstu_ranker`), with two task heads at the candidate
-  positions (like = label, and the rating class): one pass scores all of a request's
-  candidates.
-
-Example::
-
-    model = Ranker(RankerConfig(name="onetrans"), vocab_sizes=data.vocab_sizes, num_genres=19)
-    dmp = shard(model, ctx, optim, batch_size=256)
-    loss, stats = dmp(batch)                    # training
-    logits = dmp.module.predict(batch)          # (C,) like-logits
+per NS feature), plus the optional semantic-ID tables and the frozen content / DAS / LUM
+tables. :class:`Ranker` builds them and looks every table up once per batch
+(:meth:`Ranker.lookup`); the architectures (``dlrm``, ``onetrans``, ``hstu``) subclass it
+and differ only in how the sequences and the features meet.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.crossnet import CrossNet
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_genrec.data.lum import HOUR_BUCKET, REQUEST_CONDITION_CODES
 from torchrec_genrec.data.ranking_batching import LIFELONG_KEY, NS_FEATURES, SEQUENCES, RankingBatch
-from torchrec_genrec.modules.hstu import HSTUConfig
-from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
+from torchrec_genrec.models.ranking.config import RankerConfig
 from torchrec_genrec.modules.muse import SimilarityAwareTargetAttention, SimTier, gsu_top_k
-from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
-from torchrec_genrec.ops.jagged import jagged_to_padded
 from torchrec_genrec.modules.semantic_ids import semantic_id_tables
+from torchrec_genrec.ops.jagged import jagged_to_padded
 from torchrec_genrec.plans.models import onetrans_tables, table_width
 from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
 from torchrec_genrec.plans.spec import TableSpec
 
-__all__ = ["NS_GROUPS", "Ranker", "RankerConfig", "count_dense_parameters", "count_table_parameters"]
+__all__ = ["NS_GROUPS", "Ranker", "count_dense_parameters", "count_table_parameters", "merged_history", "mlp"]
 
 #: Feature groups of the group-wise NS tokenizer (one MLP, one token each).
 NS_GROUPS: Dict[str, Tuple[str, ...]] = {
@@ -69,97 +51,9 @@ def _pad_columns(weight: torch.Tensor, width: int) -> torch.Tensor:
         [weight, weight.new_zeros(weight.shape[0], width - weight.shape[1])], dim=1)
 
 
-@dataclasses.dataclass
-class RankerConfig:
-    """Args:
-    name (str): ``dlrm`` (DCNv2 + DIN), ``onetrans`` or ``hstu``.
-    embedding_dim (int): table and token width D.
-    dropout (float): dropout in the towers (and the transformer blocks).
-    tower_dims (Tuple[int, ...]): hidden sizes of the final MLP.
-    cross_layers (int): dlrm: DCNv2 cross layers.
-    din_hidden (int): dlrm: hidden size of DIN's attention MLP.
-    num_layers (int): onetrans / hstu: blocks.
-    num_heads (int): onetrans / hstu: attention heads.
-    merge (str): onetrans: ``timestamp`` (both sequences interleaved by time, plus a
-        sequence-type embedding) or ``sep`` (concatenated, each closed by a learnable
-        [SEP] token).
-    ns_tokenizer (str): onetrans: ``auto_split`` (one MLP over all NS features, split
-        into ``num_ns_tokens`` tokens) or ``group_wise`` (one MLP and token per group of
-        :data:`NS_GROUPS`).
-    num_ns_tokens (int): onetrans, auto-split: NS tokens.
-    pyramid (str): onetrans: ``linear`` or ``none``.
-    pyramid_min_s_tokens (int): onetrans: S-tokens left after the last layer.
-    selection (str): onetrans: which S-tokens a pyramid layer keeps: ``recency``,
-        ``scorer_topk`` or ``scorer_threshold``.
-    shared_ns_params (bool): onetrans ablation: NS tokens use the S-tokens' weights.
-    rating_loss_weight (float): hstu: weight of the rating-class task.
-    item_ids (str): the item-ID table: ``full`` (one row per item), ``hashed`` (ids modulo
-        ``item_hash_rows``: a smaller table that semantic IDs complement) or ``none`` (no
-        ID table: semantic IDs replace it; needs ``sid``).
-    item_hash_rows (int): rows of the hashed item table.
-    sid (str): a side-feature set (``genrec content sid`` / ``genrec content das``) whose
-        ``item_codes`` (and ``user_codes``) become semantic-ID tables, one per level, summed
-        into every item's (and the user's) representation; empty: none.
-    das (str): a DAS side-feature set whose fused item and user vectors (``item_fused``,
-        ``user_fused``) are read from a frozen table as extra NS features; empty: none.
-    content (str): a content side-feature set (``genrec content embed``) loaded into a
-        frozen table (MUSE's multimodal table); needed by ``muse``.
-    muse (str): lifelong-interest features from MUSE over the ``lifelong`` sequence
-        (``data.task.lifelong_len`` > 0): ``none``, ``simtier``, ``sata`` or ``both``.
-    muse_top_k (int): behaviours the GSU retrieves.
-    lum (str): a LUM side-feature set (``train.lum.lum_features``): the user's interest
-        vector under the target item's condition (an item attribute such as the genre) or
-        under the request's condition (its 3-hour bucket or weekday, for a set pre-trained
-        on those) and its cosine similarity to the target's LUM embedding become NS
-        features (read from a frozen table); empty: none.
-    """
-
-    name: Literal["dlrm", "onetrans", "hstu"] = "onetrans"
-    embedding_dim: int = 32
-    dropout: float = 0.1
-    tower_dims: Tuple[int, ...] = (128, 64)
-    cross_layers: int = 2
-    din_hidden: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    merge: Literal["timestamp", "sep"] = "timestamp"
-    ns_tokenizer: Literal["auto_split", "group_wise"] = "auto_split"
-    num_ns_tokens: int = 4
-    pyramid: Literal["linear", "none"] = "linear"
-    pyramid_min_s_tokens: int = 0
-    selection: Literal["recency", "scorer_topk", "scorer_threshold"] = "recency"
-    shared_ns_params: bool = False
-    rating_loss_weight: float = 0.5
-    item_ids: Literal["full", "hashed", "none"] = "full"
-    item_hash_rows: int = 256
-    sid: str = ""
-    das: str = ""
-    content: str = ""
-    muse: Literal["none", "simtier", "sata", "both"] = "none"
-    muse_top_k: int = 50
-    lum: str = ""
-
-    def __post_init__(self) -> None:
-        choices = {"name": ("dlrm", "onetrans", "hstu"), "merge": ("timestamp", "sep"),
-                   "ns_tokenizer": ("auto_split", "group_wise"), "item_ids": ("full", "hashed", "none"),
-                   "muse": ("none", "simtier", "sata", "both")}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"model.{field} must be one of {', '.join(allowed)}, not {getattr(self, field)!r}")
-        if self.embedding_dim < 4 or self.embedding_dim % self.num_heads:
-            raise ValueError(f"model.embedding_dim ({self.embedding_dim}) must be >= 4 and divisible by "
-                             f"model.num_heads ({self.num_heads})")
-        if self.item_ids == "none" and not self.sid:
-            raise ValueError("model.item_ids = 'none' leaves items with no representation: give model.sid "
-                             "(semantic IDs replace the item-ID table)")
-        if self.muse != "none" and not self.content:
-            raise ValueError(f"model.muse = {self.muse!r} needs model.content (the content vectors its GSU "
-                             "compares); build them with `genrec content embed`")
-        if self.item_hash_rows < 1 or self.muse_top_k < 1:
-            raise ValueError("model.item_hash_rows and model.muse_top_k must be >= 1")
-
-
-def _mlp(dims: List[int], dropout: float, last_activation: bool = True) -> nn.Sequential:
+def mlp(dims: List[int], dropout: float, last_activation: bool = True) -> nn.Sequential:
+    """Linear layers ``dims[0] -> ... -> dims[-1]``, each but (unless ``last_activation``)
+    the last followed by SiLU and dropout."""
     layers: List[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
         layers.append(nn.Linear(a, b))
@@ -174,7 +68,18 @@ def _log_hours(delta_seconds: torch.Tensor) -> torch.Tensor:
 
 
 class Ranker(nn.Module):
-    """A CTR-style ranker on the ranking task's features (see the module docstring).
+    """A CTR-style ranker on the ranking task's features: the tables and lookups every
+    architecture shares, and the factory of the architectures.
+
+    ``Ranker(config, ...)`` builds the architecture ``config.name`` names: a
+    :class:`~torchrec_genrec.models.ranking.dlrm.DLRMRanker` (``dlrm``),
+    :class:`~torchrec_genrec.models.ranking.onetrans.OneTransRanker` (``onetrans``) or
+    :class:`~torchrec_genrec.models.ranking.hstu.HSTURanker` (``hstu``). Each has
+    ``predict(batch)`` (``(C,)`` like-logits) and ``forward(batch) -> (loss, stats)``.
+
+    The constructor order is part of the results: dense layers draw their initial values
+    from torch's global RNG, so the shared layers are created first (in this class) and
+    each architecture's after them.
 
     Args:
         config (RankerConfig): which model and its settings.
@@ -183,12 +88,44 @@ class Ranker(nn.Module):
         max_seq_len (int): events per behaviour sequence.
         seed (int): table initialisation seed (see ``train.trainer.seed_embedding_tables``).
         device (torch.device): where the tables are created; ``meta`` lets DMP materialise them.
+        side (Optional[Dict[str, torch.Tensor]]): the side-feature sets ``config`` names
+            (``train.ranking.load_ranker_side_inputs``): semantic-ID codes, frozen content /
+            DAS / LUM vectors.
+
+    Example::
+
+        model = Ranker(RankerConfig(name="onetrans"), vocab_sizes=data.vocab_sizes, num_genres=19,
+                       max_seq_len=50)                  # a OneTransRanker
+        dmp = shard(model, ctx, optim, batch_size=256)
+        loss, stats = dmp(batch)                         # training
+        logits = dmp.module.predict(batch)               # (C,) like-logits
     """
+
+    #: The architecture a subclass implements (its ``config.name``).
+    architecture: ClassVar[str] = ""
+    #: Whether MUSE's features join the NS features (projected to D) or go to the final
+    #: tower as they are.
+    muse_in_ns_features: ClassVar[bool] = True
+    _architectures: ClassVar[Dict[str, Type["Ranker"]]] = {}
+
+    def __init_subclass__(cls, architecture: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if architecture:
+            cls.architecture = architecture
+            Ranker._architectures[architecture] = cls
+
+    def __new__(cls, config: Optional[RankerConfig] = None, *args: Any, **kwargs: Any) -> "Ranker":
+        if cls is Ranker and config is not None:
+            cls = Ranker._architectures[config.name]
+        return super().__new__(cls)
 
     def __init__(self, config: RankerConfig, vocab_sizes: Dict[str, int], num_genres: int, max_seq_len: int,
                  seed: int = 0, device: torch.device = torch.device("meta"),
                  side: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
+        if config.name != self.architecture:
+            raise ValueError(f"{type(self).__name__} is the {self.architecture!r} ranker, but model.name is "
+                             f"{config.name!r}; build it with Ranker(config, ...)")
         self.config, self.seed, self.max_seq_len = config, seed, max_seq_len
         self.vocab_sizes, self.num_genres = dict(vocab_sizes), num_genres
         self.num_ratings = vocab_sizes["rating"]
@@ -245,7 +182,6 @@ class Ranker(nn.Module):
         self.lum_event_embeddings = FrozenEmbeddingCollection(tables=ec([frozen["lum_event"]]), device=device) \
             if "lum_event" in frozen else None
         self.ns_inputs = _NS_INPUTS + self._extra_ns_inputs()
-        self.ns_groups = self._groups()
         if self.das_dim:
             self.das_projections = nn.ModuleDict({k: nn.Linear(self.das_dim, d) for k in ("das_item", "das_user")})
         if self.lum_dim:
@@ -256,8 +192,7 @@ class Ranker(nn.Module):
         muse = config.muse
         self.simtier = SimTier() if muse in ("simtier", "both") else None
         self.sata = SimilarityAwareTargetAttention(d) if muse in ("sata", "both") else None
-        muse_width = (self.simtier.num_bins if self.simtier is not None else 0) + (d if self.sata is not None else 0)
-        if self.simtier is not None and config.name != "dlrm":
+        if self.simtier is not None and self.muse_in_ns_features:
             self.simtier_projection = nn.Linear(self.simtier.num_bins, d)
         self.pooled_embeddings = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=s.name, embedding_dim=s.embedding_dim, num_embeddings=s.num_embeddings,
@@ -267,44 +202,11 @@ class Ranker(nn.Module):
             device=device)
         # Each sequence's events through that sequence's own MLP: item, rating, genres, age.
         event_width = 2 * d + num_genres + 1
-        self.event_mlps = nn.ModuleDict({name: _mlp([event_width, d, d], config.dropout, last_activation=False)
+        self.event_mlps = nn.ModuleDict({name: mlp([event_width, d, d], config.dropout, last_activation=False)
                                          for name in SEQUENCES})
-        ns_width = len(self.ns_inputs) * d
-        c = config
-        if c.name == "dlrm":
-            self.din = nn.ModuleDict({name: _mlp([4 * d, c.din_hidden, 1], 0.0, last_activation=False)
-                                      for name in SEQUENCES})
-            self.target_mlp = _mlp([d + d, d], c.dropout, last_activation=False)
-            self.cross = CrossNet(ns_width, c.cross_layers)
-            self.deep = _mlp([ns_width, 2 * d, d], c.dropout)
-            tower_in = ns_width + d + len(SEQUENCES) * d + muse_width
-        elif c.name == "onetrans":
-            self.type_embedding = nn.Embedding(len(SEQUENCES), d)
-            self.sep_tokens = nn.Parameter(torch.randn(len(SEQUENCES), d) * 0.02)
-            if c.ns_tokenizer == "auto_split":
-                self.num_ns = c.num_ns_tokens
-                self.ns_tokenizer = _mlp([ns_width, 2 * d * self.num_ns, d * self.num_ns], c.dropout,
-                                         last_activation=False)
-            else:
-                self.num_ns = len(self.ns_groups)
-                self.ns_group_mlps = nn.ModuleDict({g: _mlp([len(f) * d, d, d], c.dropout, last_activation=False)
-                                                    for g, f in self.ns_groups.items()})
-            self.onetrans = OneTrans(OneTransConfig(
-                embedding_dim=d, num_layers=c.num_layers, num_heads=c.num_heads, num_ns_tokens=self.num_ns,
-                dropout=c.dropout, pyramid=c.pyramid, pyramid_min_s_tokens=c.pyramid_min_s_tokens,
-                selection=c.selection, shared_ns_params=c.shared_ns_params,
-                max_s_tokens=2 * max_seq_len + (len(SEQUENCES) if c.merge == "sep" else 0)))
-            tower_in = self.num_ns * d
-        else:
-            merged = 2 * max_seq_len + 1
-            self.hstu = HSTURankerEncoder(HSTUConfig(
-                embedding_dim=d, num_blocks=c.num_layers, num_heads=c.num_heads, attention_dim=d // c.num_heads,
-                linear_dim=d // c.num_heads, max_seq_len=merged, dropout=c.dropout))
-            self.candidate_mlp = _mlp([d + d, d], c.dropout, last_activation=False)
-            self.context = _mlp([ns_width, 2 * d, d], c.dropout)
-            self.rating_head = nn.Linear(d + d, self.num_ratings)
-            tower_in = d + d
-        self.tower = nn.Sequential(_mlp([tower_in, *c.tower_dims], c.dropout), nn.Linear(c.tower_dims[-1], 1))
+        # Width of the concatenated NS features (:meth:`_ns_inputs`), the input of every
+        # architecture's NS path.
+        self.ns_width = len(self.ns_inputs) * d
 
     def table_specs(self) -> List[TableSpec]:
         """The model's embedding tables as the planner sees them (see ``plans``)."""
@@ -406,12 +308,13 @@ class Ranker(nn.Module):
             extra += ["das_item", "das_user"]
         if self.lum_dim:
             extra += ["lum_interest", "lum_similarity"]
-        if self.config.name != "dlrm":
+        if self.muse_in_ns_features:
             extra += (["muse_simtier"] if self.config.muse in ("simtier", "both") else []) + (
                 ["muse_sata"] if self.config.muse in ("sata", "both") else [])
         return tuple(extra)
 
-    def _groups(self) -> Dict[str, Tuple[str, ...]]:
+    def ns_feature_groups(self) -> Dict[str, Tuple[str, ...]]:
+        """:data:`NS_GROUPS` with the side features the model reads added to their group."""
         groups = {g: tuple(f) for g, f in NS_GROUPS.items()}
         extra = set(self.ns_inputs) - set(_NS_INPUTS)
         add = {"item": ("target_sid", "das_item"), "user": ("user_sid", "das_user", "lum_interest", "lum_similarity"),
@@ -621,128 +524,91 @@ class Ranker(nn.Module):
     def _ns_inputs(self, f: Dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([f[k] for k in self.ns_inputs], dim=-1)  # (C, |NS| * D)
 
-    def _merged_history(self, batch: RankingBatch, f: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor],
-                        merge: str, left: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Both sequences of each request as one padded sequence ``(R, L, D)`` (+ valid
-        mask, + int64 timestamps): interleaved by time, or concatenated with [SEP]s."""
-        r = batch.num_requests
-        device = batch.request_time.device
-        parts, requests, keys, times = [], [], [], []
-        for i, name in enumerate(SEQUENCES):
-            req = f[f"{name}_request"]
-            t = batch.event_time[name]
-            parts.append(tokens[name])
-            requests.append(req)
-            times.append(t)
-            # Sort key within a request: time (interleave) or (segment, position) (concatenate).
-            if merge == "timestamp":
-                keys.append(t * 2 + i)
-            else:
-                pos = torch.arange(req.numel(), device=device) - torch.searchsorted(req, req)
-                keys.append((2 * i) * (1 << 20) + pos)
-        if merge == "sep":
-            for i in range(len(SEQUENCES)):
-                parts.append(self.sep_tokens[i].expand(r, -1))
-                requests.append(torch.arange(r, device=device))
-                keys.append(torch.full((r,), (2 * i + 1) * (1 << 20), dtype=torch.int64, device=device))
-                times.append(batch.request_time)
-        values, request, key, time = (torch.cat(x) for x in (parts, requests, keys, times))
-        order = torch.argsort(request * (1 << 40) + key, stable=True)
-        lengths = torch.bincount(request, minlength=r)
-        max_len = max(int(lengths.max()) if r else 0, 1)
-        padded, valid = jagged_to_padded(values[order], lengths, max_len, left=left)
-        times, _ = jagged_to_padded(time[order], lengths, max_len, left=left)
-        return padded, valid, times
+    def lookup(self, batch: RankingBatch) -> Dict[str, torch.Tensor]:
+        """Every feature the architectures read (:meth:`_features`), with MUSE's lifelong
+        features added: projected NS features ``muse_simtier`` / ``muse_sata`` ``(C, D)``,
+        or (when MUSE goes to the tower) their concatenation ``muse_tower``."""
+        f = self._features(batch)
+        if self.config.muse == "none":
+            return f
+        muse = self._muse(batch, f)
+        if self.muse_in_ns_features:
+            if "muse_simtier" in muse:
+                muse["muse_simtier"] = self.simtier_projection(muse["muse_simtier"])
+            f.update(muse)
+        else:
+            f["muse_tower"] = torch.cat(list(muse.values()), dim=-1)
+        return f
 
-    # ----------------------------------------------------------------- models
+    def _tower(self, width: int) -> nn.Sequential:
+        """The final MLP: ``(C, width)`` -> ``(C, 1)`` like-logit."""
+        c = self.config
+        return nn.Sequential(mlp([width, *c.tower_dims], c.dropout), nn.Linear(c.tower_dims[-1], 1))
+
+    # ----------------------------------------------------------------- training
     def predict(self, batch: RankingBatch) -> torch.Tensor:
         """``(C,)`` like-logits of every candidate."""
-        return self._forward(batch)[0]
-
-    def _forward(self, batch: RankingBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        f = self._features(batch)
-        name = self.config.name
-        if self.config.muse != "none":
-            muse = self._muse(batch, f)
-            if name == "dlrm":
-                f["muse_tower"] = torch.cat(list(muse.values()), dim=-1)
-            else:
-                if "muse_simtier" in muse:
-                    muse["muse_simtier"] = self.simtier_projection(muse["muse_simtier"])
-                f.update(muse)
-        if name == "dlrm":
-            return self._dlrm(batch, f), {}
-        if name == "onetrans":
-            return self._onetrans(batch, f), {}
-        return self._hstu(batch, f)
-
-    def _dlrm(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> torch.Tensor:
-        ns = self._ns_inputs(f)
-        query = self.target_mlp(torch.cat([f["target_item"], f["target_genres"]], dim=-1))  # (C, D)
-        pooled = []
-        for name in SEQUENCES:
-            lengths = batch.sequence_lengths(name)
-            keys, valid = jagged_to_padded(f[f"{name}_events"], lengths, max(int(lengths.max()), 1))
-            keys, valid = keys[batch.request_index], valid[batch.request_index]  # (C, L, D)
-            q = query.unsqueeze(1).expand_as(keys)
-            # DIN: an MLP scores each event against the target; weights are not normalised.
-            weights = self.din[name](torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
-            pooled.append((weights * valid).unsqueeze(-1).mul(keys).sum(dim=1))
-        if "muse_tower" in f:
-            pooled.append(f["muse_tower"])
-        features = torch.cat([self.cross(ns), self.deep(ns), *pooled], dim=-1)
-        return self.tower(features).squeeze(-1)
-
-    def _ns_tokens(self, f: Dict[str, torch.Tensor]) -> torch.Tensor:
-        d = self.config.embedding_dim
-        if self.config.ns_tokenizer == "auto_split":
-            x = self.ns_tokenizer(self._ns_inputs(f))
-            return x.view(x.shape[0], self.num_ns, d)
-        return torch.stack([self.ns_group_mlps[g](torch.cat([f[k] for k in feats], dim=-1))
-                            for g, feats in self.ns_groups.items()], dim=1)
-
-    def _onetrans(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = {name: f[f"{name}_events"] + (self.type_embedding.weight[i] if self.config.merge == "timestamp"
-                                                else 0.0) for i, name in enumerate(SEQUENCES)}
-        s_tokens, s_valid, _ = self._merged_history(batch, f, tokens, self.config.merge, left=True)
-        cache = self.onetrans.encode_sequence(s_tokens, s_valid)  # Stage I: once per request
-        ns_out = self.onetrans.forward_cached(cache, self._ns_tokens(f), batch.request_index)  # Stage II
-        return self.tower(ns_out.flatten(1)).squeeze(-1)
-
-    def _hstu(self, batch: RankingBatch, f: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        d = self.config.embedding_dim
-        # History tokens: item + rating + genres (the event MLP), one stream ordered by time.
-        tokens = {name: f[f"{name}_events"] for name in SEQUENCES}
-        history, valid, times = self._merged_history(batch, f, tokens, "timestamp", left=False)
-        lengths = valid.sum(dim=1)
-        # Candidates of each request side by side: (R, Cmax, D).
-        slot = torch.arange(batch.num_candidates, device=history.device) - batch.first_candidate[batch.request_index]
-        per_request = torch.bincount(batch.request_index, minlength=batch.num_requests)
-        c_max = max(int(per_request.max()), 1)
-        cand = self.candidate_mlp(torch.cat([f["target_item"], f["target_genres"]], dim=-1))
-        grid = cand.new_zeros(batch.num_requests, c_max, d).index_put((batch.request_index, slot), cand)
-        cand_time = batch.target_time.new_zeros(batch.num_requests, c_max).index_put(
-            (batch.request_index, slot), batch.target_time)
-        out = self.hstu(history, lengths, times, grid, cand_time)[batch.request_index, slot]  # (C, D)
-        features = torch.cat([out, self.context(self._ns_inputs(f))], dim=-1)
-        return self.tower(features).squeeze(-1), {"rating_logits": self.rating_head(features)}
+        raise NotImplementedError
 
     def forward(self, batch: RankingBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Training step: ``(loss, stats)``; the loss is the mean binary cross-entropy of
-        the like-logits (plus the rating task for ``hstu``)."""
-        logits, extra = self._forward(batch)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.label)
-        stats = {"bce": loss.detach()}
-        if "rating_logits" in extra and self.config.rating_loss_weight > 0:
-            rating_loss = F.cross_entropy(extra["rating_logits"], batch.rating)
-            stats["rating_ce"] = rating_loss.detach()
-            loss = loss + self.config.rating_loss_weight * rating_loss
-        stats["loss"] = loss.detach()
-        stats["samples"] = torch.tensor(float(batch.num_candidates))
-        return loss, stats
+        the like-logits."""
+        loss = F.binary_cross_entropy_with_logits(self.predict(batch), batch.label)
+        return loss, {"bce": loss.detach(), "loss": loss.detach(),
+                      "samples": torch.tensor(float(batch.num_candidates))}
 
 
-def count_table_parameters(model: "Ranker") -> Dict[str, int]:
+def merged_history(batch: RankingBatch, f: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor], merge: str,
+                   left: bool, sep_tokens: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both behaviour sequences of each request as one padded sequence: interleaved by
+    time, or concatenated, each closed by its [SEP] token.
+
+    Args:
+        batch (RankingBatch): the batch (event and request times).
+        f (Dict[str, torch.Tensor]): :meth:`Ranker.lookup`'s features; reads
+            ``<sequence>_request``, the request of every event.
+        tokens (Dict[str, torch.Tensor]): per sequence, the ``(n_s, D)`` tokens of its events.
+        merge (str): ``timestamp`` (interleaved by time) or ``sep`` (concatenated).
+        left (bool): pad on the left (the most recent events line up) or on the right.
+        sep_tokens (Optional[torch.Tensor]): ``(len(SEQUENCES), D)`` [SEP] tokens of ``sep``,
+            timestamped with the request.
+
+    Returns:
+        Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: tokens ``(R, L, D)``, valid
+        ``(R, L)`` bool and int64 timestamps ``(R, L)``.
+    """
+    r = batch.num_requests
+    device = batch.request_time.device
+    parts, requests, keys, times = [], [], [], []
+    for i, name in enumerate(SEQUENCES):
+        req = f[f"{name}_request"]
+        t = batch.event_time[name]
+        parts.append(tokens[name])
+        requests.append(req)
+        times.append(t)
+        # Sort key within a request: time (interleave) or (segment, position) (concatenate).
+        if merge == "timestamp":
+            keys.append(t * 2 + i)
+        else:
+            pos = torch.arange(req.numel(), device=device) - torch.searchsorted(req, req)
+            keys.append((2 * i) * (1 << 20) + pos)
+    if merge == "sep":
+        for i in range(len(SEQUENCES)):
+            parts.append(sep_tokens[i].expand(r, -1))
+            requests.append(torch.arange(r, device=device))
+            keys.append(torch.full((r,), (2 * i + 1) * (1 << 20), dtype=torch.int64, device=device))
+            times.append(batch.request_time)
+    values, request, key, time = (torch.cat(x) for x in (parts, requests, keys, times))
+    order = torch.argsort(request * (1 << 40) + key, stable=True)
+    lengths = torch.bincount(request, minlength=r)
+    max_len = max(int(lengths.max()) if r else 0, 1)
+    padded, valid = jagged_to_padded(values[order], lengths, max_len, left=left)
+    times, _ = jagged_to_padded(time[order], lengths, max_len, left=left)
+    return padded, valid, times
+
+
+def count_table_parameters(model: Ranker) -> Dict[str, int]:
     """Trainable table parameters (rows x columns) per table, plus ``item_representation``:
     the item-ID table and the semantic-ID tables together."""
     out = {s.name: s.num_embeddings * s.embedding_dim for s in model.table_specs() if s.trainable}
