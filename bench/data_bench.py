@@ -216,10 +216,10 @@ def measure_training_step_rate(store_path: str, recipe: str = DEFAULT_RECIPE, st
     from torchrec_genrec.data.store import SequenceStore
     from torchrec_genrec.models.retrieval import GenerativeRetrieval
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.recipe import RecipeConfig
-    from torchrec_genrec.train.trainer import build_optimizer, shard
+    from torchrec_genrec.train.retrieval import RetrievalRecipeConfig
+    from torchrec_genrec.train.sharding import build_optimizer, shard
 
-    cfg = load_config(RecipeConfig, recipe)
+    cfg = load_config(RetrievalRecipeConfig, recipe)
     store = SequenceStore.open(store_path)
     ctx = init_distributed()
     torch.manual_seed(0)
@@ -232,7 +232,10 @@ def measure_training_step_rate(store_path: str, recipe: str = DEFAULT_RECIPE, st
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        loss, _ = dmp(batch)
+        out = dmp(batch)  # one process: the mean over this batch's predictions
+        loss = out["item_loss_sum"] / out["queries"]
+        if "action_loss_sum" in out:
+            loss = loss + cfg.model.action_loss_weight * out["action_loss_sum"] / out["actions"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

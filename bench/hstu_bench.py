@@ -154,7 +154,7 @@ def bench_models(args: argparse.Namespace) -> None:
     from torchrec_genrec.data.synthetic import SyntheticConfig, generate
     from torchrec_genrec.models.retrieval import GenerativeRetrieval, RetrievalConfig
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, build_optimizer, shard
+    from torchrec_genrec.train.sharding import OptimConfig, build_optimizer, shard
 
     users = args.model_batch * (args.model_steps + 2)
     synthetic = SyntheticConfig(num_users=users, num_items=20_000, num_events=int(users * args.mean_len),
@@ -186,7 +186,8 @@ def bench_models(args: argparse.Namespace) -> None:
             for i, batch in enumerate(batches):
                 if i == 1:  # the first step warms up
                     start = time.perf_counter()
-                loss, _ = dmp(batch)
+                out = dmp(batch)  # one process: the mean over this batch's predictions
+                loss = out["item_loss_sum"] / out["queries"] + 0.1 * out["action_loss_sum"] / out["actions"]
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -56,7 +56,7 @@ def _histories(run_dir: str) -> List[dict]:
     """Test histories of the run the artifact came from, as a client would send them."""
     from torchrec_genrec.data.batching import SequenceDataset
     from torchrec_genrec.data.splits import LeaveOneOut, Split
-    from torchrec_genrec.train.recipe import RecipeConfig
+    from torchrec_genrec.train.retrieval import RetrievalRecipeConfig as RecipeConfig
     from torchrec_genrec.config import from_dict
 
     record = json.load(open(os.path.join(run_dir, "metrics.json")))

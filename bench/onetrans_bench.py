@@ -44,7 +44,7 @@ def training_speed(steps: int) -> None:
     from torchrec_genrec.models.ranking import OneTransRankerConfig, Ranker, RankerConfig
     from torchrec_genrec.modules.onetrans import OneTransConfig, flops_per_sample
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, build_optimizer, shard
+    from torchrec_genrec.train.sharding import OptimConfig, build_optimizer, shard
 
     data = RankingData.build(resolve_store("movielens-100k"), RankingConfig())
     sets = {g: RankingDataset(data, Split.TRAIN, grouped=g) for g in (False, True)}

@@ -17,13 +17,10 @@ import torch.distributed as dist  # noqa: E402
 
 
 def main() -> None:
-    from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
-    from torchrec_genrec.data.splits import Split
-    from torchrec_genrec.data.store import SequenceStore
+    from torchrec_genrec.config import load_config
     from torchrec_genrec.logging_utils import silence_known_noise
-    from torchrec_genrec.models.retrieval import GenerativeRetrieval, RetrievalConfig
-    from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, build_optimizer, shard
+    from torchrec_genrec.train.retrieval import RetrievalRecipeConfig, RetrievalTask
+    from torchrec_genrec.train.trainer import Trainer, seed_everything
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", required=True)
@@ -34,35 +31,31 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     silence_known_noise()
-    ctx = init_distributed()
-    store = SequenceStore.open(args.store)
-    torch.manual_seed(0)
-    config = RetrievalConfig(embedding_dim=16, num_blocks=2, num_heads=2, attention_dim=8, linear_dim=8,
-                             dropout=0.0, action_mode="summed", num_negatives=16, action_loss_weight=0.5)
-    model = GenerativeRetrieval(config, store.num_items, store.num_actions, 20, seed=7)
-    optim = OptimConfig(sparse_lr=0.1, lr=1e-2)
-    dmp = shard(model, ctx, optim, args.batch_size, pins=[args.pin])
-    optimizer = build_optimizer(dmp, optim)
-    loader = make_dataloader(SequenceDataset(args.store, Split.TRAIN, 20), args.batch_size, shuffle=True, seed=3,
-                             rank=ctx.rank, world_size=ctx.world_size, drop_last=True)
+    cfg = load_config(RetrievalRecipeConfig, None, [
+        f"data.dataset={args.store}", "data.max_seq_len=20", "model.embedding_dim=16", "model.num_blocks=2",
+        "model.num_heads=2", "model.attention_dim=8", "model.linear_dim=8", "model.dropout=0.0",
+        "model.action_mode=summed", "model.num_negatives=16", "model.action_loss_weight=0.5",
+        "train.optim.sparse_lr=0.1", "train.optim.lr=1e-2", f"train.batch_size={args.batch_size}",
+        "train.seed=7", "train.checkpoint=false", "train.tensorboard=false", "train.progress=false",
+        f"train.output_dir={os.path.dirname(os.path.abspath(args.out))}/run", "eval.ks=[10]",
+        f"eval.batch_size={args.eval_batch_size}", f"plan.pins=[\"{args.pin}\"]"])
+    seed_everything(0)
+    task = RetrievalTask(cfg, args.store)
+    trainer = Trainer(task, cfg.train, pins=cfg.plan.pins)
+    ctx = trainer.ctx
+    data = task.train_data(ctx.rank, ctx.world_size)
+    data.set_epoch(0)
     losses = []
-    dmp.train()
-    for step, batch in enumerate(loader):
+    trainer.model.train()
+    for step, batch in enumerate(data):
         if step == args.steps:
             break
-        loss, stats = dmp(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(stats["loss"]))
-    from torchrec_genrec.train.evaluate import evaluate_retrieval
-
-    dmp.eval()
-    test = SequenceDataset(args.store, Split.TEST, 20, with_seen_items=True)
+        _, means, _ = trainer.train_step(batch)
+        losses.append(float(means["loss"]))
+    trainer.model.eval()
     # 80 test users in batches of 32: 3 batches, so the ranks score unequal numbers.
-    evaluation = evaluate_retrieval(dmp.module.score, test, (10,), batch_size=args.eval_batch_size,
-                                    return_ranks=True, progress=False)
-    (weight,) = [v for k, v in dmp.state_dict().items() if k.endswith("tokens.weight")]
+    evaluation = task.evaluate(trainer.model, "test", return_ranks=True)
+    (weight,) = [v for k, v in trainer.model.state_dict().items() if k.endswith("tokens.weight")]
     full = torch.zeros(weight.size()) if ctx.rank == 0 else None
     weight.gather(0, full)
     if ctx.rank == 0:

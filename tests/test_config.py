@@ -6,7 +6,7 @@ from typing import Literal, Optional, Tuple
 import pytest
 
 from torchrec_genrec.config import ConfigError, load_config, to_dict
-from torchrec_genrec.train.recipe import RecipeConfig
+from torchrec_genrec.train.retrieval import RetrievalRecipeConfig as RecipeConfig
 
 
 class Color(enum.Enum):

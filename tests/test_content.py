@@ -366,7 +366,6 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     from torchrec_genrec import cli
     from torchrec_genrec.config import load_config
     from torchrec_genrec.train.ranking import RankingRecipeConfig, run_ranking_recipe
-    from torchrec_genrec.train.trainer import Checkpointer  # noqa: F401  (checkpoint layout)
 
     assert cli.main(["content", "embed", "--dataset", ml100k.path, "--encoder", "tfidf", "--dim", "16",
                      "--name", "t16"]) == 0

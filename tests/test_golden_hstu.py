@@ -23,37 +23,33 @@ RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 STEPS = 5
 
 
-def first_losses(store_path: str, steps: int = STEPS) -> List[float]:
-    from torchrec_genrec.config import load_config
-    from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
-    from torchrec_genrec.data.splits import LeaveOneOut, Split
-    from torchrec_genrec.data.store import SequenceStore
-    from torchrec_genrec.models.retrieval import GenerativeRetrieval
-    from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.recipe import RecipeConfig, _seed_everything
-    from torchrec_genrec.train.trainer import build_optimizer, shard
+def first_losses(store_path: str, steps: int = STEPS, pipeline: str = "none") -> List[float]:
+    """The first ``steps`` losses of the default recipe, through the trainer's step."""
+    import tempfile
 
-    cfg = load_config(RecipeConfig, RECIPE)
-    _seed_everything(cfg.train.seed)
-    store = SequenceStore.open(store_path)
-    ctx = init_distributed()
-    model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len,
-                                seed=cfg.train.seed)
-    dmp = shard(model, ctx, cfg.train.optim, cfg.train.batch_size)
-    optimizer = build_optimizer(dmp, cfg.train.optim)
-    dataset = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout))
-    loader = make_dataloader(dataset, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    losses = []
-    dmp.train()
-    for batch in loader:
-        loss, _ = dmp(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if len(losses) == steps:
-            break
-    return losses
+    from torchrec_genrec.config import load_config
+    from torchrec_genrec.train.retrieval import RetrievalRecipeConfig, RetrievalTask
+    from torchrec_genrec.train.trainer import Trainer, seed_everything
+
+    out = tempfile.mkdtemp(prefix="golden-")
+    cfg = load_config(RetrievalRecipeConfig, RECIPE, [
+        f"data.dataset={store_path}", f"train.output_dir={out}", "train.checkpoint=false", "train.tensorboard=false",
+        "train.progress=false", f"train.pipeline={pipeline}", f"train.max_steps={steps}"])
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(RetrievalTask(cfg, store_path), cfg.train)
+    if pipeline == "none":
+        data = trainer.task.train_data(0, 1)
+        data.set_epoch(0)
+        losses = []
+        trainer.model.train()
+        for batch in data:
+            loss, _, _ = trainer.train_step(batch)
+            losses.append(float(loss.detach()))
+            if len(losses) == steps:
+                break
+        return losses
+    result = trainer.fit()
+    return [h["train_item_loss"] for h in result.history]
 
 
 def test_default_recipe_matches_golden_losses(ml100k):

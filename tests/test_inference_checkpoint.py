@@ -34,7 +34,7 @@ def test_unsharded_model_reproduces_the_runs_test_metrics(tmp_path):
     recorded = json.loads((out / "metrics.json").read_text())["metrics"]["test"]
     assert np.array_equal(again.pop("ranks").numpy(), np.load(out / "test_ranks.npz")["rank"])
     assert again == pytest.approx(recorded)
-    with pytest.raises(DataError, match="no complete checkpoint"):
+    with pytest.raises(DataError, match="no checkpoint .step-999."):
         load_trained_model(str(out), checkpoint="step-999")
     with pytest.raises(DataError, match="no metrics.json"):
         load_trained_model(str(tmp_path))

@@ -131,7 +131,7 @@ def test_recipe_pin_reaches_the_job(tmp_path):
     from torchrec_genrec.data.synthetic import SyntheticConfig, generate
     from torchrec_genrec.models.retrieval import GenerativeRetrieval, RetrievalConfig
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, shard
+    from torchrec_genrec.train.sharding import OptimConfig, shard
 
     path = str(tmp_path / "store")
     write_store(generate(SyntheticConfig(num_users=20, num_items=30, num_events=200, seed=1)), path)

@@ -380,7 +380,7 @@ def test_two_ranks_train_the_same_model_as_one_at_the_same_global_batch(ml100k, 
     common = ["rank", "--config", "apps/configs/ranking_ml100k.toml", "--set", f"data.dataset={ml100k.path}",
               "--set", "model.name=dlrm", "--set", "model.embedding_dim=8", "--set", "model.dropout=0.0",
               "--set", "data.task.max_seq_len=8", "--set", "train.max_steps=3", "--set", "train.progress=false",
-              "--set", "train.tensorboard=false", "--set", "train.eval_batch_size=4096",
+              "--set", "train.tensorboard=false", "--set", "eval.batch_size=4096",
               "--set", "plan.pins=" + json.dumps([f"{t}:table_wise" for t in (
                   "rating", "genre", "user_id", "user_age", "user_gender", "user_occupation", "user_zip",
                   "release_year", "event_hour", "event_weekday")] + ["item:row_wise"])]

@@ -78,11 +78,11 @@ def test_ranking_resume_after_an_epoch_is_bit_identical(store_path, clean_run, t
 def test_ranking_run_killed_mid_epoch_resumes_bit_identical(store_path, clean_run, tmp_path):
     out = tmp_path / "killed"
     command = [os.path.join(BIN, "genrec"), "rank", "--config", RECIPE,
-               *overrides(store_path, out, "train.checkpoint_every_steps=10")]
+               *overrides(store_path, out, "train.checkpoint_every_steps=10", "train.fault_at_step=0:25",
+                          f"train.fault_marker={tmp_path / 'fired'}")]
     # The killed run's thread count is this process's: reductions split over other thread
     # counts round differently, and bit-identity is the point.
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "GENREC_FAULT_AT_STEP": "0:25",
-           "GENREC_FAULT_MARKER": str(tmp_path / "fired")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 13 and "fault drill" in proc.stderr
     assert not (out / "metrics.json").exists()
@@ -120,8 +120,8 @@ def test_ranking_job_losing_a_rank_restarts_from_its_checkpoint(store_path, two_
     # Rank 1 dies before step 25; torchrun restarts both, they resume from the step-20
     # checkpoint and end like the clean job.
     marker = tmp_path / "fired"
-    faulty = torchrun(store_path, tmp_path / "faulty", env={"GENREC_FAULT_AT_STEP": "1:25",
-                                                            "GENREC_FAULT_MARKER": str(marker)}, max_restarts=1)
+    faulty = torchrun(store_path, tmp_path / "faulty", "train.fault_at_step=1:25", f"train.fault_marker={marker}",
+                      max_restarts=1)
     assert marker.exists() and "fault drill" in faulty.stderr
     c_metrics, c_history, c_logits, c_training = two_rank_run
     metrics, history, logits, training = result(tmp_path / "faulty")
@@ -137,9 +137,10 @@ def test_a_two_rank_ranking_checkpoint_resumes_on_one_rank(store_path, two_rank_
     out = tmp_path / "moved"
     command = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", os.path.join(BIN, "genrec"),
                "rank", "--config", RECIPE, *overrides(store_path, out, "train.batch_size=64", "train.epochs=2",
-                                                     "train.checkpoint_every_steps=10", "model.dropout=0.0")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_FAULT_AT_STEP": "0:25",
-           "GENREC_FAULT_MARKER": str(tmp_path / "fired")}
+                                                     "train.checkpoint_every_steps=10", "model.dropout=0.0",
+                                                     "train.fault_at_step=0:25",
+                                                     f"train.fault_marker={tmp_path / 'fired'}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env).returncode != 0
     saved = json.loads((out / "checkpoints" / "step-000000020" / "trainer.json").read_text())
     assert saved["world_size"] == 2 and any(p.startswith("item:") for p in saved["sharding"])
@@ -159,7 +160,7 @@ def test_a_resume_continues_a_stopped_run_only_where_that_is_exact():
     """Early stopping ended the run: a raised patience trains on, the same patience has
     nothing left; a run cut by max_steps is refused rather than silently re-evaluated."""
     from torchrec_genrec.config import ConfigError
-    from torchrec_genrec.train.trainer import resume_epoch, stop_reason
+    from torchrec_genrec.train.checkpoint import resume_epoch, stop_reason
 
     history = [{"epoch": e} for e in range(4)]
     saved = {"epoch": 4, "step": 40, "best_epoch": 1, "history": history, "stopped": stop_reason(True, 40, None)}

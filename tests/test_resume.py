@@ -79,8 +79,8 @@ def test_killed_rank_recovers_from_the_last_checkpoint_with_nothing_lost(store_p
     common = ("train.epochs=3", "train.batch_size=16", "train.checkpoint_every_steps=2")
     clean = torchrun(store_path, tmp_path / "clean", 2, *common)
     marker = tmp_path / "fault-fired"
-    faulty = torchrun(store_path, tmp_path / "faulty", 2, *common, max_restarts=1,
-                      env={"GENREC_FAULT_AT_STEP": "1:5", "GENREC_FAULT_MARKER": str(marker)})
+    faulty = torchrun(store_path, tmp_path / "faulty", 2, *common, "train.fault_at_step=1:5",
+                      f"train.fault_marker={marker}", max_restarts=1)
     assert marker.exists(), "the fault drill did not fire"
     assert "fault drill" in faulty.stderr
     m_clean, h_clean, r_clean, t_clean = result(tmp_path / "clean")
@@ -176,9 +176,9 @@ def test_mid_epoch_checkpoint_of_two_ranks_resumes_on_one_at_the_same_data_posit
     out = tmp_path / "moved"
     command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2",
                "-m", "torchrec_genrec.cli", "train", "--config", RECIPE,
-               *overrides(store_path, out, *common, "train.batch_size=8")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GENREC_FAULT_AT_STEP": "0:9",
-           "GENREC_FAULT_MARKER": str(tmp_path / "fired")}
+               *overrides(store_path, out, *common, "train.batch_size=8", "train.fault_at_step=0:9",
+                          f"train.fault_marker={tmp_path / 'fired'}")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env).returncode != 0
     assert cli.main(["train", "--config", RECIPE, *overrides(store_path, out, *common, "train.batch_size=16",
                                                              "train.resume=must")]) == 0

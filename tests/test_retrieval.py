@@ -45,12 +45,13 @@ def test_every_mode_trains_and_scores(store_path, name, action_mode, loss, negat
     torch.manual_seed(0)
     model = GenerativeRetrieval(small_config(name=name, action_mode=action_mode, loss=loss, negatives=negatives),
                                 store.num_items, store.num_actions, MAX_LEN, device=torch.device("cpu"))
-    value, stats = model(batches(store_path, Split.TRAIN))
-    assert torch.isfinite(value) and value.ndim == 0
+    out = model(batches(store_path, Split.TRAIN))
+    value = out["item_loss_sum"] / out["queries"]
+    assert torch.isfinite(value) and out["queries"] > 0 and out["tokens"] > 0
     value.backward()
     grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
-    assert ("action_acc" in stats) == (action_mode != "none")
+    assert ("action_loss_sum" in out) == (action_mode != "none")
     model.eval()
     scores, action_logits = model.score(batches(store_path, Split.TEST))
     assert scores.shape == (16, store.num_items)
@@ -85,7 +86,7 @@ def test_fused_optimizer_updates_negatives_looked_up_through_the_collection(stor
     # TorchRec's fused optimiser only updates rows looked up by the sharded module: the
     # sampled negatives must change, rows nobody touched must not.
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, build_optimizer, shard
+    from torchrec_genrec.train.sharding import OptimConfig, build_optimizer, shard
 
     store = SequenceStore.open(store_path)
     ctx = init_distributed()
@@ -103,7 +104,7 @@ def test_fused_optimizer_updates_negatives_looked_up_through_the_collection(stor
     history = set((batch.features["item"].values() + model.space.offset("item")).tolist())
     before = table()
     negatives = model.space.offset("item") + model.uniform_negatives(batch.user, int(model.step))  # what forward draws
-    loss, _ = dmp(batch)
+    loss = dmp(batch)["item_loss_sum"]
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -142,7 +143,7 @@ def test_tables_are_seeded_independently_of_the_plan(store_path):
     # Element (row, col) of the token table is a function of (seed, table, row, col), so a
     # row-wise and a table-wise plan start from the same model, and another seed does not.
     from torchrec_genrec.train.distributed import init_distributed
-    from torchrec_genrec.train.trainer import OptimConfig, shard
+    from torchrec_genrec.train.sharding import OptimConfig, shard
 
     store = SequenceStore.open(store_path)
     ctx = init_distributed()

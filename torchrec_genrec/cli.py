@@ -82,10 +82,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from torchrec_genrec.config import load_config
-    from torchrec_genrec.train.recipe import RecipeConfig, run_recipe
+    from torchrec_genrec.train.retrieval import RetrievalRecipeConfig, run_retrieval_recipe
 
-    cfg = load_config(RecipeConfig, args.config, args.set)
-    result = run_recipe(cfg)
+    cfg = load_config(RetrievalRecipeConfig, args.config, args.set)
+    result = run_retrieval_recipe(cfg)
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_rank() != 0:

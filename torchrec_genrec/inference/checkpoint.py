@@ -24,7 +24,8 @@ from torchrec_genrec.config import from_dict
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 from torchrec_genrec.train import storage
-from torchrec_genrec.train.recipe import RecipeConfig
+from torchrec_genrec.train.checkpoint import checkpoint_problem
+from torchrec_genrec.train.retrieval import RetrievalRecipeConfig as RecipeConfig
 
 __all__ = ["load_trained_model"]
 
@@ -59,9 +60,13 @@ def load_trained_model(run_dir: str, checkpoint: str = "best") -> Tuple[Generati
         num_actions = SequenceStore.open(dataset["path"]).num_actions
     directory = cfg.train.checkpoint_dir or os.path.join(run_dir, "checkpoints")
     path = storage.join(directory, checkpoint)
-    if not storage.exists(storage.join(path, ".metadata")):
-        raise DataError(f"no complete checkpoint {checkpoint!r} in {directory} "
+    if not storage.exists(path):
+        raise DataError(f"no checkpoint {checkpoint!r} in {directory} "
                         f"(found: {sorted(storage.listdir(directory)) or 'nothing'})")
+    problem = checkpoint_problem(path, need_trainer_state=False)
+    if problem is not None:
+        raise DataError(f"checkpoint {checkpoint!r} cannot be read: {problem}; export another checkpoint "
+                        "(--checkpoint step-...) or train again")
     model = GenerativeRetrieval(cfg.model, dataset["num_items"], num_actions, cfg.data.max_seq_len,
                                 device=torch.device("cpu"), seed=cfg.train.seed)
     state = {"model": model.state_dict()}

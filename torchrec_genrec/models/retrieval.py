@@ -28,7 +28,6 @@ from functools import partial
 from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
@@ -116,7 +115,7 @@ class GenerativeRetrieval(nn.Module):
 
         model = GenerativeRetrieval(RetrievalConfig(), num_items=1682, num_actions=5, max_seq_len=200)
         dmp = DistributedModelParallel(model, ...)
-        loss, stats = dmp(train_batch)             # training
+        out = dmp(train_batch)                     # training: loss sums and counts (see forward)
         scores = dmp.module.score(eval_batch)      # (B, N), full catalogue
     """
 
@@ -176,22 +175,23 @@ class GenerativeRetrieval(nn.Module):
         items, lengths = kjt[ITEM_KEY].values(), kjt[ITEM_KEY].lengths()
         ts = kjt[TIMESTAMP_KEY].values()
         actions = kjt[ACTION_KEY].values() if self.action_mode != "none" else None
+        device = items.device
         item_tokens = self.space.to_tokens("item", items)
         action_tokens = self.space.to_tokens("action", actions) if actions is not None else None
         if append_target:
             # Each row gets its target item token at the end (no action: it is unknown).
             b = lengths.numel()
             row_ends = lengths_to_offsets(lengths)[1:]
-            insert_at = row_ends + torch.arange(b)  # where each target lands in the grown values
+            insert_at = row_ends + torch.arange(b, device=device)  # where each target lands in the grown values
             new_len = items.numel() + b
-            keep = torch.ones(new_len, dtype=torch.bool)
+            keep = torch.ones(new_len, dtype=torch.bool, device=device)
             keep[insert_at] = False
-            grown = torch.empty(new_len, dtype=torch.int64)
+            grown = torch.empty(new_len, dtype=torch.int64, device=device)
             grown[keep], grown[insert_at] = item_tokens, self.space.to_tokens("item", batch.target_item)
-            grown_ts = torch.empty(new_len, dtype=torch.int64)
+            grown_ts = torch.empty(new_len, dtype=torch.int64, device=device)
             grown_ts[keep], grown_ts[insert_at] = ts, batch.target_timestamp
             if action_tokens is not None:
-                grown_actions = torch.full((new_len,), -1, dtype=torch.int64)
+                grown_actions = torch.full((new_len,), -1, dtype=torch.int64, device=device)
                 grown_actions[keep] = action_tokens
                 action_tokens = grown_actions
             item_tokens, ts, lengths = grown, grown_ts, lengths + 1
@@ -213,20 +213,22 @@ class GenerativeRetrieval(nn.Module):
                 negative_lengths: Optional[torch.Tensor] = None, catalog: bool = False) -> Dict[str, torch.Tensor]:
         """Looks up every needed token in one KeyedJaggedTensor through the collection."""
         b = layout.lengths.numel()
-        zeros = torch.zeros(b, dtype=torch.int64)
+        device = layout.tokens.device
+        zeros = torch.zeros(b, dtype=torch.int64, device=device)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
         values = [layout.tokens]
         lengths = [layout.lengths]
-        values.append(layout.actions if layout.actions is not None else torch.zeros(0, dtype=torch.int64))
+        values.append(layout.actions if layout.actions is not None else empty)
         lengths.append(layout.lengths if layout.actions is not None else zeros)
-        values.append(negatives if negatives is not None else torch.zeros(0, dtype=torch.int64))
+        values.append(negatives if negatives is not None else empty)
         lengths.append(negative_lengths if negative_lengths is not None else zeros)
         if catalog:
-            values.append(self.space.to_tokens("item", torch.arange(self.num_items), validate=False))
+            values.append(self.space.to_tokens("item", torch.arange(self.num_items, device=device), validate=False))
             cat_lengths = zeros.clone()
             cat_lengths[0] = self.num_items
             lengths.append(cat_lengths)
         else:
-            values.append(torch.zeros(0, dtype=torch.int64))
+            values.append(empty)
             lengths.append(zeros)
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=list(_FEATURES), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
@@ -242,14 +244,14 @@ class GenerativeRetrieval(nn.Module):
         return self.encoder(x, layout.offsets, layout.timestamps)
 
     # --------------------------------------------------------------- training
-    def forward(self, batch: SequenceBatch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Training step on a TRAIN batch.
+    def forward(self, batch: SequenceBatch) -> Dict[str, torch.Tensor]:
+        """Training losses on a TRAIN batch, as sums over this batch's predictions with
+        their counts (the trainer turns them into the global mean across ranks).
 
         Returns:
-            Tuple[torch.Tensor, Dict[str, torch.Tensor]]: the loss to backpropagate (on N
-            ranks, this rank's share, scaled so the averaged gradient is that of the
-            global mean) and stats over all ranks' batches: ``loss``, ``item_loss``,
-            ``action_loss``, ``action_acc``, ``tokens``.
+            Dict[str, torch.Tensor]: ``item_loss_sum`` over ``queries`` next-item
+            predictions; with the action head, ``action_loss_sum`` and ``action_correct``
+            over ``actions`` predictions; ``tokens`` encoded.
         """
         cfg = self.config
         layout = self._layout(batch, append_target=False)
@@ -270,11 +272,11 @@ class GenerativeRetrieval(nn.Module):
             k = cfg.num_negatives
             if cfg.negatives == "uniform":
                 neg_items = self.uniform_negatives(batch.user, int(self.step))
-                negative_lengths = torch.full((b,), k, dtype=torch.int64)
+                negative_lengths = torch.full((b,), k, dtype=torch.int64, device=items.device)
             else:  # in-batch negatives depend on the batch by definition
-                pick = torch.randint(0, num_events, (k,))
+                pick = torch.randint(0, num_events, (k,)).to(items.device)
                 neg_items = items[pick].unsqueeze(0)
-                negative_lengths = torch.zeros(b, dtype=torch.int64)
+                negative_lengths = torch.zeros(b, dtype=torch.int64, device=items.device)
                 negative_lengths[0] = k
             negatives = self.space.to_tokens("item", neg_items.reshape(-1), validate=False)
         emb = self._lookup(layout, negatives, negative_lengths, catalog=cfg.loss == "full_softmax")
@@ -282,10 +284,10 @@ class GenerativeRetrieval(nn.Module):
 
         # Token index of each event's item token (and of the token whose output predicts the next item).
         if self.action_mode == "interleaved":
-            item_token_idx = 2 * torch.arange(num_events)
+            item_token_idx = 2 * torch.arange(num_events, device=items.device)
             query_token_idx = item_token_idx[query_event] + 1  # the action token
         else:
-            item_token_idx = torch.arange(num_events)
+            item_token_idx = torch.arange(num_events, device=items.device)
             query_token_idx = query_event
         user = _normalize(h[query_token_idx])  # (Q, D)
         item_emb = emb[HISTORY][item_token_idx]  # pure item embeddings, (E, D)
@@ -313,7 +315,8 @@ class GenerativeRetrieval(nn.Module):
                 same = neg_items.reshape(1, -1) == positive_items.unsqueeze(1)
             neg_logits = neg_logits.masked_fill(same, float("-inf"))  # a negative equal to the positive
             logits = torch.cat([pos_logit, neg_logits], dim=1) / cfg.temperature
-            item_loss_sum = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64), reduction="sum")
+            item_loss_sum = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64, device=logits.device),
+                                            reduction="sum")
 
         action_loss_sum = action_correct = None
         num_actions_predicted = 0
@@ -332,34 +335,17 @@ class GenerativeRetrieval(nn.Module):
             num_actions_predicted = len(action_target)
         if self.training:
             self.step += 1
-
-        # Losses are means over the whole step's predictions, on every rank together: each
-        # rank divides its sums by the global counts and scales by the world size, because
-        # DDP and TorchRec average gradients over ranks. So N ranks with B users each train
-        # exactly like one rank with N * B users.
-        local = torch.tensor([float(len(query_event)), float(num_actions_predicted), float(item_loss_sum.detach()),
-                              float(action_loss_sum.detach()) if action_loss_sum is not None else 0.0,
-                              float(action_correct) if action_correct is not None else 0.0,
-                              float(layout.tokens.numel())], dtype=torch.float64, device=item_loss_sum.device)
-        world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            dist.all_reduce(local)
-        queries, predicted, item_total, action_total, correct, tokens = local.tolist()
-        loss = item_loss_sum * (world / max(queries, 1.0))
-        stats = {"item_loss": torch.tensor(item_total / max(queries, 1.0)), "tokens": torch.tensor(tokens)}
+        out = {"item_loss_sum": item_loss_sum, "queries": len(query_event), "tokens": layout.tokens.numel()}
         if action_loss_sum is not None:
-            loss = loss + cfg.action_loss_weight * action_loss_sum * (world / max(predicted, 1.0))
-            stats["action_loss"] = torch.tensor(action_total / max(predicted, 1.0))
-            stats["action_acc"] = torch.tensor(correct / max(predicted, 1.0))
-        stats["loss"] = stats["item_loss"] + cfg.action_loss_weight * stats.get("action_loss", torch.tensor(0.0))
-        return loss, stats
+            out.update(action_loss_sum=action_loss_sum, action_correct=action_correct, actions=num_actions_predicted)
+        return out
 
     def uniform_negatives(self, users: torch.Tensor, step: int) -> torch.Tensor:
         """The ``(B, K)`` item ids sampled as negatives for these users at this training step:
         a pure function of (seed, step, user), whatever rank or batch the user is in."""
         k = self.config.num_negatives
-        return keyed_randint(self.num_items, self.seed, step, users.to(torch.int64).unsqueeze(1), torch.arange(k))
+        return keyed_randint(self.num_items, self.seed, step, users.to(torch.int64).unsqueeze(1),
+                             torch.arange(k, device=users.device))
 
     # ------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -617,6 +617,14 @@ def jagged_hstu_attention(
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, pos_weights, ts_weights)
     )
+    if torch.is_autocast_enabled(q.device.type):
+        # The blocked kernel writes scores into fp32 bias buffers in place: under mixed
+        # precision it runs in fp32 (the projections around it run in the autocast dtype).
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return _JaggedHSTUAttention.apply(
+                q.float(), k.float(), v.float(), pos_weights, ts_weights, timestamps, plan,
+                torch.from_numpy(inverse).to(device), max_seq_len, needs_grad,
+            )
     return _JaggedHSTUAttention.apply(
         q,
         k,

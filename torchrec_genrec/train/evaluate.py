@@ -17,7 +17,8 @@ ScoreOutput = Union[torch.Tensor, Tuple[torch.Tensor, Optional[torch.Tensor]]]
 @torch.no_grad()
 def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: SequenceDataset,
                        ks: Sequence[int], batch_size: int, num_workers: int = 0,
-                       desc: str = "eval", return_ranks: bool = False, progress: bool = True) -> Dict[str, float]:
+                       desc: str = "eval", return_ranks: bool = False, progress: bool = True,
+                       device: Optional[torch.device] = None) -> Dict[str, float]:
     """Ranks each user's held-out item among all items, excluding items the user has seen.
 
     Args:
@@ -33,6 +34,7 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: S
         return_ranks (bool): also return the per-user 0-based ranks under key
             ``"ranks"`` (a tensor), e.g. for paired-bootstrap intervals.
         progress (bool): show a progress bar.
+        device (Optional[torch.device]): the model's device; each batch moves there once.
 
     Returns:
         Dict[str, float]: ``hr@K``, ``ndcg@K``, ``mrr``, ``count`` (and ``action_acc``).
@@ -52,16 +54,20 @@ def evaluate_retrieval(model: Callable[[SequenceBatch], ScoreOutput], dataset: S
     for _ in tqdm(range(rounds), desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
         batch = next(batches, None)
         if batch is None:  # fewer batches here than on other ranks: keep the lookups in step
-            model(dataset.__getitems__([0]))
+            filler = dataset.__getitems__([0])
+            model(filler.to(device, non_blocking=True) if device is not None else filler)
             continue
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
         scores = model(batch)
         if isinstance(scores, tuple):
             scores, action_logits = scores
             if action_logits is not None and batch.target_action is not None:
-                action_hits += int((action_logits.argmax(1) == batch.target_action).sum())
+                action_hits += (action_logits.argmax(1) == batch.target_action).sum()
                 action_count += batch.batch_size
         seen = batch.seen_items
         own_ranks.append(rank_of_targets(scores, batch.target_item, seen.values(), seen.offsets()).cpu())
+    action_hits = int(action_hits)  # one device sync for the whole evaluation
     if distributed:
         gathered = [None] * world
         dist.all_gather_object(gathered, (own_ranks, action_hits, action_count))

@@ -201,7 +201,7 @@ def save_lum(run_dir: str, model: LUM, cfg: LUMRecipeConfig, history: List[Dict[
     marks a finished run), each written to a temporary file and renamed: a run directory
     never holds a partial file, and never new weights beside an old config."""
     from torchrec_genrec.config import to_dict
-    from torchrec_genrec.train.recipe import _write_json_atomic
+    from torchrec_genrec.train.io import write_json_atomic as _write_json_atomic
 
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, "lum.pt")

@@ -1,559 +1,580 @@
-"""Training loop for generative retrieval on TorchRec.
+"""The one training loop of every recipe: retrieval, ranking, LUM and the content models.
 
-The model is wrapped in ``DistributedModelParallel`` even on one process: the token
-table is materialised and sharded by the planner, and updated by a fused sparse
-optimiser inside the backward pass; the dense part (encoder, heads) uses AdamW. Each
-epoch: train with a progress bar (loss, tokens/s), evaluate on the validation events,
-checkpoint with ``torch.distributed.checkpoint``, stop early on validation NDCG@10.
-The best checkpoint is reloaded for the test evaluation.
+A :class:`Task` supplies what differs — its model (TorchRec tables on the meta device and
+dense modules), its training batches per epoch, ``step(model, batch)`` returning the loss
+terms, and ``evaluate(model, split)`` — and :class:`Trainer` does the rest, the same way
+for all of them:
 
-Sparse optimiser on CPU: fbgemm fuses only (row-wise) Adagrad and SGD there — Adam
-fails ("Optimizer adam is not supported in CPU mode") — so the CPU default is exact
-row-wise Adagrad; on CUDA ``adam`` matches the paper's all-Adam(W) setup.
+- **placement**: the model is planned and sharded by TorchRec
+  (``DistributedModelParallel``, fused sparse optimiser in the backward pass, a dense
+  optimiser for the rest); every batch moves to the model's device once
+  (``Pipelineable.to(device, non_blocking=True)``), in training and evaluation;
+- **the step**, through TorchRec's ``TrainPipelineSparseDist`` (the next batches are
+  copied to the device, and the input all-to-alls of tables the model looks up straight
+  from the batch are started, while the current batch computes), or a plain loop
+  (``train.pipeline = "none"``);
+- **loss scaling across ranks**: a task returns each loss term as a sum (or mean) over
+  its own predictions with their count; the trainer sums the counts over ranks and scales
+  each rank's term so that the averaged gradient is that of the global mean, so N ranks
+  with B examples each train like one rank with N x B;
+- **mixed precision** (``train.precision = "bf16"``: autocast around the forward) and
+  ``torch.compile`` of the modules a task names (``train.compile``), both off by default;
+- **evaluation cadence and early stopping** on the task's selection metric, the best
+  weights kept as a checkpoint and reloaded at the end;
+- **checkpoint / resume** (:mod:`torchrec_genrec.train.checkpoint`): one settings
+  fingerprint, periodic and per-epoch checkpoints with the data position, partial sums,
+  history and random state, so a resumed run ends bit-identical to an uninterrupted one;
+  a broken newest checkpoint falls back to the previous intact one;
+- **reporting** through one :class:`~torchrec_genrec.train.logger.MetricsLogger`
+  (TensorBoard, tqdm, log lines);
+- **the fault drill** (``train.fault_at_step = "RANK:STEP"``) to rehearse recovery.
+
+Example::
+
+    task = RetrievalTask(cfg, store_path)
+    trainer = Trainer(task, cfg.train, pins=cfg.plan.pins)
+    result = trainer.fit()            # best weights loaded
+    metrics = task.evaluate(trainer.model, "test")
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
-import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingEnv
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from tqdm import tqdm
+from torchrec.optim.keyed import CombinedOptimizer
 
-from torchrec_genrec.config import ConfigError
-from torchrec_genrec.data.batching import SequenceDataset, make_dataloader
-from torchrec_genrec.models.retrieval import GenerativeRetrieval
-from torchrec_genrec.plans.planner import make_sharders, plan_tables
-from torchrec_genrec.plans.spec import parse_pins
-from torchrec_genrec.train import storage
-from torchrec_genrec.train.distributed import DistContext
-from torchrec_genrec.train.evaluate import evaluate_retrieval
+from torchrec_genrec.config import ConfigError, to_dict
+from torchrec_genrec.train.checkpoint import (Checkpointer, fingerprint, load_latest, move_finished_run_aside,
+                                              resume_epoch, resume_pins, stop_reason)
+from torchrec_genrec.train.distributed import DistContext, init_distributed
+from torchrec_genrec.train.logger import MetricsLogger
+from torchrec_genrec.train.sharding import OptimConfig, build_optimizer, shard, sharding_pins
 
 logger = logging.getLogger(__name__)
 
-_SPARSE_OPTIMIZERS = {
-    "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
-    "adagrad": EmbOptimType.EXACT_ADAGRAD,
-    "sgd": EmbOptimType.EXACT_SGD,
-    "adam": EmbOptimType.ADAM,
-}
+__all__ = ["EpochData", "FitResult", "Loss", "OptimConfig", "Task", "TrainConfig", "Trainer", "seed_everything"]
 
 
 @dataclasses.dataclass
-class OptimConfig:
-    """Args:
-    lr (float): dense AdamW learning rate.
-    betas (Tuple[float, ...]): AdamW betas.
-    weight_decay (float): AdamW weight decay.
-    sparse_optimizer (str): fused optimiser of the token table: ``rowwise_adagrad``,
-        ``adagrad``, ``sgd`` (CPU and CUDA) or ``adam`` (CUDA only).
-    sparse_lr (float): its learning rate.
-    """
-
-    lr: float = 1e-3
-    betas: Tuple[float, ...] = (0.9, 0.98)
-    weight_decay: float = 0.0
-    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
-    sparse_lr: float = 0.05
-
-
-def shard(model: GenerativeRetrieval, ctx: DistContext, optim: OptimConfig, batch_size: int,
-          pins: Sequence[str] = (), seed: Optional[int] = None) -> DistributedModelParallel:
-    """Plans the model's tables (``model.table_specs()``, see ``plans``) on the job's ranks
-    and wraps the model in DistributedModelParallel.
+class TrainConfig:
+    """How a model is trained, whatever the task.
 
     Args:
-        pins (Sequence[str]): manual plan, ``TABLE:SHARDING_TYPE[:KERNEL]`` per table.
-        seed (Optional[int]): initialise the tables from this seed, the same whatever the
-            plan (see :func:`seed_embedding_tables`); default ``model.seed``.
-    """
-    if optim.sparse_optimizer == "adam" and ctx.device.type != "cuda":
-        raise ValueError("train.optim.sparse_optimizer = 'adam' needs CUDA: fbgemm fuses only Adagrad, row-wise "
-                         "Adagrad and SGD on CPU. Use 'rowwise_adagrad' (the CPU default).")
-    sharders = make_sharders(_SPARSE_OPTIMIZERS[optim.sparse_optimizer], optim.sparse_lr)
-    world, local = ctx.world_size, int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-    # The device's real memory, not TorchRec's default cap, so the plan is the one that fits.
-    hbm = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else None
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local,
-                                                             hbm_cap_bytes=hbm),
-                                               kernel_config=KernelConfig(compute_device=ctx.device.type))
-    report = plan_tables(model.table_specs(), topology, batch_size, sharders=sharders, pins=parse_pins(pins),
-                         module=model, process_group=dist.group.WORLD)
-    if ctx.is_main:
-        for t in report.tables:
-            logger.info("table %s: %s on ranks %s, shards %s", t.name, t.sharding_type, t.ranks or "all",
-                        t.shard_shapes)
-    dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=ctx.device, plan=report.plan,
-        sharders=sharders,
-    )
-    seed_embedding_tables(dmp, model.seed if seed is None else seed)
-    frozen = getattr(model, "frozen_table_weights", None)
-    for table, weight in (frozen() if callable(frozen) else {}).items():
-        write_table_rows(dmp, table, weight)
-    return dmp
-
-
-def _local_table_blocks(dmp: DistributedModelParallel):
-    """Yields ``(table, block, row0, col0, full_shape)`` for every embedding-table weight
-    this rank holds: each local shard of a sharded table (its offsets from the shard
-    metadata), or the whole weight of a data-parallel (replicated) table."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    for key, value in dmp.state_dict().items():
-        parts = key.split(".")
-        sharded = isinstance(value, ShardedTensor)
-        replicated = (not sharded and len(parts) >= 3 and parts[-3] in ("embeddings", "embedding_bags")
-                      and value.dim() == 2)
-        if not (key.endswith(".weight") and (sharded or replicated)):
-            continue
-        if replicated:
-            yield parts[-2], value, 0, 0, tuple(value.shape)
-            continue
-        for shard in value.local_shards():
-            row0, col0 = shard.metadata.shard_offsets
-            yield parts[-2], shard.tensor, row0, col0, tuple(value.size())
-
-
-def sharding_pins(dmp: DistributedModelParallel) -> List[str]:
-    """The plan ``dmp`` runs as pins, ``TABLE:SHARDING_TYPE:COMPUTE_KERNEL`` per table: what
-    a checkpoint records so a resume on another world size keeps each table's sharding type
-    and kernel (a data-parallel table trains with the dense optimiser, a fused one with the
-    fused optimiser: their optimiser states do not load into each other)."""
-    return sorted(f"{table}:{sharding.sharding_type}:{sharding.compute_kernel}"
-                  for module_plan in dmp.plan.plan.values() for table, sharding in module_plan.items())
-
-
-def resume_pins(checkpointer: Checkpointer, resume: str, pins: Sequence[str], fingerprint: str) -> List[str]:
-    """``pins`` plus the plan of the checkpoint a resume would load (tables not pinned by
-    ``pins``), so the tables are planned as they were when it was written. A checkpoint
-    of other settings adds nothing (:func:`restore_latest_checkpoint` refuses it)."""
-    latest = checkpointer.latest() if resume != "never" else None
-    if latest is None:
-        return list(pins)
-    saved = checkpointer.trainer_state(latest)
-    if saved.get("fingerprint") != fingerprint:
-        return list(pins)
-    pinned = {p.split(":")[0] for p in pins}
-    return list(pins) + [p for p in saved.get("sharding", []) if p.split(":")[0] not in pinned]
-
-
-def write_table_rows(dmp: DistributedModelParallel, table: str, weight: torch.Tensor) -> int:
-    """Copies ``weight`` ``(rows, cols)`` into table ``table`` of a sharded model, each rank
-    writing its own shards (or the whole table where it is replicated): how precomputed
-    vectors reach a frozen table. Returns the elements this rank wrote."""
-    written, found = 0, False
-    with torch.no_grad():
-        for name, block, row0, col0, shape in _local_table_blocks(dmp):
-            if name != table:
-                continue
-            found = True
-            if shape != tuple(weight.shape):
-                raise ValueError(f"table {table!r} is {shape}, the rows given are {tuple(weight.shape)}")
-            rows, cols = block.shape
-            block.copy_(weight[row0:row0 + rows, col0:col0 + cols].to(block.dtype))
-            written += rows * cols
-    if not found:
-        raise KeyError(f"no table {table!r} in the sharded model")
-    return written
-
-
-def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float = 0.02, bound: float = 0.04) -> int:
-    """Re-initialises every sharded table so that element ``(row, col)`` of table ``t`` is a
-    pure function of ``(seed, t, row, col)``: a truncated normal, as the model's own init.
-
-    TorchRec materialises each shard with the rank's generator, so without this the same
-    seed gives a different model under a different plan or world size. Each rank writes
-    only its own shards (row and column offsets from the shard metadata), in chunks;
-    data-parallel (replicated) tables are written whole on every rank.
-
-    Returns:
-        int: the number of table elements this rank wrote.
-    """
-    from torchrec_genrec.ops.random import hash32, keyed_truncated_normal
-
-    written = 0
-    with torch.no_grad():
-        for table, block, row0, col0, _ in _local_table_blocks(dmp):
-            table_key = int(hash32(torch.tensor(sum(ord(c) << (8 * (i % 4)) for i, c in enumerate(table)))))
-            rows, cols = block.shape
-            columns = torch.arange(col0, col0 + cols)
-            chunk = max(1, (1 << 22) // max(cols, 1))
-            for r in range(0, rows, chunk):
-                ids = torch.arange(row0 + r, row0 + min(r + chunk, rows)).unsqueeze(1)
-                block[r:r + len(ids)].copy_(keyed_truncated_normal(std, bound, seed, table_key, ids, columns))
-                written += ids.numel() * cols
-    return written
-
-
-def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> CombinedOptimizer:
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    dense = KeyedOptimizerWrapper(
-        dense_params,
-        lambda params: torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
-                                         weight_decay=optim.weight_decay),
-    )
-    return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
-
-
-class Checkpointer:
-    """torch.distributed.checkpoint into ``<dir>/<name>``, visible only once complete.
-
-    A checkpoint holds the sharded tables, the dense weights and buffers, both optimisers'
-    state (``dcp``, so it loads into any plan or world size), the trainer's position and
-    history (``trainer.json``) and every rank's random state (``rng-rank<R>.pt``). It is
-    written to ``<name>.tmp`` and renamed by rank 0 after every rank has finished, so a
-    crash mid-save leaves the previous checkpoint intact; ``.tmp`` leftovers are ignored
-    and replaced. Periodic checkpoints are named ``step-<global step>``; the newest
-    ``keep_latest`` are kept, plus ``best``. ``directory`` is a local path or any URI the
-    project's iopath ``path_manager`` serves (:mod:`torchrec_genrec.train.storage`).
+        seed (int): seeds torch, numpy, the tables and the data order.
+        output_dir (str): results, ``checkpoints/`` and ``tensorboard/`` go here.
+        tensorboard (bool): write TensorBoard scalars.
+        progress (bool): show tqdm progress bars.
+        epochs (int): epoch cap.
+        batch_size (int): examples per training batch, per rank (the global batch is
+            ``batch_size x ranks``).
+        patience (int): stop once this many epochs have passed since the best validation
+            score (the model-selection rule; the best epoch's weights are tested).
+        eval_every (int): validate every this many epochs (and after the last).
+        max_steps (Optional[int]): stop after this many steps (smoke tests, golden runs).
+        checkpoint (bool): save a checkpoint after every epoch and for the best epoch.
+        checkpoint_every_steps (Optional[int]): also checkpoint inside epochs, every this
+            many steps (less work lost to a failure on long epochs).
+        checkpoint_dir (Optional[str]): where checkpoints go: a local path or any URI with
+            an iopath handler registered on ``train.storage.path_manager``; default
+            ``<output_dir>/checkpoints``.
+        keep_checkpoints (int): periodic checkpoints kept (the newest intact ones).
+        resume (str): ``auto``: continue from the newest intact checkpoint if there is one
+            (a restarted job, a longer epoch cap); ``never``: start over (an earlier run in
+            ``output_dir`` is moved aside to ``<output_dir>.old-<time>``, not deleted);
+            ``must``: fail if there is none.
+        precision (str): ``fp32``, or ``bf16`` (autocast around the forward; tables and
+            optimiser state stay fp32). fp16 is not offered: its loss scaling cannot be
+            undone inside the fused sparse optimiser's backward update.
+        compile (bool): ``torch.compile`` the dense modules the task names.
+        pipeline (str): ``sparse_dist`` (TorchRec's ``TrainPipelineSparseDist``) or
+            ``none`` (a plain loop); both compute the same steps.
+        log_every_steps (int): report the step's losses every this many steps (each report
+            reads the losses back from the device).
+        fault_at_step (str): fault drill, ``RANK:STEP``: that rank exits (code 13) just
+            before that global step, once: a marker file (``fault_marker``, default
+            ``<output_dir>/.fault-fired``) makes it fire only in the first attempt.
+        fault_marker (str): the drill's marker file.
+        optim (OptimConfig): optimisers.
     """
 
-    def __init__(self, directory: str, ctx: DistContext, keep_latest: int = 2) -> None:
-        self.directory, self.ctx, self.keep_latest = directory, ctx, keep_latest
-        if ctx.is_main:
-            storage.makedirs(directory)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+    epochs: int = 100
+    batch_size: int = 128
+    patience: int = 10
+    eval_every: int = 1
+    max_steps: Optional[int] = None
+    checkpoint: bool = True
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_dir: Optional[str] = None
+    keep_checkpoints: int = 2
+    resume: Literal["auto", "never", "must"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    pipeline: Literal["sparse_dist", "none"] = "sparse_dist"
+    log_every_steps: int = 1
+    fault_at_step: str = ""
+    fault_marker: str = ""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
 
-    def save(self, name: str, state: Dict[str, Any], trainer_state: Optional[Dict[str, Any]] = None) -> str:
-        final = storage.join(self.directory, name)
-        tmp = final + ".tmp"
-        if self.ctx.is_main and storage.exists(tmp):
-            storage.rmtree(tmp)
-        dist.barrier()
-        dcp.save(state, storage_writer=storage.IOPathWriter(tmp))
-        buffer = io.BytesIO()
-        torch.save(_rng_state(), buffer)
-        storage.write_bytes(storage.join(tmp, f"rng-rank{self.ctx.rank}.pt"), buffer.getvalue())
-        if self.ctx.is_main and trainer_state is not None:
-            payload = {**trainer_state, "world_size": self.ctx.world_size}
-            storage.write_bytes(storage.join(tmp, "trainer.json"), json.dumps(payload).encode())
-        dist.barrier()
-        if self.ctx.is_main:
-            # Move the old copy aside before the new one takes its name, so a crash in between
-            # leaves one of them (``best`` is re-written in place every time it improves).
-            old = final + ".old"
-            if storage.exists(old):
-                storage.rmtree(old)
-            if storage.exists(final):
-                storage.rename(final, old)
-            storage.rename(tmp, final)
-            storage.rmtree(old)
-            self._prune()
-        dist.barrier()
-        return final
+    def validate(self, prefix: str = "train") -> "TrainConfig":
+        """Checks ranges; raises ConfigError naming the key and what is allowed."""
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key} must be {what}, got {getattr(self, key)!r}")
 
-    def load(self, name: str, state: Dict[str, Any]) -> None:
-        dcp.load(state, storage_reader=storage.IOPathReader(storage.join(self.directory, name)))
-
-    def latest(self) -> Optional[str]:
-        """The newest complete periodic checkpoint's name, or None; rank 0 decides and
-        tells the others, so every rank resumes from the same one."""
-        steps = self._periodic() if self.ctx.is_main else []
-        choice = [steps[-1] if steps else None]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def trainer_state(self, name: str) -> Dict[str, Any]:
-        return json.loads(storage.read_bytes(storage.join(self.directory, name, "trainer.json")))
-
-    def restore_rng(self, name: str) -> bool:
-        """Restores this rank's random state if the checkpoint has one for it."""
-        path = storage.join(self.directory, name, f"rng-rank{self.ctx.rank}.pt")
-        if not storage.exists(path):
-            return False
-        _set_rng_state(torch.load(io.BytesIO(storage.read_bytes(path)), weights_only=False))
-        return True
-
-    def _periodic(self) -> List[str]:
-        # Complete = dcp's metadata and the trainer state are there (both written before
-        # the rename; on stores where a rename is a copy, a half-copied directory lacks one).
-        return sorted((d for d in storage.listdir(self.directory) if d.startswith("step-")
-                       and not d.endswith((".tmp", ".old"))
-                       and storage.exists(storage.join(self.directory, d, "trainer.json"))
-                       and storage.exists(storage.join(self.directory, d, ".metadata"))),
-                      key=lambda d: int(d.split("-")[1]))
-
-    def _prune(self) -> None:
-        steps = self._periodic()
-        for old in steps[: max(len(steps) - self.keep_latest, 0)]:
-            storage.rmtree(storage.join(self.directory, old))
+        need(self.epochs >= 1, "epochs", ">= 1")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.patience >= 0, "patience", ">= 0")
+        need(self.eval_every >= 1, "eval_every", ">= 1")
+        need(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 (or unset)")
+        need(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps",
+             ">= 1 (or unset)")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", ">= 1")
+        need(self.log_every_steps >= 1, "log_every_steps", ">= 1")
+        need(self.resume in ("auto", "never", "must"), "resume", "auto, never or must")
+        need(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
+        need(self.pipeline in ("sparse_dist", "none"), "pipeline", "sparse_dist or none")
+        if self.fault_at_step:
+            parts = self.fault_at_step.split(":")
+            need(len(parts) == 2 and all(p.strip().isdigit() for p in parts), "fault_at_step", "RANK:STEP")
+        self.optim.validate(f"{prefix}.optim")
+        return self
 
 
-def restore_latest_checkpoint(checkpointer: Optional[Checkpointer], dmp: DistributedModelParallel,
-                              optimizer: CombinedOptimizer, ctx: DistContext, resume: str, fingerprint: str
-                              ) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """Loads the newest periodic checkpoint into ``dmp`` and ``optimizer``, per ``resume``.
+@dataclasses.dataclass
+class Loss:
+    """One term of a step's objective (or a statistic), over this rank's predictions.
 
-    ``resume="auto"`` loads it if there is one, ``"never"`` loads nothing, ``"must"`` fails
-    without one. The checkpoint's fingerprint (the settings its weights depend on) must
-    equal ``fingerprint``. On the world size it was written with, this rank's random state
-    is restored too; on another one the tables and optimiser state re-shard.
+    Args:
+        value (torch.Tensor): scalar: the sum over this rank's predictions, or their mean
+            when ``mean=True``.
+        count (Union[int, float, torch.Tensor]): this rank's number of predictions.
+        weight (float): its weight in the objective; 0 makes it a statistic only.
+        mean (bool): ``value`` is a mean, not a sum.
 
-    Returns:
-        ``(name, trainer_state)`` of the checkpoint loaded, or ``(None, None)``.
+    Example::
+
+        Loss(F.cross_entropy(logits, y, reduction="sum"), len(y))     # a summed term
+        Loss(accuracy_sum, len(y), weight=0.0)                         # reported, not trained
     """
-    if resume not in ("auto", "never", "must"):
-        raise ConfigError(f"train.resume must be auto, never or must, not {resume!r}")
-    latest = checkpointer.latest() if checkpointer is not None and resume != "never" else None
-    if resume == "must" and latest is None:
-        raise ConfigError("train.resume = 'must' but there is no checkpoint to resume from in "
-                          f"{checkpointer.directory if checkpointer else '(checkpoints are off)'}")
-    if latest is None:
-        return None, None
-    saved = checkpointer.trainer_state(latest)
-    if saved.get("fingerprint") != fingerprint:
-        raise ConfigError(
-            f"{storage.join(checkpointer.directory, latest)} was written by a run with different model/data "
-            "settings or another global batch (train.batch_size x ranks: keep it when changing the number of "
-            "ranks); use a new train.output_dir, or set train.resume = 'never' to start over")
-    for name, sub in optimizer.optimizers:
-        if name == "dense":
-            sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
-    state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-    try:
-        checkpointer.load(latest, state)
-    except (RuntimeError, CheckpointException) as err:  # "Missing key in checkpoint state_dict: ..."
-        reason = str(err).strip().splitlines()[-1]
-        raise ConfigError(
-            f"{storage.join(checkpointer.directory, latest)} does not fit this model's sharding plan or tables "
-            f"({reason}): a table planned with another sharding type or kernel keeps other optimiser state, and a "
-            "rebuilt side-feature set may add or drop tables. Resume with the plan and sets it was written with "
-            "(its trainer.json 'sharding', as plan.pins), or set train.resume = 'never'"
-        ) from None
-    dmp.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if saved["world_size"] == ctx.world_size:
-        checkpointer.restore_rng(latest)
-    return latest, saved
+
+    value: torch.Tensor
+    count: Union[int, float, torch.Tensor]
+    weight: float = 1.0
+    mean: bool = False
 
 
-def stop_reason(patience_over: bool, step: int, max_steps: Optional[int]) -> str:
-    """Why a run stops after an epoch: ``"patience"``, ``"max_steps"`` or ``""`` (it goes on)."""
-    if patience_over:
-        return "patience"
-    return "max_steps" if max_steps is not None and step >= max_steps else ""
+class EpochData(Protocol):
+    """A task's training batches: ``set_epoch(epoch, start_batch)`` then iterate over this
+    rank's batches of that epoch from ``start_batch`` on (its global position: the same
+    whatever the world size, since the global batch is fixed)."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Any: ...
 
 
-def resume_epoch(saved: Dict[str, Any], epochs: int, patience: int, max_steps: Optional[int]) -> int:
-    """The epoch a resumed run continues from: the checkpoint's position, or ``epochs``
-    (nothing left to train) when the run it ended would still stop under the current
-    settings. A raised ``patience`` continues an early-stopped run; a run stopped by
-    ``max_steps`` is not continued by raising it (the rest of that epoch was skipped),
-    which is an error rather than a silent re-evaluation."""
-    reason = saved.get("stopped")
-    if not reason:
-        return saved["epoch"]
-    if reason == "max_steps":
-        if max_steps is None or saved["step"] < max_steps:
-            raise ConfigError(f"this run's checkpoint stopped at train.max_steps = {saved['step']}, inside an epoch; "
-                              "a longer run cannot continue it exactly: set train.resume = 'never' (or a new "
-                              "train.output_dir) to train it in full")
-        return epochs
-    history = saved.get("history") or []
-    if reason == "patience" and history and history[-1]["epoch"] - saved["best_epoch"] < patience:
-        return saved["epoch"]
-    return epochs  # early stopping ended it (or a checkpoint that kept no reason, from before)
+class Task(Protocol):
+    """What a recipe supplies to :class:`Trainer`.
 
+    Attributes:
+        model (nn.Module): tables on the meta device (``table_specs()``), dense modules.
+        units (str): what the throughput counts (``tokens``, ``samples``).
+        selection (str): the validation metric that picks the best epoch (higher is
+            better), or ``""`` when the task has no validation split.
+    """
 
-def _rng_state() -> Dict[str, Any]:
-    import random
+    model: nn.Module
+    units: str
+    selection: str
 
-    import numpy as np
+    def train_data(self, rank: int, world_size: int) -> EpochData: ...
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    def step(self, model: nn.Module, batch: Any) -> Tuple[Dict[str, Loss], Union[float, torch.Tensor]]: ...
 
+    def evaluate(self, model: nn.Module, split: str) -> Dict[str, float]: ...
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _maybe_inject_fault(ctx: DistContext, step: int) -> None:
-    """Fault drill: ``GENREC_FAULT_AT_STEP=<rank>:<step>`` kills that rank once, just before
-    that global step, to rehearse recovery (``torchrun --max-restarts``). A marker file
-    next to the job's checkpoints makes it fire only in the first attempt."""
-    spec = os.environ.get("GENREC_FAULT_AT_STEP")
-    if not spec:
-        return
-    rank, at = (int(x) for x in spec.split(":"))
-    marker = os.environ.get("GENREC_FAULT_MARKER", "")
-    if ctx.rank == rank and step == at and marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        logger.error("fault drill: rank %d exits at step %d", rank, step)
-        os._exit(13)
+    def fingerprint(self) -> Mapping[str, Any]: ...
 
 
 @dataclasses.dataclass
 class FitResult:
     best_epoch: int
     epochs_run: int
+    steps: int
     history: List[Dict[str, float]]
     seconds: float
-    tokens_per_second: float
+    train_seconds: float
+    units_per_second: float
     resumed_from: Optional[str] = None
+    world_size: int = 1
 
 
-def _fresh_epoch_sums() -> Dict[str, float]:
-    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them)."""
-    return {"loss_sum": 0.0, "batches": 0, "tokens": 0.0, "seconds": 0.0}
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, numpy's and torch's global generators."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def fit(dmp: DistributedModelParallel, optimizer: CombinedOptimizer, train_set: SequenceDataset,
-        valid_set: Optional[SequenceDataset], *, ctx: DistContext, epochs: int, batch_size: int,
-        eval_batch_size: int, ks: Tuple[int, ...], patience: int, seed: int, num_workers: int,
-        eval_every: int = 1,
-        checkpointer: Optional[Checkpointer], writer: Any = None, max_steps: Optional[int] = None,
-        progress: bool = True, checkpoint_every_steps: Optional[int] = None,
-        resume: str = "auto", fingerprint: str = "") -> FitResult:
-    """Trains with early stopping on validation NDCG@10; leaves the best weights loaded.
+class _PendingSums:
+    """A step's term means and units added up on the device (no host sync per step) and
+    moved into the epoch's sums when the trainer reports or checkpoints."""
 
-    Validation runs every ``eval_every`` epochs (and after the last); training stops once
-    ``patience`` epochs have passed since the best validation score. Without a validation
-    split (holdout=1, the published protocol) it trains all ``epochs`` and keeps the last
-    weights.
+    def __init__(self, part: Dict[str, Any]) -> None:
+        self.part = part
+        self.terms: Dict[str, torch.Tensor] = {}
+        self.units: Optional[torch.Tensor] = None
+        self.batches = 0
 
-    Checkpoints are written after every epoch and, with ``checkpoint_every_steps``, inside
-    epochs too. ``resume="auto"`` continues from the newest checkpoint in the directory
-    (``"never"`` starts over, ``"must"`` fails without one): weights, optimiser state,
-    the position in the epoch's shuffled order, the loss sums so far, the history and the
-    random state, so that on the same world size the resumed run ends bit-identical to an
-    uninterrupted one. On another world size the tables and optimiser state re-shard; the
-    data order continues from the same global position. ``fingerprint`` (the settings that
-    define the model and data) must match the checkpoint's.
+    def add(self, means: Dict[str, torch.Tensor], units: torch.Tensor) -> None:
+        for k, v in means.items():
+            self.terms[k] = v if k not in self.terms else self.terms[k] + v
+        self.units = units if self.units is None else self.units + units
+        self.batches += 1
+
+    def flush(self) -> None:
+        if not self.batches:
+            return
+        for k, v in self.terms.items():
+            self.part["terms"][k] = self.part["terms"].get(k, 0.0) + float(v)
+        self.part["units"] += float(self.units)
+        self.part["batches"] += self.batches
+        self.terms, self.units, self.batches = {}, None, 0
+
+
+def _fresh_epoch_sums() -> Dict[str, Any]:
+    """Running sums of an epoch (kept in mid-epoch checkpoints so a resume continues them):
+    per term the sum of its per-step global means, batches, units (all ranks'), seconds."""
+    return {"terms": {}, "batches": 0, "units": 0.0, "seconds": 0.0}
+
+
+class Trainer:
+    """Trains a :class:`Task` (see the module docstring).
+
+    Args:
+        task (Task): model, data, step, evaluation.
+        config (TrainConfig): how to train.
+        pins (Sequence[str]): manual sharding plan, ``TABLE:SHARDING_TYPE[:KERNEL]``.
+        ctx (Optional[DistContext]): the job's ranks; joined here when None.
+        fingerprint_extra (Optional[Mapping[str, Any]]): settings besides the task's that
+            the weights depend on (recorded in the fingerprint).
     """
-    loader = make_dataloader(train_set, batch_size, shuffle=True, seed=seed, num_workers=num_workers,
-                             rank=ctx.rank, world_size=ctx.world_size, drop_last=ctx.world_size > 1)
-    model: GenerativeRetrieval = dmp.module  # type: ignore[assignment]
-    best, best_epoch, step = -1.0, -1, 0
-    history: List[Dict[str, float]] = []
-    start = time.perf_counter()
-    total_tokens = 0.0
-    train_seconds = 0.0
-    first_epoch, first_batch = 0, 0
-    partial = _fresh_epoch_sums()
-    resumed_from = None
 
-    def training_state() -> Dict[str, Any]:
-        return {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-
-    latest, saved = restore_latest_checkpoint(checkpointer, dmp, optimizer, ctx, resume, fingerprint)
-    if saved is not None:
-        same_world = saved["world_size"] == ctx.world_size
-        step, best, best_epoch = saved["step"], saved["best"], saved["best_epoch"]
-        history = saved["history"]
-        first_epoch, first_batch = resume_epoch(saved, epochs, patience, max_steps), saved["batch_in_epoch"]
-        partial = saved["partial"]
-        # The fingerprint pins the global batch (per-rank batch x ranks), so a rank's batch
-        # index in the epoch is the global step index whatever the world size: it carries over.
-        resumed_from = latest
+    def __init__(self, task: Task, config: TrainConfig, pins: Sequence[str] = (),
+                 ctx: Optional[DistContext] = None) -> None:
+        self.task, self.config = task, config.validate()
+        self.ctx = ctx = ctx or init_distributed()
+        c = config
+        self.checkpoint_dir = c.checkpoint_dir or os.path.join(c.output_dir, "checkpoints")
         if ctx.is_main:
-            logger.info("resumed from %s: epoch %d, batch %d, step %d%s", latest, first_epoch, first_batch, step,
-                        "" if same_world else f" (re-sharded from {saved['world_size']} ranks)")
+            os.makedirs(c.output_dir, exist_ok=True)
+            if c.resume == "never":
+                moved = move_finished_run_aside(c.output_dir, self.checkpoint_dir)
+                if moved:
+                    logger.warning("train.resume = 'never': the earlier run in %s was moved to %s", c.output_dir,
+                                   moved)
+        if dist.is_initialized():
+            dist.barrier()
+        self.metrics = MetricsLogger(c.output_dir, c.tensorboard, c.progress, ctx.is_main)
+        self.checkpointer = Checkpointer(self.checkpoint_dir, ctx, c.keep_checkpoints) if c.checkpoint else None
+        train_settings = {"seed": c.seed, "optim": to_dict(c.optim)}
+        if c.precision != "fp32":
+            train_settings["precision"] = c.precision
+        self.fingerprint = fingerprint({**task.fingerprint(), "train": train_settings}, ctx.world_size, c.batch_size)
+        resume = c.resume if self.checkpointer is not None else "never"
+        # A resume plans the tables as the checkpoint's run did (another world size may pick
+        # other sharding types, whose optimiser states would not load into each other).
+        pins = resume_pins(self.checkpointer, resume, pins, self.fingerprint)
+        self.dmp: DistributedModelParallel = shard(task.model, ctx, c.optim, c.batch_size, pins,
+                                                   seed=getattr(task.model, "seed", c.seed))
+        self.optimizer: CombinedOptimizer = build_optimizer(self.dmp, c.optim)
+        if c.compile:
+            for name in getattr(task, "compile_targets", lambda: [])():
+                self.dmp.module.get_submodule(name).compile()
+        self._autocast_dtype = torch.bfloat16 if c.precision == "bf16" else None
 
-    def trainer_state(epoch: int, batch_in_epoch: int, part: Dict[str, float]) -> Dict[str, Any]:
-        return {"fingerprint": fingerprint, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "best": best, "best_epoch": best_epoch, "history": history, "partial": part,
-                "sharding": sharding_pins(dmp)}
+    @property
+    def model(self) -> DistributedModelParallel:
+        """The sharded model (``.module`` is the task's model)."""
+        return self.dmp
 
-    epoch = first_epoch - 1
-    for epoch in range(first_epoch, epochs):
-        skip = first_batch if epoch == first_epoch else 0
-        loader.batch_sampler.set_epoch(epoch, start_batch=skip)
-        dmp.train()
-        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not (progress and ctx.is_main))
-        part = partial if epoch == first_epoch else _fresh_epoch_sums()
-        batches_in_epoch = skip + len(loader.batch_sampler)  # this rank's, the skipped ones included
-        epoch_start = time.perf_counter() - part["seconds"]
-        batch_in_epoch = skip
-        for batch in bar:
-            _maybe_inject_fault(ctx, step)
-            batch = batch.to(ctx.device)
-            loss, stats = dmp(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            batch_in_epoch += 1
-            tokens = float(stats["tokens"])
-            part["tokens"] += tokens
-            part["batches"] += 1
-            rate = part["tokens"] / max(time.perf_counter() - epoch_start, 1e-9)
-            loss_value = float(stats["loss"])  # the step's loss over all ranks
-            part["loss_sum"] += loss_value
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
-            if writer is not None and ctx.is_main:
-                writer.add_scalar("train/loss", loss_value, step)
-                for key in ("item_loss", "action_loss", "action_acc"):
-                    if key in stats:
-                        writer.add_scalar(f"train/{key}", float(stats[key]), step)
-                writer.add_scalar("train/lr", optimizer.param_groups[-1]["lr"], step)
-                writer.add_scalar("train/tokens_per_s", rate, step)
-            if max_steps is not None and step >= max_steps:
+    # ------------------------------------------------------------------ the step
+    def _autocast(self) -> Any:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self._autocast_dtype)
+
+    def _objective(self, terms: Dict[str, Loss], units: Union[float, torch.Tensor]
+                   ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """Sums every term's count and value over ranks (one all-reduce, no host sync) and
+        scales each rank's terms so the averaged gradient is the global mean's. Returns the
+        loss to backpropagate, each term's global mean and the global units."""
+        world = self.ctx.world_size
+        device = next(iter(terms.values())).value.device
+        names = list(terms)
+        local = []
+        for name in names:
+            t = terms[name]
+            count = torch.as_tensor(t.count, dtype=torch.float64, device=device)
+            value = t.value.detach().to(torch.float64)
+            local += [count, value * count if t.mean else value]
+        local.append(torch.as_tensor(units, dtype=torch.float64, device=device))
+        packed = torch.stack(local)
+        if world > 1:
+            dist.all_reduce(packed)
+        loss: Optional[torch.Tensor] = None
+        means: Dict[str, torch.Tensor] = {}
+        for i, name in enumerate(names):
+            t = terms[name]
+            global_count, global_sum = packed[2 * i], packed[2 * i + 1]
+            means[name] = global_sum / global_count.clamp_min(1.0)
+            if t.weight == 0:
+                continue
+            if t.mean:
+                scale = torch.as_tensor(t.count, dtype=torch.float64, device=device) * world / global_count.clamp_min(
+                    1.0)
+            else:
+                scale = world / global_count.clamp_min(1.0)
+            term = t.value if t.weight == 1.0 else t.weight * t.value
+            term = term * scale.to(t.value.dtype)
+            loss = term if loss is None else loss + term
+        if loss is None:
+            raise ValueError("the task's step returned no term with a weight: nothing to train")
+        means["loss"] = sum(terms[n].weight * means[n] for n in names if terms[n].weight != 0)
+        return loss, means, packed[-1]
+
+    def _forward(self, batch: Any) -> Tuple[torch.Tensor, Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+        self._fault_drill()
+        with self._autocast():
+            terms, units = self.task.step(self.dmp, batch)
+        loss, means, global_units = self._objective(terms, units)
+        return loss, (means, global_units)
+
+    def train_step(self, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], torch.Tensor]:
+        """One plain step on ``batch`` (moved to the model's device): forward, backward,
+        optimiser step. Returns the loss backpropagated, each term's global mean and the
+        global units."""
+        batch = batch.to(self.ctx.device, non_blocking=True)
+        loss, (means, units) = self._forward(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss, means, units
+
+    def _fault_drill(self) -> None:
+        spec = self.config.fault_at_step
+        if not spec:
+            return
+        rank, at = (int(x) for x in spec.split(":"))
+        marker = self.config.fault_marker or os.path.join(self.config.output_dir, ".fault-fired")
+        if self.ctx.rank == rank and self._step == at and not os.path.exists(marker):
+            open(marker, "w").close()
+            logger.error("fault drill: rank %d exits at step %d", rank, at)
+            os._exit(13)
+
+    def _steps(self, batches: Iterable[Any]) -> Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+        """Runs a training step per batch; yields each step's term means and units."""
+        if self.config.pipeline == "none":
+            for batch in batches:
+                _, means, units = self.train_step(batch)
+                yield means, units
+            return
+        pipeline = _SparseDistPipeline(self.dmp, self.optimizer, self.ctx.device, self._forward,
+                                       sparse_dist=getattr(self.task, "pipeline_sparse_dist", False))
+        iterator = iter(batches)
+        try:
+            while True:
+                try:
+                    means, units = pipeline.progress(iterator)
+                except StopIteration:
+                    return
+                yield means, units
+        finally:
+            pipeline.detach()
+
+    # ------------------------------------------------------------------ the run
+    def _state(self) -> Dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def _state_for_load(self) -> Dict[str, Any]:
+        for name, sub in self.optimizer.optimizers:
+            if name == "dense":
+                sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
+        return self._state()
+
+    def fit(self) -> FitResult:
+        """Trains with early stopping on the task's selection metric; leaves the best
+        weights loaded (the last ones when the task has no validation split or
+        checkpoints are off)."""
+        c, ctx, task = self.config, self.ctx, self.task
+        data = task.train_data(ctx.rank, ctx.world_size)
+        validate = bool(task.selection)
+        best, best_epoch, self._step = float("-inf"), -1, 0
+        history: List[Dict[str, float]] = []
+        start = time.perf_counter()
+        totals = {"seconds": 0.0, "units": 0.0}
+        first_epoch, first_batch, partial = 0, 0, _fresh_epoch_sums()
+        resumed_from, saved = None, None
+        if self.checkpointer is not None:
+            resumed_from, saved, state = load_latest(
+                self.checkpointer, self._state_for_load, c.resume, self.fingerprint,
+                lambda s: s.get("world_size") == ctx.world_size)
+            if saved is not None:
+                self.dmp.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self._step, best, best_epoch, history = saved["step"], saved["best"], saved["best_epoch"], \
+                    saved["history"]
+                totals, partial = saved["totals"], saved["partial"]
+                first_epoch = resume_epoch(saved, c.epochs, c.patience, c.max_steps)
+                first_batch = saved["batch_in_epoch"]
+                self.metrics.info("resumed from %s: epoch %d, batch %d, step %d%s", resumed_from, saved["epoch"],
+                                  first_batch, self._step, "" if saved["world_size"] == ctx.world_size
+                                  else f" (re-sharded from {saved['world_size']} ranks)")
+                note = getattr(task, "resume_note", None)
+                if note is not None and first_batch and saved["world_size"] != ctx.world_size:
+                    self.metrics.info(note)
+
+        def save_progress(epoch: int, batch_in_epoch: int, part: Dict[str, Any], stopped: str) -> None:
+            self.checkpointer.save(f"step-{self._step:09d}", self._state(), {
+                "fingerprint": self.fingerprint, "step": self._step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "best": best, "best_epoch": best_epoch, "history": history, "partial": part, "totals": totals,
+                "stopped": stopped, "sharding": sharding_pins(self.dmp)})
+
+        for epoch in range(first_epoch, c.epochs):
+            skip = first_batch if epoch == first_epoch else 0
+            data.set_epoch(epoch, start_batch=skip)
+            self.dmp.train()
+            part = partial if epoch == first_epoch else _fresh_epoch_sums()
+            batches_in_epoch = skip + len(data)  # this rank's, the skipped ones included
+            batch_in_epoch = skip
+            epoch_start = time.perf_counter() - part["seconds"]
+            batches = iter(data)
+            if skip and saved is not None and saved["world_size"] == ctx.world_size:
+                # Creating the iterator may draw a seed from the global generator, which the
+                # interrupted run had drawn before the checkpoint: back to the saved state.
+                self.checkpointer.restore_rng(resumed_from)
+            pending = _PendingSums(part)
+            for means, units in self._steps(self.metrics.bar(batches, f"epoch {epoch}", total=len(data))):
+                self._step += 1
+                batch_in_epoch += 1
+                pending.add(means, units)
+                if self._step % c.log_every_steps == 0 or batch_in_epoch == batches_in_epoch:
+                    values = {k: float(v) for k, v in means.items()}
+                    pending.flush()
+                    rate = part["units"] / max(time.perf_counter() - epoch_start, 1e-9)
+                    self.metrics.postfix(loss=f"{values['loss']:.4f}", **{f"{task.units[:3]}_s": f"{rate:,.0f}"})
+                    self.metrics.scalars("train", {**values, "lr": self.optimizer.param_groups[-1]["lr"],
+                                                   f"{task.units}_per_s": rate}, self._step)
+                if c.max_steps is not None and self._step >= c.max_steps:
+                    break
+                if (self.checkpointer is not None and c.checkpoint_every_steps
+                        and self._step % c.checkpoint_every_steps == 0 and batch_in_epoch < batches_in_epoch):
+                    pending.flush()
+                    part["seconds"] = time.perf_counter() - epoch_start
+                    save_progress(epoch, batch_in_epoch, dict(part, terms=dict(part["terms"])), "")
+            pending.flush()
+            seconds = time.perf_counter() - epoch_start
+            totals["seconds"] += seconds
+            totals["units"] += part["units"]
+            record: Dict[str, float] = {"epoch": epoch,
+                                        **{f"train_{k}": v / max(part["batches"], 1) for k, v in part["terms"].items()},
+                                        f"{task.units}_per_s": part["units"] / max(seconds, 1e-9)}
+            last_epoch = epoch == c.epochs - 1 or (c.max_steps is not None and self._step >= c.max_steps)
+            evaluated = validate and ((epoch + 1) % c.eval_every == 0 or last_epoch)
+            if evaluated:
+                self.dmp.eval()
+                valid = task.evaluate(self.dmp, "valid")
+                record.update({f"valid_{k}": v for k, v in valid.items()})
+                self.metrics.scalars("valid", {k: v for k, v in valid.items() if isinstance(v, (int, float))}, epoch)
+                score = valid[task.selection]
+                if score > best:
+                    best, best_epoch = score, epoch
+                    if self.checkpointer is not None:
+                        self.checkpointer.save("best", {"model": self.dmp.state_dict()},
+                                               {"fingerprint": self.fingerprint, "epoch": epoch, "valid": valid})
+            history.append(record)
+            shown = {k: round(v, 4) for k, v in record.items()
+                     if k in ("train_loss", f"valid_{task.selection}") or k.endswith("_per_s")}
+            self.metrics.info("epoch %d %s", epoch, shown)
+            stop = stop_reason(evaluated and epoch - best_epoch >= c.patience, self._step, c.max_steps)
+            if self.checkpointer is not None:
+                save_progress(epoch + 1, 0, _fresh_epoch_sums(), stop)
+            if stop:
                 break
-            if (checkpointer is not None and checkpoint_every_steps and step % checkpoint_every_steps == 0
-                    and batch_in_epoch < batches_in_epoch):
-                part["seconds"] = time.perf_counter() - epoch_start
-                checkpointer.save(f"step-{step:09d}", training_state(),
-                                  trainer_state(epoch, batch_in_epoch, dict(part)))
-        epoch_seconds = time.perf_counter() - epoch_start
-        train_seconds += epoch_seconds
-        total_tokens += part["tokens"]
-        record: Dict[str, float] = {"epoch": epoch, "train_loss": part["loss_sum"] / max(part["batches"], 1),
-                                    "tokens_per_s": part["tokens"] / max(epoch_seconds, 1e-9)}
-        last_epoch = epoch == epochs - 1 or (max_steps is not None and step >= max_steps)
-        evaluate = valid_set is not None and ((epoch + 1) % eval_every == 0 or last_epoch)
-        if evaluate:
-            dmp.eval()
-            metrics = evaluate_retrieval(model.score, valid_set, ks, eval_batch_size, num_workers=num_workers,
-                                         desc="valid", progress=progress and ctx.is_main)
-            record.update({f"valid_{k}": v for k, v in metrics.items()})
-            if writer is not None and ctx.is_main:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"valid/{k}", v, epoch)
-            score = metrics["ndcg@10"]
-            if score > best:
-                best, best_epoch = score, epoch
-                if checkpointer is not None:
-                    checkpointer.save("best", {"model": dmp.state_dict()})
-        history.append(record)
-        if ctx.is_main:
-            shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "valid_ndcg@10", "valid_hr@10")}
-            logger.info("epoch %d %s", epoch, shown)
-        stop = stop_reason(evaluate and epoch - best_epoch >= patience, step, max_steps)
-        if checkpointer is not None:
-            checkpointer.save(f"step-{step:09d}", training_state(),
-                              {**trainer_state(epoch + 1, 0, _fresh_epoch_sums()), "stopped": stop})
-        if stop:
-            break
-    if valid_set is not None and checkpointer is not None and best_epoch >= 0:
-        state = {"model": dmp.state_dict()}
-        checkpointer.load("best", state)
-        dmp.load_state_dict(state["model"])
-    last_epoch_trained = int(history[-1]["epoch"]) if history else -1
-    return FitResult(best_epoch if valid_set is not None else last_epoch_trained, len(history), history,
-                     time.perf_counter() - start, total_tokens / max(train_seconds, 1e-9), resumed_from)
+        if validate and self.checkpointer is not None and best_epoch >= 0:
+            self.load_checkpoint("best")
+        self.dmp.eval()
+        last_trained = int(history[-1]["epoch"]) if history else -1
+        return FitResult(best_epoch if validate else last_trained, len(history), self._step, history,
+                         time.perf_counter() - start, totals["seconds"],
+                         totals["units"] / max(totals["seconds"], 1e-9), resumed_from, ctx.world_size)
+
+    def load_checkpoint(self, name: str) -> None:
+        """Loads checkpoint ``name``'s model weights (``best``, ``step-...``).
+
+        Raises:
+            CheckpointError: its files do not read, naming the file.
+        """
+        from torchrec_genrec.train.checkpoint import CheckpointError
+
+        problem = self.checkpointer.problem(name)
+        if problem is not None:
+            raise CheckpointError(f"cannot load checkpoint {name!r}: {problem}")
+        state = {"model": self.dmp.state_dict()}
+        self.checkpointer.load(name, state)
+        self.dmp.load_state_dict(state["model"])
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+class _SparseDistPipeline:
+    """TorchRec's ``TrainPipelineSparseDist`` driving the trainer's step.
+
+    The forward is the trainer's (the task's step plus the cross-rank loss scaling), passed
+    as ``custom_model_fwd``; the pipeline copies the next batches to the device, runs
+    backward and the optimiser. A task whose model looks up its tables straight from batch
+    attributes (TorchRec's traceable sparse-arch layout) sets ``pipeline_sparse_dist`` and
+    its input all-to-alls are pipelined too; otherwise the model is not rewritten (its
+    lookups build their KeyedJaggedTensors inside the forward, which FX cannot trace).
+    """
+
+    def __init__(self, dmp: DistributedModelParallel, optimizer: CombinedOptimizer, device: torch.device,
+                 forward: Any, sparse_dist: bool) -> None:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        class _Pipeline(TrainPipelineSparseDist):
+            def _pipeline_model(self, batch, context, pipelined_forward=None):  # noqa: ANN001
+                if sparse_dist:
+                    kwargs = {} if pipelined_forward is None else {"pipelined_forward": pipelined_forward}
+                    return super()._pipeline_model(batch, context, **kwargs)
+                self._pipelined_modules, self._original_forwards = [], []
+                self._pipelined_postprocs, self._original_kjt_dist_forwards = [], []
+                return None
+
+        self._pipeline = _Pipeline(dmp, optimizer, device, execute_all_batches=True, custom_model_fwd=forward)
+
+    def progress(self, iterator: Any) -> Any:
+        return self._pipeline.progress(iterator)
+
+    def detach(self) -> None:
+        self._pipeline.detach()
