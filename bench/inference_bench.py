@@ -33,8 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from torchrec_genrec.data.batching import SequenceDataset  # noqa: E402
 from torchrec_genrec.data.splits import LeaveOneOut, Split  # noqa: E402
 from torchrec_genrec.data.store import SequenceStore  # noqa: E402
-from torchrec_genrec.inference.checkpoint import load_trained_model  # noqa: E402
-from torchrec_genrec.inference.export import export_run  # noqa: E402
+from torchrec_genrec.export import export_run, load_trained_model  # noqa: E402
 from torchrec_genrec.inference.predictor import History, Predictor  # noqa: E402
 from torchrec_genrec.logging_utils import silence_known_noise  # noqa: E402
 

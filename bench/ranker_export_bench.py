@@ -39,7 +39,8 @@ from torchrec_genrec.data.ranking import RankingConfig, RankingData  # noqa: E40
 from torchrec_genrec.data.ranking_batching import RankingDataset  # noqa: E402
 from torchrec_genrec.data.splits import Split  # noqa: E402
 from torchrec_genrec.inference.predictor import History  # noqa: E402
-from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker  # noqa: E402
+from torchrec_genrec.export import export_ranker  # noqa: E402
+from torchrec_genrec.inference.ranker import RankerPredictor  # noqa: E402
 from torchrec_genrec.logging_utils import silence_known_noise  # noqa: E402
 from torchrec_genrec.train.ranking import evaluate_ranker  # noqa: E402
 

@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifacts(tiny_run, tmp_path_factory):
     """The tiny run exported at each precision: {precision: artifact_dir}."""
-    from torchrec_genrec.inference.export import export_run
+    from torchrec_genrec.export import export_run
 
     root = tmp_path_factory.mktemp("artifacts")
     return {p: export_run(tiny_run[0], str(root / p), precision=p) and str(root / p) for p in ("fp32", "fp16", "int8")}

@@ -386,7 +386,7 @@ RANKER_CASES = [
 @pytest.fixture(scope="module")
 def ranker_artifact(ml100k, tmp_path_factory):
     from torchrec_genrec.config import load_config
-    from torchrec_genrec.inference.ranker import export_ranker
+    from torchrec_genrec.export import export_ranker
     from torchrec_genrec.train.ranking import RankingRecipeConfig, run_ranking_recipe
 
     root = tmp_path_factory.mktemp("ranker_safety")

@@ -418,7 +418,8 @@ def test_recipe_loads_content_into_a_frozen_sharded_table(ml100k, tmp_path):
     # Serving: the artifact carries the codes and frozen tables; the predictor (history
     # from raw ids, lifelong sequence included) scores like the trained model.
     from torchrec_genrec.inference.predictor import History
-    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
+    from torchrec_genrec.export import export_ranker, load_trained_ranker
+    from torchrec_genrec.inference.ranker import RankerPredictor
 
     export_ranker(str(out), str(tmp_path / "artifact"), precision="fp32")
     predictor = RankerPredictor.load(str(tmp_path / "artifact"))

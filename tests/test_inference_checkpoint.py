@@ -12,7 +12,7 @@ from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.splits import LeaveOneOut, Split
 from torchrec_genrec.data.store import write_store
 from torchrec_genrec.data.synthetic import SyntheticConfig, generate
-from torchrec_genrec.inference.checkpoint import load_trained_model
+from torchrec_genrec.export import load_trained_model
 from torchrec_genrec.train.evaluate import evaluate_retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

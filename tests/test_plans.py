@@ -5,7 +5,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from torchrec_genrec import cli
-from torchrec_genrec.plans.models import TOKEN_TABLE, content_tables, onetrans_tables, retrieval_tables
+from torchrec_genrec.models.tables import TOKEN_TABLE, content_tables, onetrans_tables, retrieval_tables
 from torchrec_genrec.plans.planner import cluster_topology, make_sharders, plan_tables
 from torchrec_genrec.plans.spec import PlanError, TableSpec, parameter_constraints, parse_pins
 
@@ -50,7 +50,7 @@ def test_onetrans_tables_on_two_cpu_ranks_every_table_placed():
 
 def test_onetrans_dense_banks_match_the_module_and_can_be_planned_as_a_table():
     from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
-    from torchrec_genrec.plans.models import ns_bank_table, onetrans_dense_banks
+    from torchrec_genrec.models.tables import ns_bank_table, onetrans_dense_banks
 
     shared, per_token = onetrans_dense_banks(embedding_dim=16, num_ns_tokens=3, num_layers=2)
     module = OneTrans(OneTransConfig(embedding_dim=16, num_layers=2, num_heads=1, num_ns_tokens=3))

@@ -244,7 +244,8 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
     features from the artifact) and must give the trained model's scores."""
     from torchrec_genrec.inference.artifact import ArtifactError
     from torchrec_genrec.inference.predictor import History, RequestError
-    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker
+    from torchrec_genrec.export import export_ranker, load_trained_ranker
+    from torchrec_genrec.inference.ranker import RankerPredictor
 
     out = str(tmp_path / "artifact")
     export_ranker(str(ranking_run), out, precision="fp32")
@@ -299,8 +300,8 @@ def test_quantised_ranker_artifact_scores_like_the_quantised_model(ranking_run, 
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
     from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEC
 
-    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker, load_trained_ranker, \
-        quantize_ranker_tables
+    from torchrec_genrec.export import export_ranker, load_trained_ranker
+    from torchrec_genrec.inference.ranker import RankerPredictor, quantize_ranker_tables
 
     manifest = export_ranker(str(ranking_run), str(tmp_path / precision), precision=precision)
     export_ranker(str(ranking_run), str(tmp_path / "fp32"), precision="fp32")
@@ -330,7 +331,8 @@ def test_rank_endpoint_batches_requests_and_answers_like_the_predictor(ranking_r
 
     from conftest import http_server
     from torchrec_genrec.inference.predictor import History
-    from torchrec_genrec.inference.ranker import RankerPredictor, export_ranker
+    from torchrec_genrec.export import export_ranker
+    from torchrec_genrec.inference.ranker import RankerPredictor
     from torchrec_genrec.serving.app import ServeConfig, create_app
 
     out = str(tmp_path / "artifact")

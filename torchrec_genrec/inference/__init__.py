@@ -1,4 +1,7 @@
-"""Inference: export a trained run (``genrec export``) and predict from the artifact.
+"""Inference: load an artifact (written by :mod:`torchrec_genrec.export`) and predict from it.
+
+Nothing here imports the training code or the dataset: an artifact carries everything a
+predictor reads.
 
 ``Predictor`` and ``History`` are imported lazily so that importing the package does not
 pull in torch.export or safetensors.

@@ -31,10 +31,12 @@ import hashlib
 import json
 import os
 import stat
+from importlib import metadata
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 
+from torchrec_genrec import __version__
 from torchrec_genrec.errors import ArtifactError
 
 __all__ = [
@@ -68,11 +70,7 @@ MAX_PROGRAM_BYTES = 4 << 30
 def stack_versions() -> Dict[str, str]:
     """The versions an artifact depends on: the exported graph's format follows torch,
     the table layout follows fbgemm and TorchRec."""
-    from importlib import metadata
-
-    import torchrec_genrec
-
-    versions = {"torchrec_genrec": torchrec_genrec.__version__, "torch": torch.__version__.split("+")[0]}
+    versions = {"torchrec_genrec": __version__, "torch": torch.__version__.split("+")[0]}
     for dist in ("torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu"):
         try:
             versions[dist] = metadata.version(dist)

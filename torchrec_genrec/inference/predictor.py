@@ -29,8 +29,8 @@ import torch
 
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.exported_program import load_exported_program
-from torchrec_genrec.inference.export import PRECISIONS, build_quant_table
 from torchrec_genrec.inference.layout import layout_tokens, lookup_tokens, pad_tokens, rows_of
+from torchrec_genrec.inference.quant import PRECISIONS, build_quant_table
 from torchrec_genrec.ops.jagged import plan_length_buckets
 from torchrec_genrec.tokens import TokenSpace
 

@@ -1,15 +1,18 @@
-"""Rankers for serving: export a ranking run, load it, score a user's candidates in one pass.
+"""Rankers for serving: load a ranker artifact, score a user's candidates in one pass.
 
 ``genrec export RUN --out DIR [--precision int8|fp16|fp32]`` on a ``genrec rank`` run
-writes a directory holding the model's weights (safetensors: the id tables as TorchRec's
-quantised inference collections — int8 row-wise with a per-row fp16 scale and bias, or
-fp16 —, or the trained fp32 model; dense parameters fp32), the item and user
-side features it reads (genres, release year, age, gender, occupation, zip; safetensors),
-the raw ids (``vocab.json``) and a ``manifest.json`` (config, stack versions, each file's
-size and sha256) — nothing pickled; it is checked like a retrieval artifact before it
-loads. :class:`RankerPredictor` rebuilds the model from the config and scores one
-request: all candidates share the user's history, which is encoded once (OneTrans: the
-Stage I cache; HSTU ranker: one target-aware pass; DCNv2+DIN: one lookup).
+(:func:`~torchrec_genrec.export.ranker.export_ranker`) writes a directory holding the
+model's weights (safetensors: the id tables as TorchRec's quantised inference collections
+— int8 row-wise with a per-row fp16 scale and bias, or fp16 —, or the trained fp32 model;
+dense parameters fp32), the item and user side features it reads (genres, release year,
+age, gender, occupation, zip; safetensors), the raw ids and the timestamp unit
+(``vocab.json``) and a ``manifest.json`` (config, stack versions, each file's size and
+sha256) — nothing pickled; it is checked like a retrieval artifact before it loads.
+:class:`RankerPredictor` rebuilds the model from the config and scores one request: all
+candidates share the user's history, which is encoded once (OneTrans: the Stage I cache;
+HSTU ranker: one target-aware pass; DCNv2+DIN: one lookup). It needs neither the training
+code nor the dataset: requests become batches through :mod:`torchrec_genrec.batch`, as
+the training data does.
 
 Example::
 
@@ -21,80 +24,31 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import os
-import shutil
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
+from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, quantize_inference_model
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
-from torchrec_genrec.config import ConfigError, from_dict, to_dict
-from torchrec_genrec.data.errors import DataError
-from torchrec_genrec.data.ranking import RankingData, hour_and_weekday
-from torchrec_genrec.data.ranking_batching import SEQUENCES, EventSequences, ItemSides, assemble_batch
+from torchrec_genrec.batch import (SEQUENCES, USER_SIDES, EventSequences, ItemSides, assemble_batch, ns_feature_ids,
+                                   per_second, request_sequences)
+from torchrec_genrec.config import ConfigError, from_dict
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.predictor import History, RequestError
+from torchrec_genrec.inference.quant import PRECISIONS, TORCH_DTYPES
 from torchrec_genrec.models.ranking import Ranker, RankerConfig
+from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
 
-__all__ = ["RANKER_FORMAT", "RankRequest", "RankerPredictor", "export_ranker", "is_ranking_run", "load_trained_ranker",
-           "quantize_ranker_tables"]
+__all__ = ["FEATURES", "RANKER_FORMAT", "WEIGHTS", "RankRequest", "RankerPredictor", "quantize_ranker_tables"]
 
 RANKER_FORMAT = "torchrec-genrec/ranking"
 WEIGHTS = "ranker.safetensors"
 FEATURES = "features.safetensors"
-_USER_SIDES = ("age", "gender", "occupation", "zip")
 #: The ranker's frozen tables, each in its own collection ``<name>_embeddings``.
 _FROZEN_TABLES = ("content", "das", "lum")
-
-
-def _run_record(run_dir: str) -> Dict[str, Any]:
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(path):
-        raise DataError(f"{run_dir} has no metrics.json: is it a finished run's train.output_dir?")
-    with open(path) as f:
-        return json.load(f)
-
-
-def is_ranking_run(run_dir: str) -> bool:
-    """Whether ``run_dir`` was written by ``genrec rank`` (rather than ``genrec train``)."""
-    return _run_record(run_dir).get("task") == "ranking"
-
-
-def load_trained_ranker(run_dir: str, checkpoint: str = "best", serving: bool = False
-                        ) -> Tuple[Ranker, Any, RankingData]:
-    """The run's ranker, unsharded on CPU in eval mode, its config and its ranking data.
-
-    ``serving=True`` leaves out what only training samples read (point-in-time LUM
-    interests of training events): the model a request is scored with.
-
-    Raises:
-        DataError: no metrics.json, not a ranking run, or no such checkpoint.
-    """
-    from torchrec_genrec.train import storage
-    from torchrec_genrec.train.ranking import RankingRecipeConfig
-
-    record = _run_record(run_dir)
-    if record.get("task") != "ranking":
-        raise DataError(f"{run_dir} is not a ranking run (genrec rank); export retrieval runs the same way")
-    cfg = from_dict(RankingRecipeConfig, record["config"], os.path.join(run_dir, "metrics.json"))
-    data = RankingData.build(record["dataset"]["path"], cfg.data.task)
-    path = storage.join(os.path.join(run_dir, "checkpoints"), checkpoint)
-    if not storage.exists(storage.join(path, ".metadata")):
-        raise DataError(f"no complete checkpoint {checkpoint!r} in {os.path.join(run_dir, 'checkpoints')}")
-    from torchrec_genrec.train.ranking import load_ranker_side_inputs
-
-    side, _ = load_ranker_side_inputs(record["dataset"]["path"], cfg.model, data.vocab_sizes)
-    if serving:
-        side = {k: v for k, v in side.items() if k not in Ranker.TRAINING_ONLY_SIDE_KEYS}
-    model = Ranker(cfg.model, data.vocab_sizes, num_genres=len(data.vocabularies["genre"]),
-                   max_seq_len=cfg.data.task.max_seq_len, seed=cfg.train.seed, device=torch.device("cpu"), side=side)
-    state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=storage.IOPathReader(path))
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, data
 
 
 def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str, Any]]:
@@ -115,17 +69,9 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
 
     Example::
 
-        model, _, _ = load_trained_ranker("runs/ranking_ml100k")
+        model, _, _ = load_trained_ranker("runs/ranking_ml100k")    # torchrec_genrec.export
         tables = quantize_ranker_tables(model, "int8")
     """
-    from torchrec.inference.modules import DEFAULT_QUANT_MAPPING, quantize_inference_model
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
-    from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
-
-    from torchrec_genrec.inference.export import PRECISIONS, TORCH_DTYPES
-    from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
-
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
     tables: Dict[str, Dict[str, Any]] = {}
@@ -152,70 +98,7 @@ def quantize_ranker_tables(model: Ranker, precision: str) -> Dict[str, Dict[str,
     return tables
 
 
-def _weights_to_save(model: Ranker) -> Dict[str, torch.Tensor]:
-    # A quantised collection's table rows are views into its TBE's storage: copy them out.
-    # The TBE's own buffers (offsets, cache state) are rebuilt from the config at load.
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if ".tbes." not in k}
-
-
-def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrite: bool = False,
-                  precision: str = "int8") -> Dict[str, Any]:
-    """Writes the serving artifact of a ranking run (see the module docstring).
-
-    Args:
-        run_dir (str): a finished ``genrec rank`` run.
-        out_dir (str): the artifact directory (published atomically).
-        checkpoint (str): which checkpoint, ``best`` by default.
-        overwrite (bool): replace an existing ``out_dir``.
-        precision (str): id tables ``int8`` (default), ``fp16`` or ``fp32``
-            (:func:`quantize_ranker_tables`).
-
-    Returns:
-        Dict[str, Any]: the manifest.
-    """
-    from safetensors.torch import save_file
-
-    from torchrec_genrec.data.store import atomic_dir, publish_dir
-
-    if os.path.exists(out_dir) and not overwrite:
-        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
-    model, cfg, data = load_trained_ranker(run_dir, checkpoint, serving=True)
-    tables = quantize_ranker_tables(model, precision)
-    store = data.store
-    tmp = atomic_dir(out_dir)
-    try:
-        save_file(_weights_to_save(model), os.path.join(tmp, WEIGHTS))
-        sides = {"genre_offsets": data.genre_offsets, "genre_values": data.genre_values, "item_year": data.item_year,
-                 **{f"user_{k}": data.user_features[k] for k in _USER_SIDES}}
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in sides.items()},
-                  os.path.join(tmp, FEATURES))
-        vocab = {"item_ids": store.item_raw_ids().tolist(), "user_ids": store.user_raw_ids().tolist(),
-                 "action_values": list(store.action_values), "genres": data.vocabularies["genre"],
-                 "timestamp_unit": store.manifest.get("timestamp_unit", "s")}
-        with open(os.path.join(tmp, art.VOCAB), "w") as f:  # the directory is published atomically
-            json.dump(vocab, f)
-        record = _run_record(run_dir)
-        manifest = {
-            "format": RANKER_FORMAT, "format_version": art.ARTIFACT_VERSION,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": art.stack_versions(), "precision": precision, "tables": tables,
-            "side_widths": model.side_widths(),
-            "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
-            "vocab_sizes": data.vocab_sizes, "num_genres": len(data.vocabularies["genre"]),
-            "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
-                    "test": record.get("metrics", {}).get("test")},
-            "files": {name: art.file_entry(os.path.join(tmp, name)) for name in (WEIGHTS, FEATURES, art.VOCAB)},
-        }
-        with open(os.path.join(tmp, art.MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        publish_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-_FEATURE_KEYS = ("genre_offsets", "genre_values", "item_year", *(f"user_{k}" for k in _USER_SIDES))
+_FEATURE_KEYS = ("genre_offsets", "genre_values", "item_year", *(f"user_{k}" for k in USER_SIDES))
 
 
 def _load_tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -290,11 +173,11 @@ class RankerPredictor:
         self._user_index = {raw: i for i, raw in enumerate(vocab["user_ids"])}
         self._action_index = {float(v): i for i, v in enumerate(vocab["action_values"])}
         self._action_values = np.asarray(vocab["action_values"], dtype=np.float64)
-        self._per_second = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}.get(vocab.get("timestamp_unit", "s"), 1)
+        self._per_second = per_second(vocab.get("timestamp_unit", "s"))
         f = {k: v.numpy() for k, v in features.items()}
         self._items = ItemSides.from_csr(f["genre_offsets"], f["genre_values"], int(manifest["num_genres"]))
         self._item_year = f["item_year"]
-        self._user_sides = {k: f[f"user_{k}"] for k in _USER_SIDES}
+        self._user_sides = {k: f[f"user_{k}"] for k in USER_SIDES}
 
     @classmethod
     def load(cls, directory: str, check_versions: bool = True) -> "RankerPredictor":
@@ -365,14 +248,7 @@ class RankerPredictor:
             raise RequestError("history timestamps must be non-decreasing and strictly before the request's")
         seconds = times // self._per_second
         liked = self._action_values[actions] >= self.positive_threshold
-        out = {}
-        for name, keep in zip(SEQUENCES, (liked, ~liked)):
-            idx = np.nonzero(keep)[0][-self.max_seq_len:]  # the most recent of each kind
-            out[name] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
-        if self.lifelong_len > 0:
-            idx = np.arange(max(n - self.lifelong_len, 0), n)
-            out["lifelong"] = EventSequences(items[idx], actions[idx], seconds[idx], np.asarray([len(idx)]))
-        return out
+        return request_sequences(items, actions, seconds, liked, self.max_seq_len, self.lifelong_len)
 
     def prepare(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> "RankRequest":
         """Validates one request and maps it to dense ids (what :meth:`score_prepared` takes).
@@ -398,9 +274,7 @@ class RankerPredictor:
         targets = np.concatenate([r.targets for r in requests])
         seconds = np.repeat(np.asarray([r.seconds for r in requests], dtype=np.int64), counts)
         users = np.repeat(np.asarray([r.user for r in requests], dtype=np.int64), counts)
-        hour, weekday = hour_and_weekday(seconds)
-        ns_ids = {"user_id": users, **{f"user_{k}": self._user_sides[k][users] for k in _USER_SIDES},
-                  "release_year": self._item_year[targets], "event_hour": hour, "event_weekday": weekday}
+        ns_ids = ns_feature_ids(users, targets, seconds, self._user_sides, self._item_year)
         sequences = {name: EventSequences(*(np.concatenate([getattr(r.sequences[name], f) for r in requests])
                                             for f in ("items", "actions", "seconds", "lengths")))
                      for name in SEQUENCES}

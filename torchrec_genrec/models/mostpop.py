@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from torchrec_genrec.data.batching import SequenceBatch, gather_ranges
+from torchrec_genrec.batch import SequenceBatch
+from torchrec_genrec.data.batching import gather_ranges
 from torchrec_genrec.data.splits import LeaveOneOut
-from torchrec_genrec.data.store import SequenceStore
 
 
 class MostPopular(torch.nn.Module):
@@ -29,8 +29,13 @@ class MostPopular(torch.nn.Module):
         self.register_buffer("counts", torch.zeros(num_items, dtype=torch.float32))
 
     @classmethod
-    def fit(cls, store: SequenceStore, protocol: LeaveOneOut) -> "MostPopular":
-        """Counts items over every user's training events (no validation or test event)."""
+    def fit(cls, store, protocol: LeaveOneOut) -> "MostPopular":
+        """Counts items over every user's training events (no validation or test event).
+
+        Args:
+            store (SequenceStore): the events (its ``offsets``, ``item`` and ``num_items``).
+            protocol (LeaveOneOut): how many events per user are held out.
+        """
         # Every user's training events count, also users too short for a training sequence.
         offsets = np.asarray(store.offsets)
         start_all = offsets[:-1]

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
-from torchrec_genrec.data.batching import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, SequenceBatch
+from torchrec_genrec.batch import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, SequenceBatch
+from torchrec_genrec.models.tables import RETRIEVAL_FEATURES, TOKEN_TABLE, retrieval_tables, table_width
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.sasrec import SASRecConfig, SASRecEncoder
 from torchrec_genrec.ops.jagged import lengths_to_offsets, positions_in_sequence, sequence_ids
 from torchrec_genrec.ops.random import keyed_randint
-from torchrec_genrec.plans.models import RETRIEVAL_FEATURES, TOKEN_TABLE, retrieval_tables, table_width
-from torchrec_genrec.plans.spec import TableSpec
+from torchrec_genrec.table_spec import TableSpec
 from torchrec_genrec.tokens import TokenSpace
 
 # Features of the one KeyedJaggedTensor looked up in the token table.

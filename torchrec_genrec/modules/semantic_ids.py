@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_genrec.plans.models import table_width
-from torchrec_genrec.plans.spec import TableSpec
+from torchrec_genrec.table_spec import TableSpec, table_width
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["RQVAE", "RQVAEConfig", "add_semantic_id_kinds", "disambiguate", "kmeans", "reconstruct",

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -40,7 +41,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from torchrec_genrec.inference.predictor import Predictor, RequestError
+from torchrec_genrec.inference.artifact import MANIFEST
+from torchrec_genrec.inference.predictor import History, Predictor, RequestError
+from torchrec_genrec.inference.ranker import RANKER_FORMAT, RankerPredictor
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 
@@ -222,7 +225,7 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(predictor: Union[Predictor, "RankerPredictor"], config: Optional[ServeConfig] = None) -> Any:
+def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[ServeConfig] = None) -> Any:
     """The FastAPI application serving ``predictor`` (see the module docstring).
 
     Args:
@@ -233,16 +236,12 @@ def create_app(predictor: Union[Predictor, "RankerPredictor"], config: Optional[
     Returns:
         the ASGI app (FastAPI behind a body-size limit); run it with uvicorn.
     """
-    from torchrec_genrec.inference.ranker import RankerPredictor
-
     config = config or ServeConfig()
     metrics = _Metrics()
     ranking = isinstance(predictor, RankerPredictor)
     runners = ({"rank": lambda prepared, _: predictor.score_prepared(prepared)} if ranking else
                {"recommend": predictor.recommend_prepared, "score": predictor.score_prepared})
     batcher = _MicroBatcher(runners, config, metrics)
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -290,8 +289,6 @@ def create_app(predictor: Union[Predictor, "RankerPredictor"], config: Optional[
     if ranking:
         @app.post("/rank")
         async def rank(body: RankIn) -> Dict[str, Any]:
-            from torchrec_genrec.inference.predictor import History
-
             check_candidates(body.candidates)
             prepared = predictor.prepare(body.user, History(**body.history.model_dump()), body.candidates,
                                          body.timestamp)
@@ -321,10 +318,7 @@ def create_app(predictor: Union[Predictor, "RankerPredictor"], config: Optional[
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Optional[ServeConfig] = None,
           check_versions: bool = True) -> None:
     """Loads ``artifact`` and serves it until interrupted."""
-    import uvicorn
-
-    from torchrec_genrec.inference.artifact import MANIFEST
-    from torchrec_genrec.inference.ranker import RANKER_FORMAT, RankerPredictor
+    import uvicorn  # the server itself (~0.1 s to import): only needed to run one
 
     try:
         with open(os.path.join(artifact, MANIFEST)) as f:

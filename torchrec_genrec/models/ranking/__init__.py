@@ -1,6 +1,6 @@
 """Rankers on TorchRec tables: DCNv2 + DIN (the DLRM baseline), OneTrans, and the HSTU ranker.
 
-All three read the same :class:`~torchrec_genrec.data.ranking_batching.RankingBatch`
+All three read the same :class:`~torchrec_genrec.batch.RankingBatch`
 through the same tables (:mod:`~torchrec_genrec.models.ranking.features`, the base class
 :class:`Ranker`). They differ in how sequences and features meet:
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchrec.modules.crossnet import CrossNet
 
-from torchrec_genrec.data.ranking_batching import SEQUENCES, RankingBatch
+from torchrec_genrec.batch import SEQUENCES, RankingBatch
 from torchrec_genrec.models.ranking.features import Ranker, mlp
 from torchrec_genrec.modules.din import DINAttention
 from torchrec_genrec.ops.jagged import jagged_to_padded

@@ -1,7 +1,7 @@
 """The part all rankers share: their tables, side inputs and feature lookups.
 
-Every ranker reads the same :class:`~torchrec_genrec.data.ranking_batching.RankingBatch`
-through the same tables (:func:`~torchrec_genrec.plans.models.onetrans_tables`): one
+Every ranker reads the same :class:`~torchrec_genrec.batch.RankingBatch`
+through the same tables (:func:`~torchrec_genrec.models.tables.onetrans_tables`): one
 ``EmbeddingCollection`` (the item table, shared by the target and both behaviour
 sequences; the rating table) and one ``EmbeddingBagCollection`` (genre bags; one table
 per NS feature), plus the optional semantic-ID tables and the frozen content / DAS / LUM
@@ -23,15 +23,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_genrec.data.lum import HOUR_BUCKET, REQUEST_CONDITION_CODES
-from torchrec_genrec.data.ranking_batching import LIFELONG_KEY, NS_FEATURES, SEQUENCES, RankingBatch
+from torchrec_genrec.batch import (HOUR_BUCKET, LIFELONG_KEY, NS_FEATURES, REQUEST_CONDITION_CODES, SEQUENCES,
+                                   RankingBatch)
 from torchrec_genrec.models.ranking.config import RankerConfig
+from torchrec_genrec.models.tables import onetrans_tables, semantic_id_tables, table_width
 from torchrec_genrec.modules.muse import SimilarityAwareTargetAttention, SimTier, gsu_top_k
-from torchrec_genrec.modules.semantic_ids import semantic_id_tables
 from torchrec_genrec.ops.jagged import jagged_to_padded
-from torchrec_genrec.plans.models import onetrans_tables, table_width
 from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
-from torchrec_genrec.plans.spec import TableSpec
+from torchrec_genrec.table_spec import TableSpec
 
 __all__ = ["NS_GROUPS", "Ranker", "count_dense_parameters", "count_table_parameters", "merged_history", "mlp"]
 

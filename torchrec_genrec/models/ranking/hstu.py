@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_genrec.data.ranking_batching import SEQUENCES, RankingBatch
+from torchrec_genrec.batch import SEQUENCES, RankingBatch
 from torchrec_genrec.models.ranking.features import Ranker, merged_history, mlp
 from torchrec_genrec.modules.hstu import HSTUConfig
 from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder

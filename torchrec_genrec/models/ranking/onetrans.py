@@ -19,7 +19,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from torchrec_genrec.data.ranking_batching import SEQUENCES, RankingBatch
+from torchrec_genrec.batch import SEQUENCES, RankingBatch
 from torchrec_genrec.models.ranking.features import Ranker, merged_history, mlp
 from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
 

@@ -1,8 +1,9 @@
-"""``genrec export``: a trained run -> a self-contained inference artifact.
+"""``genrec export`` of a retrieval run: a trained run -> a self-contained inference artifact.
 
 The token table goes through TorchRec's inference quantisation
-(``quantize_inference_model``: a ``QuantEmbeddingCollection`` over fbgemm's inference
-TBE, int8 row-wise with a per-row fp16 scale and bias, or fp16, or fp32); its TBE rows
+(:func:`~torchrec_genrec.inference.quant.quantize_token_table`: a
+``QuantEmbeddingCollection`` over fbgemm's inference TBE, int8 row-wise with a per-row
+fp16 scale and bias, or fp16, or fp32); its TBE rows
 are written as they are, alignment included, so the predictor loads them back into the
 same module without re-quantising. The dense side — the sequence encoder and the user
 readout — is exported with ``torch.export`` on right-padded inputs with dynamic batch
@@ -18,31 +19,29 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import shutil
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save, save_file
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.modules.embedding_configs import DataType
+from torch.export import Dim
 from torchrec.inference.model_packager import PredictFactoryPackager
-from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 
 from torchrec_genrec.config import to_dict
+from torchrec_genrec.data.store import SequenceStore, atomic_dir, publish_dir
+from torchrec_genrec.export.checkpoint import load_trained_model
 from torchrec_genrec.inference import artifact as art
-from torchrec_genrec.inference.checkpoint import load_trained_model
+from torchrec_genrec.inference.quant import PRECISIONS, quantize_token_table
+from torchrec_genrec.inference.torchrec_package import CONFIG_NAME, WEIGHTS_NAME, RetrievalPredictFactory
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 
-__all__ = ["PRECISIONS", "UserEncoder", "build_quant_table", "export_run", "export_torchrec_package",
-           "quantize_token_table", "table_bytes"]
-
-#: Export precisions of the token table and the TorchRec data type each maps to.
-PRECISIONS: Dict[str, DataType] = {"fp32": DataType.FP32, "fp16": DataType.FP16, "int8": DataType.INT8}
-#: The torch dtype TorchRec's inference quantisation takes for each precision.
-TORCH_DTYPES = {"fp32": torch.float, "fp16": torch.half, "int8": torch.qint8}
+__all__ = ["UserEncoder", "export_run", "export_torchrec_package", "table_bytes"]
 
 
 class UserEncoder(nn.Module):
@@ -78,43 +77,7 @@ class UserEncoder(nn.Module):
         return F.normalize(last, dim=-1, eps=1e-6)
 
 
-def _table_config(name: str, rows: int, dim: int, features: List[str], precision: str) -> EmbeddingConfig:
-    return EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=list(features),
-                           data_type=PRECISIONS[precision])
-
-
-def quantize_token_table(collection: EmbeddingCollection, precision: str) -> QuantEmbeddingCollection:
-    """A trained (float, unsharded) collection -> TorchRec's quantised inference collection.
-
-    Args:
-        collection (EmbeddingCollection): the model's token collection, on CPU.
-        precision (str): ``fp32``, ``fp16`` or ``int8``.
-
-    Returns:
-        QuantEmbeddingCollection: fbgemm inference TBE rows at that precision.
-    """
-    from torchrec.inference.modules import quantize_inference_model
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
-    holder = nn.Module()
-    holder.collection = collection
-    quantize_inference_model(holder, per_table_weight_dtype={c.name: TORCH_DTYPES[precision]
-                                                             for c in collection.embedding_configs()},
-                             quantization_dtype=TORCH_DTYPES[precision])
-    return holder.collection
-
-
-def build_quant_table(name: str, rows: int, dim: int, features: List[str], precision: str) -> QuantEmbeddingCollection:
-    """An empty quantised collection with the layout :func:`quantize_token_table` writes,
-    ready for ``load_state_dict`` of an artifact's table."""
-    return QuantEmbeddingCollection(tables=[_table_config(name, rows, dim, features, precision)],
-                                    device=torch.device("cpu"), output_dtype=torch.float)
-
-
 def _export_encoder(model: GenerativeRetrieval, path: str) -> None:
-    from torch.export import Dim
-
     encoder = UserEncoder(model.encoder).eval()
     d = model.config.embedding_dim
     max_len = model.encoder.config.max_seq_len
@@ -145,12 +108,6 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
     Raises:
         DataError: no such run or checkpoint, or ``out_dir`` exists without ``overwrite``.
     """
-    import json
-
-    from safetensors.torch import save_file
-
-    from torchrec_genrec.data.store import SequenceStore, atomic_dir, publish_dir
-
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
     if os.path.exists(out_dir) and not overwrite:
@@ -218,6 +175,7 @@ def table_bytes(manifest: Dict[str, Any], payload_only: bool = False) -> int:
     per_value = {"fp32": 4, "fp16": 2, "int8": 1}[manifest["precision"]]
     return table["rows"] * manifest["embedding_dim"] * per_value
 
+
 class _Packager(PredictFactoryPackager):
     """Interns the factory's code; torch, TorchRec, fbgemm and torchrec_genrec's encoders extern."""
 
@@ -249,13 +207,6 @@ def export_torchrec_package(run_dir: str, out_path: str, precision: str = "int8"
     Returns:
         str: ``out_path``.
     """
-    import dataclasses
-    import json
-
-    from safetensors.torch import save
-
-    from torchrec_genrec.inference.torchrec_package import CONFIG_NAME, WEIGHTS_NAME, RetrievalPredictFactory
-
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
     if os.path.exists(out_path) and not overwrite:

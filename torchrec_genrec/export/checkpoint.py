@@ -21,7 +21,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from torchrec_genrec.config import from_dict
-from torchrec_genrec.data.errors import DataError
+from torchrec_genrec.data.store import SequenceStore
+from torchrec_genrec.errors import DataError
 from torchrec_genrec.models.retrieval import GenerativeRetrieval
 from torchrec_genrec.train import storage
 from torchrec_genrec.train.checkpoint import checkpoint_problem
@@ -55,8 +56,6 @@ def load_trained_model(run_dir: str, checkpoint: str = "best") -> Tuple[Generati
     if "num_actions" in dataset:
         num_actions = dataset["num_actions"]
     else:  # runs recorded before num_actions was: read it from the store
-        from torchrec_genrec.data.store import SequenceStore
-
         num_actions = SequenceStore.open(dataset["path"]).num_actions
     directory = cfg.train.checkpoint_dir or os.path.join(run_dir, "checkpoints")
     path = storage.join(directory, checkpoint)

@@ -1,4 +1,8 @@
-"""Each model's embedding tables, declared as data (see :mod:`torchrec_genrec.plans.spec`).
+"""Each model's embedding tables, declared as data (:class:`~torchrec_genrec.table_spec.TableSpec`).
+
+:mod:`torchrec_genrec.plans` turns these declarations into planner constraints and a
+sharding plan (``genrec plan --model NAME`` plans :data:`MODEL_TABLES`); the models build
+their collections from the same declarations.
 
 - **Generative retrieval (HSTU, SASRec)**: one unified token table (special tokens, every
   item, every action). It is the big one (a billion items at D=256 is a terabyte), looked
@@ -11,6 +15,7 @@
   only for sequence tables), and the planner picks by cost.
 - **Content embeddings**: precomputed multimodal vectors per item, frozen: no optimiser
   state, placed row-wise or table-wise like any other table.
+- **Semantic IDs**: one sub-table per level of the codes (a multi-group table).
 
 Example::
 
@@ -21,28 +26,22 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchrec_genrec.plans.spec import TableSpec
+from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
+from torchrec_genrec.table_spec import TableSpec, table_width
 from torchrec_genrec.tokens import TokenSpace
 
-__all__ = ["DenseBank", "onetrans_dense_banks", "ns_bank_table", "MODEL_TABLES", "TOKEN_TABLE", "RETRIEVAL_FEATURES",
-           "content_tables", "onetrans_tables",
-           "retrieval_tables", "table_width"]
+__all__ = ["DenseBank", "MODEL_TABLES", "RETRIEVAL_FEATURES", "TOKEN_TABLE", "content_tables", "ns_bank_table",
+           "onetrans_dense_banks", "onetrans_tables", "retrieval_tables", "semantic_id_tables", "table_width"]
 
 #: Name of the unified token table of the generative-retrieval models.
 TOKEN_TABLE = "tokens"
 #: The features that look it up: history item tokens, history action tokens (summed
 #: mode), sampled negatives, and the catalogue (full-catalogue scoring).
 RETRIEVAL_FEATURES = ("history", "history_actions", "negatives", "catalog")
-
-
-def table_width(embedding_dim: int) -> int:
-    """Columns a table of model width ``embedding_dim`` is stored in: fbgemm's fused
-    tables need a multiple of 4 (the extra columns are never read)."""
-    return -(-embedding_dim // 4) * 4
 
 
 def retrieval_tables(num_items: int, num_actions: int, embedding_dim: int, max_seq_len: int,
@@ -68,7 +67,7 @@ def onetrans_tables(num_items: int, num_users: int, embedding_dim: int, max_seq_
                     num_ratings: int = 5, num_genres: int = 19,
                     ns_rows: Optional[Dict[str, int]] = None) -> List[TableSpec]:
     """The ranking models' tables on MovieLens-style ranking features (the keys of
-    :mod:`torchrec_genrec.data.ranking_batching`); OneTrans, DCNv2+DIN and the HSTU ranker
+    :class:`~torchrec_genrec.batch.RankingBatch`); OneTrans, DCNv2+DIN and the HSTU ranker
     share them.
 
     The S-token tables are shared: one item table looked up by the target and by every
@@ -138,8 +137,6 @@ def onetrans_dense_banks(embedding_dim: int, num_ns_tokens: int, num_layers: int
     size`` is a sizeable share of a rank's memory — at the paper's scale (tens of NS
     tokens, D ~ 256-1024) a bank is tens to hundreds of MiB, so replication is the default.
     """
-    from torchrec_genrec.modules.onetrans import OneTrans, OneTransConfig
-
     with torch.device("meta"):
         model = OneTrans(OneTransConfig(embedding_dim=embedding_dim, num_layers=num_layers, num_heads=1,
                                         num_ns_tokens=num_ns_tokens, ffn_dim=ffn_dim))
@@ -165,6 +162,16 @@ def content_tables(num_items: int, embedding_dim: int) -> List[TableSpec]:
     return [TableSpec("content", num_items, table_width(embedding_dim), ("content_item",),
                       sharding_types=("row_wise", "table_wise"), trainable=False, ids_per_sample=1.0,
                       description="frozen precomputed content embeddings")]
+
+
+def semantic_id_tables(codebook_sizes: Sequence[int], embedding_dim: int, prefix: str = "sid",
+                       features: Sequence[str] = ("target", "liked", "other")) -> List[TableSpec]:
+    """One sub-table per level (the multi-group table): ``{prefix}_l{l}`` with
+    ``codebook_sizes[l]`` rows, read by the features ``{f}_{prefix}{l}``."""
+    return [TableSpec(f"{prefix}_l{level}", int(rows), table_width(embedding_dim),
+                      tuple(f"{f}_{prefix}{level}" for f in features), sharding_types=("table_wise", "row_wise"),
+                      ids_per_sample=1.0, description=f"semantic-ID level {level} ({rows} codes)")
+            for level, rows in enumerate(codebook_sizes)]
 
 
 #: Table declarations ``genrec plan --model NAME`` knows, as functions of
