@@ -26,8 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torchrec_genrec.data.datasets import resolve_store  # noqa: E402
 from torchrec_genrec.data.store import SequenceStore  # noqa: E402
-from torchrec_genrec.modules.lum import LUMConfig  # noqa: E402
+from torchrec_genrec.config import load_config  # noqa: E402
 from torchrec_genrec.train.lum import LUMRecipeConfig, load_lum, lum_features, pretrain_lum  # noqa: E402
+
+
+def _recipe(args, seed: int, output_dir: str, **data) -> LUMRecipeConfig:
+    """The shipped recipe (apps/configs/lum_ml100k.toml) with this run's settings."""
+    settings = [f"data.condition={args.condition}", f"train.epochs={args.epochs}", f"train.seed={seed}",
+                f"train.output_dir={output_dir}", f"model.encoder={args.encoder}",
+                *(f"data.{k}={v}" for k, v in data.items())]
+    return load_config(LUMRecipeConfig, "apps/configs/lum_ml100k.toml", settings).validate()
 
 
 def main() -> None:
@@ -54,20 +62,17 @@ def main() -> None:
         elif args.folds > 1:
             model = []
             for k in range(args.folds):
-                cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, folds=args.folds,
-                                      holdout_fold=k, output_dir=f"runs/{name}_f{k}",
-                                      model=LUMConfig(encoder=args.encoder))
+                cfg = _recipe(args, seed, f"runs/{name}_f{k}", folds=args.folds, holdout_fold=k)
                 fold_model, seqs, history = pretrain_lum(cfg)
                 model.append(fold_model)
             trained = f"{args.folds} cross-fitted LUMs, the last {history[-1]}"
         else:
-            cfg = LUMRecipeConfig(condition=args.condition, epochs=args.epochs, seed=seed, output_dir=f"runs/{name}",
-                                  model=LUMConfig(encoder=args.encoder))
+            cfg = _recipe(args, seed, f"runs/{name}")
             model, seqs, history = pretrain_lum(cfg)
             trained = f"pre-training {history[-1]}"
         start = time.perf_counter()
-        out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.dataset)), name, steps=args.steps,
-                           event_history=cfg.max_events if args.point_in_time else None)
+        out = lum_features(model, seqs, SequenceStore.open(resolve_store(cfg.data.dataset)), name, steps=args.steps,
+                           event_history=cfg.data.max_events if args.point_in_time else None)
         events = f", events {tuple(out['lum_event_interest'].shape)}" if "lum_event" in out else ""
         print(f"{name}: {trained}; interests {tuple(out['lum_interest'].shape)}{events}, "
               f"items {tuple(out['lum_item'].shape)} ({time.perf_counter() - start:.0f} s)")

@@ -18,9 +18,10 @@ from torchrec_genrec.modules.das import DAS, DASBatch, DASConfig, SIDFusion, inf
 from torchrec_genrec.modules.muse import (SimilarityAwareTargetAttention, SimTier, gsu_top_k,
                                           target_attention_reference)
 from torchrec_genrec.modules.semantic_ids import (RQVAEConfig, add_semantic_id_kinds, disambiguate, reconstruct,
-                                                  rq_kmeans, semantic_id_stats, semantic_id_tokens, train_rqvae)
+                                                  rq_kmeans, semantic_id_stats, semantic_id_tokens)
 from torchrec_genrec.tokens import TokenSpace
 from torchrec_genrec.train import content as pipeline
+from torchrec_genrec.train.content import train_rqvae
 
 from conftest import predict_each_candidate_alone
 
@@ -199,11 +200,11 @@ def test_das_trains_all_losses_and_exports_codes_and_fused_vectors():
     # Planted behaviour: user u likes items u and u + 1 (mod 30).
     def batch():
         u = torch.randint(0, users, (32,), generator=g)
-        return DASBatch(u, u % items, (u + 1) % items, (u + 1) % users)
-    first = das(batch(), item_content, user_content)
+        return DASBatch(u, u % items, (u + 1) % items, (u + 1) % users, item_content[u % items], user_content[u])
+    first = das(batch())
     assert set(cfg.views) <= {k[len("align_"):] for k in first if k.startswith("align_")}
     for _ in range(150):
-        losses = das(batch(), item_content, user_content)
+        losses = das(batch())
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
@@ -214,7 +215,7 @@ def test_das_trains_all_losses_and_exports_codes_and_fused_vectors():
     # Alignment views can be dropped (ablation).
     only = DAS(DASConfig(content_dim=16, latent_dim=8, num_levels=2, codebook_size=4, cf_dim=8,
                          popularity_buckets=3, views=("i2i",)), users, items, torch.zeros(items, dtype=torch.long))
-    assert [k for k in only(batch(), item_content, user_content) if k.startswith("align_")] == ["align_i2i"]
+    assert [k for k in only(batch()) if k.startswith("align_")] == ["align_i2i"]
 
 
 def test_fusion_mixes_widths_and_info_nce_prefers_matches():

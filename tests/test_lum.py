@@ -2,6 +2,7 @@
 single queries, generation extends the branches, runs save and load."""
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,16 @@ import torch
 from torchrec_genrec.data.lum import block_causal_mask, condition_item_sequences, pack_sequences
 from torchrec_genrec.modules.lum import LUM, LUMConfig
 from torchrec_genrec.train.content import behaviour_log
+
+
+def recipe(model=None, epochs=3, seed=0, output_dir="", **data):
+    """A LUM recipe from the data settings given flat (the tests' shorthand)."""
+    from torchrec_genrec.train.lum import LUMDataConfig, LUMRecipeConfig, _lum_train_defaults
+
+    train = _lum_train_defaults()
+    train.epochs, train.seed, train.output_dir = epochs, seed, output_dir
+    train.checkpoint = bool(output_dir)
+    return LUMRecipeConfig(data=LUMDataConfig(**data), model=model or LUMConfig(), train=train)
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +81,12 @@ def test_conditioned_retrieval_uses_only_pre_cutoff_training_and_scores_test_eve
     """A short pre-training run (jagged and packed layouts) and the retrieval test: the true
     condition must beat a wrong one (the condition carries the genre), the unconditioned
     model's prior is exactly a genre filter, and every metric is a rate."""
-    from torchrec_genrec.train.lum import LUMRecipeConfig, conditioned_retrieval, pretrain_lum
+    from torchrec_genrec.train.lum import conditioned_retrieval, pretrain_lum
 
     small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=32)
     for layout in ("packed", "jagged"):
-        cfg = LUMRecipeConfig(dataset=ml100k.path, condition="genre", max_events=30, row_len=64, epochs=3,
-                              layout=layout, model=small)
+        cfg = recipe(model=small, epochs=3, dataset=ml100k.path, condition="genre", max_events=30, row_len=64,
+                     layout=layout)
         model, seqs, history = pretrain_lum(cfg)
         assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
         assert int(seqs.timestamps.max()) < seqs.cutoff  # nothing at or after the validation cutoff
@@ -88,7 +99,7 @@ def test_conditioned_retrieval_uses_only_pre_cutoff_training_and_scores_test_eve
     assert pooled["events"] == right["events"]
     with pytest.raises(ValueError, match="trained on condition 'genre'"):
         conditioned_retrieval(model, seqs, cfg, "hour")
-    none_cfg = dataclasses.replace(cfg, condition="none")
+    none_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, condition="none"))
     none_model, none_seqs, _ = pretrain_lum(none_cfg)
     with pytest.raises(ValueError, match="condition to evaluate"):
         conditioned_retrieval(none_model, none_seqs, none_cfg)
@@ -200,24 +211,25 @@ def test_condition_given_item_is_a_filter_for_genre_and_a_smoothed_frequency_for
 
 
 def test_lum_runs_save_and_load_and_bad_configs_are_refused(ml100k, tmp_path):
-    from torchrec_genrec.train.lum import LUMRecipeConfig, load_lum, pretrain_lum
+    from torchrec_genrec.train.lum import WEIGHTS, load_lum, pretrain_lum
 
     small = LUMConfig(embedding_dim=16, num_layers=1, num_heads=2, max_positions=64, num_negatives=16)
     with pytest.raises(ValueError, match="unknown LUM condition 'genres'"):
-        LUMRecipeConfig(condition="genres").validate()
+        recipe(condition="genres").validate()
     with pytest.raises(ValueError, match="layout"):
-        LUMRecipeConfig(layout="ragged").validate()
+        recipe(layout="ragged").validate()
     with pytest.raises(ValueError, match="max_positions"):
-        LUMRecipeConfig(max_events=100, model=small).validate()
+        recipe(max_events=100, model=small).validate()
     with pytest.raises(ValueError, match="block-diagonal"):
-        LUMRecipeConfig(layout="packed", model=LUMConfig(encoder="hstu")).validate()
-    cfg = LUMRecipeConfig(dataset=ml100k.path, condition="hour", max_events=20, epochs=1, model=small,
-                          output_dir=str(tmp_path / "run"))
+        recipe(layout="packed", model=LUMConfig(encoder="hstu")).validate()
+    cfg = recipe(model=small, epochs=1, output_dir=str(tmp_path / "run"), dataset=ml100k.path, condition="hour",
+                 max_events=20)
     model, seqs, history = pretrain_lum(cfg)
-    assert (tmp_path / "run" / "tensorboard").is_dir() and not list((tmp_path / "run").glob(".lum-*"))
-    # lum.pt marks a finished run: written after config.json and history.json.
     run = tmp_path / "run"
-    assert (run / "lum.pt").stat().st_mtime_ns >= (run / "config.json").stat().st_mtime_ns
+    assert (run / "tensorboard").is_dir() and not list(run.glob("*.tmp"))
+    assert os.path.isdir(run / "checkpoints") and any(d.startswith("step-") for d in os.listdir(run / "checkpoints"))
+    # The weights mark a finished run: written after config.json and history.json.
+    assert (run / WEIGHTS).stat().st_mtime_ns >= (run / "config.json").stat().st_mtime_ns
     loaded, loaded_seqs, loaded_cfg = load_lum(str(tmp_path / "run"))
     assert loaded_cfg == cfg and np.array_equal(loaded_seqs.tokens, seqs.tokens)
     prefix = torch.from_numpy(seqs.tokens[seqs.offsets[1]:seqs.offsets[2]])
@@ -234,12 +246,12 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
     from torchrec_genrec.data.content import load_side_features
 
     run = str(tmp_path / "lum")
-    small = ["epochs=1", "max_events=20", "model.embedding_dim=16", "model.num_layers=1", "model.max_positions=64",
-             "model.num_negatives=16", f"dataset={json.dumps(ml100k.path)}"]
-    assert cli.main(["lum", "train", "--out", run, "--set", "condtion=hour"]) != 0  # a config typo is named
-    assert "did you mean 'condition'" in capsys.readouterr().err
+    small = ["train.epochs=1", "data.max_events=20", "model.embedding_dim=16", "model.num_layers=1",
+             "model.max_positions=64", "model.num_negatives=16", f"data.dataset={json.dumps(ml100k.path)}"]
+    assert cli.main(["lum", "train", "--out", run, "--set", "data.condtion=hour"]) != 0  # a config typo is named
+    assert "did you mean 'data.condition'" in capsys.readouterr().err
     assert cli.main(["lum", "train", "--out", run] + sum((["--set", s] for s in small), [])) == 0
-    assert "lum.pt" in capsys.readouterr().out
+    assert "lum.safetensors" in capsys.readouterr().out
     assert cli.main(["lum", "eval", "--run", run]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["true"]["events"] > 0 and 0 <= report["wrong"]["recall@10"] <= 1
@@ -273,7 +285,7 @@ def test_genrec_lum_cli_trains_evaluates_caches_features_and_retrieves(ml100k, t
     folds = [str(tmp_path / f"lum_f{k}") for k in (0, 1)]
     for k, out in enumerate(folds):
         assert cli.main(["lum", "train", "--out", out] + sum((["--set", s] for s in small + [
-            "folds=2", f"holdout_fold={k}"]), [])) == 0
+            "data.folds=2", f"data.holdout_fold={k}"]), [])) == 0
     with pytest.raises(SystemExit, match="holdout order"):
         cli.main(["lum", "features", "--run", folds[1], folds[0], "--name", "lum_xfit_cli"])
     with pytest.raises(SystemExit, match="are for .features. only"):
@@ -376,17 +388,21 @@ def test_point_in_time_event_interests_equal_one_query_per_event(tmp_path, condi
 def test_cross_fitted_lums_never_train_on_and_serve_their_held_out_users(ml100k, sequences):
     """A LUM pre-trained with holdout_fold k sees no user of fold k; lum_features over K
     such models gives user u the vectors of model u % K, and K item tables."""
-    from torchrec_genrec.train.lum import LUMRecipeConfig, _batches, lum_features, user_folds
+    from torchrec_genrec.data.lum import LUMEpochs
+    from torchrec_genrec.train.lum import LUMTask, lum_features, user_folds
 
-    cfg = LUMRecipeConfig(dataset=ml100k.path, max_events=20, row_len=64, folds=2, holdout_fold=1,
-                          model=LUMConfig(embedding_dim=16, num_heads=2, max_positions=64))
+    cfg = recipe(model=LUMConfig(embedding_dim=16, num_heads=2, max_positions=64), dataset=ml100k.path,
+                 max_events=20, row_len=64, folds=2, holdout_fold=1)
     for layout in ("jagged", "packed"):
-        batches = _batches(sequences, dataclasses.replace(cfg, layout=layout), torch.Generator().manual_seed(0))
+        layout_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=layout))
+        epochs = LUMTask(layout_cfg, sequences).train_data(0, 1)
+        assert isinstance(epochs, LUMEpochs)
+        batches = epochs.batches(0)
         users = np.asarray([u for b in batches for u in (sum(b, []) if layout == "packed" else b)])
         assert len(users) and (users % 2 == 0).all()
         assert len(users) == int(((sequences.lengths() > 0) & (user_folds(len(sequences.lengths()), 2) == 0)).sum())
     with pytest.raises(Exception, match="holdout_fold"):
-        dataclasses.replace(cfg, holdout_fold=2).validate()
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, holdout_fold=2)).validate()
     models = [_model(sequences.space), _model(sequences.space)]
     with torch.no_grad():
         models[1].position.weight.add_(0.5)  # two different models

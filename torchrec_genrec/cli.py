@@ -189,16 +189,19 @@ def _cmd_lum(args: argparse.Namespace) -> int:
     if args.action == "train":
         import json
 
-        overrides = list(args.set) + ([f"output_dir={json.dumps(args.out)}"] if args.out else []) + ["progress=true"]
-        cfg = load_config(pipeline.LUMRecipeConfig, args.config, overrides).validate()
-        if not cfg.output_dir:
-            raise SystemExit("genrec lum train: give --out DIR (or output_dir in the config)")
+        overrides = (list(args.set) + ([f"train.output_dir={json.dumps(args.out)}"] if args.out else [])
+                     + ["train.progress=true"])
+        cfg = load_config(pipeline.LUMRecipeConfig, args.config, overrides)
+        if not cfg.train.output_dir:
+            raise SystemExit("genrec lum train: give --out DIR (or train.output_dir in the config)")
+        cfg.validate()
         _, seqs, history = pipeline.pretrain_lum(cfg)
         last = history[-1]
-        print(f"LUM ({cfg.condition}, {cfg.model.encoder}, {cfg.layout}) on {cfg.dataset}: "
+        print(f"LUM ({cfg.data.condition}, {cfg.model.encoder}, {cfg.data.layout}) on {cfg.data.dataset}: "
               f"{int((seqs.lengths() > 0).sum())} users, {int(seqs.lengths().sum()):,} tokens; epoch {last['epoch']}: "
               f"loss {last['loss']:.4f}, top-1 vs negatives {last['top1']:.3f}, {last['tokens_per_s']:,.0f} tokens/s")
-        print(f"model -> {os.path.join(cfg.output_dir, 'lum.pt')}; curves -> {cfg.output_dir}/tensorboard")
+        print(f"model -> {os.path.join(cfg.train.output_dir, pipeline.WEIGHTS)}; curves -> "
+              f"{cfg.train.output_dir}/tensorboard")
         return 0
     if not args.run:
         raise SystemExit(f"genrec lum {args.action}: give --run DIR (a `genrec lum train --out DIR` run)")
@@ -209,12 +212,14 @@ def _cmd_lum(args: argparse.Namespace) -> int:
             raise ValueError("several --run directories (cross-fitted LUMs) are for `features` only")
         loaded = [pipeline.load_lum(run) for run in args.run]
         for k, (run, (_, _, cfg)) in enumerate(zip(args.run, loaded)):
-            if (cfg.folds, cfg.holdout_fold) != (len(args.run), k):
-                raise ValueError(f"--run {run} was trained with folds {cfg.folds}, holdout_fold {cfg.holdout_fold}; "
+            if (cfg.data.folds, cfg.data.holdout_fold) != (len(args.run), k):
+                raise ValueError(f"--run {run} was trained with folds {cfg.data.folds}, holdout_fold "
+                                 f"{cfg.data.holdout_fold}; "
                                  f"cross-fitted runs come in holdout order: run k has folds {len(args.run)}, "
                                  "holdout_fold k")
-            if (cfg.dataset, cfg.condition, cfg.max_events) != (loaded[0][2].dataset, loaded[0][2].condition,
-                                                                loaded[0][2].max_events):
+            first = loaded[0][2].data
+            if (cfg.data.dataset, cfg.data.condition, cfg.data.max_events) != (first.dataset, first.condition,
+                                                                               first.max_events):
                 raise ValueError(f"--run {run} differs from {args.run[0]} in dataset, condition or max_events")
         return _lum_use(args, [m for m, _, _ in loaded], loaded[0][1], loaded[0][2])
     except ValueError as e:  # bad --condition / --steps / ids / folds: say what, not a traceback
@@ -232,19 +237,19 @@ def _lum_use(args: argparse.Namespace, model, seqs, cfg) -> int:
     from torchrec_genrec.train import lum as pipeline
 
     if args.action == "eval":
-        condition = args.condition or cfg.condition
+        condition = args.condition or cfg.data.condition
         ask = lambda **kw: pipeline.conditioned_retrieval(model, seqs, cfg, condition, steps=args.steps, **kw)  # noqa
-        if cfg.condition == "none":
+        if cfg.data.condition == "none":
             report = {"plain": ask(), "condition_after": ask(condition_prior=True)}
         else:
             report = {"true": ask(), "wrong": ask(wrong_condition=True)}
         print(json.dumps(report, indent=1))
         return 0
-    store = SequenceStore.open(resolve_store(cfg.dataset))
+    store = SequenceStore.open(resolve_store(cfg.data.dataset))
     if args.action == "features":
-        name = args.name or f"lum_{cfg.condition}"
+        name = args.name or f"lum_{cfg.data.condition}"
         out = pipeline.lum_features(model, seqs, store, name, steps=args.steps, top_k=args.k, progress=True,
-                                    event_history=cfg.max_events if args.point_in_time else None)
+                                    event_history=cfg.data.max_events if args.point_in_time else None)
         events = f", point-in-time interests of {len(out['lum_event']):,} events" if "lum_event" in out else ""
         print(f"{name}: interests {tuple(out['lum_interest'].shape)} (user x condition){events}, top-{args.k} items "
               f"{tuple(out['lum_topk'].shape)}, item embeddings {tuple(out['lum_item'].shape)} -> "
@@ -259,7 +264,7 @@ def _lum_use(args: argparse.Namespace, model, seqs, cfg) -> int:
     size = seqs.space.count("condition")
     bad = [c for c in args.conditions if not 0 <= c < size]
     if bad:
-        raise ValueError(f"condition values {bad} out of range: {cfg.condition} takes 0..{size - 1}")
+        raise ValueError(f"condition values {bad} out of range: {cfg.data.condition} takes 0..{size - 1}")
     user = int(match[0])
     prefix = pipeline.user_prefix(seqs, user, pipeline.prefix_room(model, args.steps))
     if prefix.numel() == 0:
@@ -267,7 +272,7 @@ def _lum_use(args: argparse.Namespace, model, seqs, cfg) -> int:
     scores, items = model.retrieve(prefix, seqs.space.to_tokens("condition", torch.tensor(args.conditions)), args.k,
                                    args.steps, exclude=seqs.seen(user))
     raw_items = store.item_raw_ids()
-    print(json.dumps({f"{cfg.condition}={c}": [{"item": raw_items[i].item(), "score": round(float(v), 4)}
+    print(json.dumps({f"{cfg.data.condition}={c}": [{"item": raw_items[i].item(), "score": round(float(v), 4)}
                                                for i, v in zip(items[n].tolist(), scores[n].tolist())]
                       for n, c in enumerate(args.conditions)}, indent=1))
     return 0

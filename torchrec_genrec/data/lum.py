@@ -24,17 +24,20 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torchrec.streamable import Pipelineable
 
+from torchrec_genrec.batch import HOUR_BUCKET, REQUEST_CONDITION_CODES
 from torchrec_genrec.data.ranking import _per_second, hour_and_weekday
 from torchrec_genrec.data.store import SequenceStore
+from torchrec_genrec.ops.masks import block_causal_mask
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["CONDITIONS", "HOUR_BUCKET", "ITEM_CONDITIONS", "REQUEST_CONDITION_CODES", "ConditionItemSequences",
-           "PackedRows", "batch_by_tokens", "block_causal_mask", "condition_given_item", "condition_item_sequences",
+           "LUMBatch", "LUMEpochs", "PackedRows", "user_folds", "batch_by_tokens", "block_causal_mask", "condition_given_item", "condition_item_sequences",
            "condition_vocabulary", "item_conditions", "pack_sequences", "padding_waste"]
 
 
@@ -50,9 +53,6 @@ def _genre_condition(store: SequenceStore, items: np.ndarray, seconds: np.ndarra
     return first[items]
 
 
-#: Hours per bucket of the ``hour`` condition (the ranker's request hour maps the same way).
-HOUR_BUCKET = 3
-
 #: Conditions per dataset: name -> (function of (store, items, seconds) -> ids, vocabulary size).
 CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarray]] = {
     "genre": _genre_condition,
@@ -64,9 +64,6 @@ CONDITIONS: Dict[str, Callable[[SequenceStore, np.ndarray, np.ndarray], np.ndarr
 _CONDITION_SIZES = {"hour": 8, "weekday": 7, "none": 1}
 #: Conditions that are attributes of the item (known for every item, not only from events).
 ITEM_CONDITIONS = ("genre",)
-#: Conditions of the event, not the item: a ranker reads them off the request (its time).
-#: In a LUM side-feature set the per-item condition holds these codes instead of a value.
-REQUEST_CONDITION_CODES = {"hour": -1, "weekday": -2}
 
 
 def item_conditions(store: SequenceStore, condition: str) -> np.ndarray:
@@ -249,14 +246,6 @@ def batch_by_tokens(lengths: np.ndarray, order: Sequence[int], max_tokens: int) 
     return [b for b in batches if b]
 
 
-def block_causal_mask(segment: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` segment ids -> ``(B, L, L)`` bool: token ``i`` may attend to ``j`` iff
-    both belong to the same (non-padding) segment and ``j <= i``."""
-    same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & (segment.unsqueeze(2) >= 0)
-    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool, device=segment.device).tril()
-    return same & causal
-
-
 def padding_waste(lengths: np.ndarray, row_len: int, rows: List[List[int]]) -> Dict[str, float]:
     """Share of attention-matrix work spent on padding: packed rows vs one user per row
     padded to the longest sequence (tokens and ``L^2`` attention cells)."""
@@ -270,3 +259,93 @@ def padding_waste(lengths: np.ndarray, row_len: int, rows: List[List[int]]) -> D
         "packed_cell_waste": 1.0 - useful_cells / (len(rows) * row_len * (row_len + 1) / 2),
         "padded_cell_waste": 1.0 - useful_cells / (len(used) * padded_len * (padded_len + 1) / 2),
     }
+
+
+@dataclasses.dataclass
+class LUMBatch(Pipelineable):
+    """A training batch of LUM: the library's jagged layout (``tokens`` ``(T,)`` one user
+    after the other, ``offsets`` ``(B + 1,)``) or packed rows (``tokens``, ``segment``,
+    ``position`` ``(B, L)``, ``offsets`` unused)."""
+
+    tokens: torch.Tensor
+    offsets: Optional[torch.Tensor] = None
+    segment: Optional[torch.Tensor] = None
+    position: Optional[torch.Tensor] = None
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LUMBatch":
+        return LUMBatch(*(None if x is None else fn(x) for x in (self.tokens, self.offsets, self.segment,
+                                                                  self.position)))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "LUMBatch":
+        return self._map(lambda x: x.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for x in (self.tokens, self.offsets, self.segment, self.position):
+            if x is not None:
+                x.record_stream(stream)
+
+    def pin_memory(self) -> "LUMBatch":
+        return self._map(lambda x: x.pin_memory())
+
+
+def user_folds(num_users: int, folds: int) -> np.ndarray:
+    """``(U,)`` each user's cross-fitting fold: ``u % folds``."""
+    return np.arange(num_users, dtype=np.int64) % folds
+
+
+class LUMEpochs:
+    """One epoch's LUM batches in a fresh random order, this rank's share: the trainer's
+    epoch data.
+
+    The order of epoch ``e`` is a permutation drawn from ``(seed, e)``, so it is the same
+    on a resume. Jagged batches hold at most ``batch_rows * row_len`` tokens of whole
+    users (:func:`batch_by_tokens`); packed batches ``batch_rows`` rows of
+    :func:`pack_sequences`. On ``world_size`` ranks each takes every ``world_size``-th
+    batch, the same number on every rank.
+
+    Args:
+        seqs (ConditionItemSequences): the users' token sequences.
+        layout (str): ``jagged`` or ``packed``.
+        row_len (int): tokens per packed row.
+        batch_rows (int): rows per batch (jagged: the token budget's unit).
+        seed (int): the order's seed.
+        holdout (Optional[np.ndarray]): ``(U,)`` bool, users never trained on (cross-fitting).
+        rank, world_size (int): this rank's share.
+    """
+
+    def __init__(self, seqs: ConditionItemSequences, layout: str, row_len: int, batch_rows: int, seed: int,
+                 holdout: Optional[np.ndarray] = None, rank: int = 0, world_size: int = 1) -> None:
+        self.seqs, self.layout, self.row_len, self.batch_rows = seqs, layout, row_len, batch_rows
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.lengths = seqs.lengths().copy()
+        if holdout is not None:
+            self.lengths[np.asarray(holdout, dtype=bool)] = 0
+        self._rows = pack_sequences(self.lengths, row_len) if layout == "packed" else None
+        self.set_epoch(0)
+
+    def batches(self, epoch: int) -> List[list]:
+        """All ranks' batches of ``epoch``, in order (lists of rows, or of users)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self._rows is not None:
+            order = torch.randperm(len(self._rows), generator=g).tolist()
+            return [[self._rows[i] for i in order[s:s + self.batch_rows]]
+                    for s in range(0, len(order), self.batch_rows)]
+        order = torch.randperm(len(self.lengths), generator=g).numpy()
+        return batch_by_tokens(self.lengths, order, self.batch_rows * self.row_len)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        every = self.batches(epoch)
+        per_rank = len(every) // self.world_size
+        self._mine = every[self.rank::self.world_size][:per_rank][start_batch:]
+
+    def __len__(self) -> int:
+        return len(self._mine)
+
+    def __iter__(self) -> Iterator[LUMBatch]:
+        for batch in self._mine:
+            if self._rows is not None:
+                rows = self.seqs.packed_rows(batch, self.row_len)
+                yield LUMBatch(rows.tokens, segment=rows.segment, position=rows.position)
+            else:
+                tokens, offsets = self.seqs.jagged_batch(batch)
+                yield LUMBatch(tokens, offsets)

@@ -20,21 +20,30 @@ CF width) and the CF embedding, over several views —
 (mixed widths, projected) and gives the joint vector used as a ranker feature; it trains
 with the CF objective.
 
+The id tables (user and item interest, user conformity, popularity buckets) are TorchRec
+tables of one ``EmbeddingCollection``, looked up once per step through one
+KeyedJaggedTensor, so ``DistributedModelParallel`` plans and shards them and trains them
+with its fused optimiser.
+
 Example::
 
     das = DAS(DASConfig(content_dim=384), num_users=943, num_items=1682, popularity_bucket=bucket)
-    losses = das(das_batch, item_content, user_content)      # dict with "loss"
-    out = das.export(item_content, user_content)              # codes, CF and fused vectors
+    losses = das(das_batch)                                    # dict with "loss"
+    out = das.export(item_content, user_content)               # codes, CF and fused vectors
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from torchrec_genrec.modules.semantic_ids import RQVAE, RQVAEConfig
 
@@ -69,15 +78,28 @@ class DASConfig:
 
 
 @dataclasses.dataclass
-class DASBatch:
+class DASBatch(Pipelineable):
     """``B`` training pairs: ``user`` engaged with ``item``; ``next_item`` is the item that
     user engaged with next (co-occurrence), ``co_user`` another user who engaged with
-    ``item``. All ``(B,)`` int64."""
+    ``item`` (all ``(B,)`` int64); ``item_content`` / ``user_content`` ``(B, C)`` the
+    content vectors of ``item`` and ``user``."""
 
     user: torch.Tensor
     item: torch.Tensor
     next_item: torch.Tensor
     co_user: torch.Tensor
+    item_content: torch.Tensor
+    user_content: torch.Tensor
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "DASBatch":
+        return DASBatch(*(fn(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "DASBatch":
+        return self._map(lambda x: x.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).record_stream(stream)
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -122,20 +144,27 @@ class DAS(nn.Module):
         num_users, num_items (int): id ranges of the CF towers.
         popularity_bucket (torch.Tensor): ``(I,)`` int64 popularity bucket of each item
             (from training events only).
+        device (torch.device): where the id tables are created (``meta`` for DMP).
     """
 
-    def __init__(self, config: DASConfig, num_users: int, num_items: int, popularity_bucket: torch.Tensor) -> None:
+    #: table -> the KeyedJaggedTensor features that read it.
+    TABLES = {"das_user_interest": ("das_user", "das_co_user"), "das_item_interest": ("das_item", "das_next_item"),
+              "das_user_conformity": ("das_conformity_user",), "das_popularity": ("das_popularity",)}
+    FEATURES = tuple(f for features in TABLES.values() for f in features)
+
+    def __init__(self, config: DASConfig, num_users: int, num_items: int, popularity_bucket: torch.Tensor,
+                 device: torch.device = torch.device("cpu")) -> None:
         super().__init__()
         c = self.config = config
         rq = RQVAEConfig(input_dim=c.content_dim, latent_dim=c.latent_dim, hidden_dim=4 * c.latent_dim,
                          num_levels=c.num_levels, codebook_size=c.codebook_size)
         self.item_quantizer, self.user_quantizer = RQVAE(rq), RQVAE(rq)
-        self.user_interest = nn.Embedding(num_users, c.cf_dim)
-        self.item_interest = nn.Embedding(num_items, c.cf_dim)
-        self.user_conformity = nn.Embedding(num_users, c.cf_dim)
-        self.popularity = nn.Embedding(c.popularity_buckets, c.cf_dim)
-        for table in (self.user_interest, self.item_interest, self.user_conformity, self.popularity):
-            nn.init.normal_(table.weight, std=0.05)
+        self.rows = {"das_user_interest": num_users, "das_item_interest": num_items,
+                     "das_user_conformity": num_users, "das_popularity": c.popularity_buckets}
+        self.tables = EmbeddingCollection(tables=[
+            EmbeddingConfig(name=name, embedding_dim=c.cf_dim, num_embeddings=self.rows[name],
+                            feature_names=list(features), init_fn=lambda w: nn.init.normal_(w, std=0.05))
+            for name, features in self.TABLES.items()], device=device)
         self.register_buffer("popularity_bucket", popularity_bucket.to(torch.int64))
         # Quantised latents -> CF width, one projection per side (mixed dimensions).
         self.item_to_cf = nn.Linear(c.latent_dim, c.cf_dim)
@@ -153,27 +182,37 @@ class DAS(nn.Module):
         """``(N, L, latent)``: each level's codeword of each row."""
         return torch.stack([quantizer.codebooks[level][codes[:, level]] for level in range(codes.shape[1])], dim=1)
 
-    def _cf_logits(self, user: torch.Tensor, item: torch.Tensor, user_vec: torch.Tensor,
-                   item_vec: torch.Tensor) -> torch.Tensor:
-        """``(B, B)`` in-batch scores: interest dot product + conformity x popularity."""
-        conformity = self.user_conformity(user) @ self.popularity(self.popularity_bucket[item]).T
-        return user_vec @ item_vec.T + conformity
+    def _lookup(self, batch: DASBatch) -> Dict[str, torch.Tensor]:
+        """Every id row the step reads, in one lookup through the collection (with a fused
+        optimiser, a row read any other way would not be updated)."""
+        ids = {"das_user": batch.user, "das_co_user": batch.co_user, "das_item": batch.item,
+               "das_next_item": batch.next_item, "das_conformity_user": batch.user,
+               "das_popularity": self.popularity_bucket[batch.item]}
+        values = torch.cat([ids[f] for f in self.FEATURES])
+        lengths = torch.ones(values.numel(), dtype=torch.int32, device=values.device)
+        out = self.tables(KeyedJaggedTensor.from_lengths_sync(list(self.FEATURES), values, lengths))
+        return {f: out[f].values() for f in self.FEATURES}
 
-    def forward(self, batch: DASBatch, item_content: torch.Tensor, user_content: torch.Tensor
-                ) -> Dict[str, torch.Tensor]:
+    def weights(self, table: str) -> torch.Tensor:
+        """``(rows, cf_dim)`` the weight of an (unsharded) id table."""
+        return self.tables.embeddings[table].weight
+
+    def forward(self, batch: DASBatch) -> Dict[str, torch.Tensor]:
         c = self.config
-        items = self.item_quantizer(item_content[batch.item])
-        users = self.user_quantizer(user_content[batch.user])
+        items = self.item_quantizer(batch.item_content)
+        users = self.user_quantizer(batch.user_content)
         quant = items["loss"] + users["loss"]
-        u_cf, i_cf = self.user_interest(batch.user), self.item_interest(batch.item)
+        rows = self._lookup(batch)
+        u_cf, i_cf = rows["das_user"], rows["das_item"]
+        conformity = rows["das_conformity_user"] @ rows["das_popularity"].T  # (B, B): user b x item b's bucket
         target = torch.arange(batch.user.numel(), device=batch.user.device)
-        cf = F.cross_entropy(self._cf_logits(batch.user, batch.item, u_cf, i_cf), target)
+        cf = F.cross_entropy(u_cf @ i_cf.T + conformity, target)
         # Fused vectors train with the same objective (they are the ranker features).
         u_f = self.user_fusion(self._levels(self.user_quantizer, users["codes"]) +
                                (users["z_q"] - users["z_q"].detach()).unsqueeze(1), u_cf)
         i_f = self.item_fusion(self._levels(self.item_quantizer, items["codes"]) +
                                (items["z_q"] - items["z_q"].detach()).unsqueeze(1), i_cf)
-        fuse = F.cross_entropy(self._cf_logits(batch.user, batch.item, u_f, i_f), target)
+        fuse = F.cross_entropy(u_f @ i_f.T + conformity, target)
         iq, uq = self.item_to_cf(items["z_q"]), self.user_to_cf(users["z_q"])
         t = c.temperature
         views = {
@@ -181,8 +220,8 @@ class DAS(nn.Module):
             "u2u": lambda: info_nce(uq, u_cf, t),
             "u2i": lambda: info_nce(uq, i_cf, t),
             "i2u": lambda: info_nce(iq, u_cf, t),
-            "co_i2i": lambda: info_nce(iq, self.item_interest(batch.next_item), t),
-            "co_u2u": lambda: info_nce(uq, self.user_interest(batch.co_user), t),
+            "co_i2i": lambda: info_nce(iq, rows["das_next_item"], t),
+            "co_u2u": lambda: info_nce(uq, rows["das_co_user"], t),
         }
         align_terms = {name: views[name]() for name in c.views}
         align = sum(align_terms.values()) / max(len(align_terms), 1)
@@ -196,7 +235,7 @@ class DAS(nn.Module):
         """Codes, CF (interest) vectors and fused vectors of every item and user."""
         items = self.item_quantizer(item_content)
         users = self.user_quantizer(user_content)
-        i_cf, u_cf = self.item_interest.weight, self.user_interest.weight
+        i_cf, u_cf = self.weights("das_item_interest"), self.weights("das_user_interest")
         return {
             "item_codes": items["codes"], "user_codes": users["codes"],
             "item_cf": i_cf.clone(), "user_cf": u_cf.clone(),

@@ -22,9 +22,15 @@ step (:meth:`LUM.generate`), and average the generated item embeddings (the outp
 picked each item) into the interest (:meth:`LUM.interests`); :meth:`LUM.retrieve` returns
 the top-k items per condition.
 
+Training under DistributedModelParallel (the token table sharded, fused optimiser):
+``model(batch)`` returns the InfoNCE sum over a batch's condition positions with their
+count; one lookup per step reads the batch's tokens and the sampled negatives (drawn from
+``(seed, step)``, so they do not depend on the rank or the batch a user lands in).
+
 Example::
 
     model = LUM(LUMConfig(), space)
+    out = model(LUMBatch(tokens, offsets))                                # training sums
     loss, stats = model.loss(batch.tokens, batch.segment, batch.position)
     loss, stats = model.loss_jagged(tokens, offsets)                    # same users, jagged
     interests = model.query(prefix_tokens, condition_tokens)            # (N, D)
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +51,11 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_genrec.ops.masks import block_causal_mask
+from torchrec_genrec.config import ConfigError
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
 from torchrec_genrec.ops.jagged import JaggedAttentionPlan, jagged_causal_attention, positions_in_sequence
+from torchrec_genrec.ops.random import keyed_randint
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["LUM", "LUMConfig"]
@@ -83,8 +91,6 @@ class LUMConfig:
     encoder: str = "transformer"
 
     def validate(self) -> "LUMConfig":
-        from torchrec_genrec.config import ConfigError
-
         if self.encoder not in ("transformer", "hstu"):
             raise ConfigError(f"unknown LUM encoder {self.encoder!r}; choose 'transformer' or 'hstu'")
         if self.embedding_dim % self.num_heads:
@@ -127,14 +133,22 @@ class LUM(nn.Module):
         config (LUMConfig): sizes.
         space (TokenSpace): the token space (kinds ``item`` and ``condition`` at least).
         device (torch.device): where the token table is created (``meta`` for DMP).
+        seed (int): keys the sampled negatives (with the training step).
     """
 
-    def __init__(self, config: LUMConfig, space: TokenSpace, device: torch.device = torch.device("cpu")) -> None:
+    #: Features of the one KeyedJaggedTensor looked up in the token table.
+    FEATURES = ("lum_tokens", "lum_negatives")
+
+    def __init__(self, config: LUMConfig, space: TokenSpace, device: torch.device = torch.device("cpu"),
+                 seed: int = 0) -> None:
         super().__init__()
         self.config, self.space = config.validate(), space
+        self.seed = seed
+        # Training steps taken: keys the negatives, checkpointed with the model.
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         d = config.embedding_dim
         self.tokens = EmbeddingCollection(tables=[EmbeddingConfig(
-            name="lum_tokens", embedding_dim=d, num_embeddings=space.size, feature_names=["lum_tokens"],
+            name="lum_tokens", embedding_dim=d, num_embeddings=space.size, feature_names=list(self.FEATURES),
             init_fn=lambda w: nn.init.normal_(w, std=0.02))], device=device)
         if config.encoder == "hstu":
             self.hstu = HSTURankerEncoder(HSTUConfig(
@@ -149,9 +163,27 @@ class LUM(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids of any shape -> embeddings ``(*shape, D)`` via the TorchRec table."""
+        x, _ = self._lookup(tokens.reshape(-1), None)
+        return x.view(*tokens.shape, -1)
+
+    def _lookup(self, tokens: torch.Tensor, negatives: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(T,)`` tokens and ``(K,)`` negative tokens -> ``(T, D)``, ``(K, D)`` in one
+        lookup through the table (with a fused optimiser, every row a step reads must come
+        through the collection to be updated)."""
         flat = tokens.reshape(-1)
-        kjt = KeyedJaggedTensor.from_lengths_sync(["lum_tokens"], flat, torch.ones_like(flat))
-        return self.tokens(kjt)["lum_tokens"].values().view(*tokens.shape, -1)
+        n = max(flat.numel(), 1)
+        k = 0 if negatives is None else negatives.numel()
+        ones = torch.ones(flat.numel(), dtype=torch.int64, device=flat.device)
+        neg_lengths = torch.zeros(n, dtype=torch.int64, device=flat.device)
+        neg_lengths[0] = k
+        values = flat if negatives is None else torch.cat([flat, negatives])
+        lengths = torch.cat([ones if flat.numel() else torch.zeros(1, dtype=torch.int64, device=flat.device),
+                             neg_lengths])
+        kjt = KeyedJaggedTensor.from_lengths_sync(list(self.FEATURES), values, lengths.to(torch.int32))
+        out = self.tokens(kjt)
+        x = out["lum_tokens"].values()
+        return x, (out["lum_negatives"].values() if negatives is not None else None)
 
     def _check_positions(self, position: torch.Tensor) -> None:
         if position.numel() and int(position.max()) >= self.config.max_positions:
@@ -161,12 +193,15 @@ class LUM(nn.Module):
     def encode(self, tokens: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``(B, L)`` tokens and positions, ``(B, L, L)`` bool mask -> ``(B, L, D)``
         (the transformer encoder; packed rows need an arbitrary block mask)."""
+        return self._encode_embedded(self.embed(tokens), position, mask)
+
+    def _encode_embedded(self, x: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.config.encoder == "hstu":
             raise ValueError(HSTU_NO_PACKED_ROWS)
         self._check_positions(position)
         # A row that may attend to nothing (padding) attends to itself: no NaN from softmax.
         mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-        x = self.embed(tokens) + self.position(position)
+        x = x + self.position(position)
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
@@ -181,64 +216,106 @@ class LUM(nn.Module):
         if self.config.encoder == "hstu":  # the causal jagged forward of the retrieval encoder
             return HSTUEncoder.forward(self.hstu, self.embed(tokens), offsets)
         plan = plan or JaggedAttentionPlan(offsets)
-        return plan.to_input_order(self._encode_plan_order(plan.to_plan_order(tokens), plan))
+        tokens = plan.to_plan_order(tokens)
+        return plan.to_input_order(self._encode_plan_order(self.embed(tokens), plan))
 
-    def _encode_plan_order(self, tokens: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
-        position = positions_in_sequence(plan.offsets, tokens.numel())
+    def _encode_plan_order(self, x: torch.Tensor, plan: JaggedAttentionPlan) -> torch.Tensor:
+        position = positions_in_sequence(plan.offsets, x.shape[0])
         self._check_positions(position)
-        x = self.embed(tokens) + self.position(position)
+        x = x + self.position(position)
         for block in self.blocks:
             x = block.forward_jagged(x, plan)
         return self.norm(x)
 
+    def forward(self, batch: "LUMBatch") -> Dict[str, torch.Tensor]:  # noqa: F821 - data.lum.LUMBatch
+        """Training sums on a batch (jagged, or packed rows when ``batch.segment`` is set):
+        ``loss_sum`` of the next-condition-item InfoNCE over ``positions`` condition
+        positions, ``top1_sum`` of those whose item beat every negative, ``tokens``."""
+        i_first, i_end = self.space.ranges["item"]
+        slots = torch.arange(self.config.num_negatives, device=batch.tokens.device)
+        negatives = i_first + keyed_randint(i_end - i_first, self.seed, int(self.step), slots)
+        if batch.segment is None:
+            loss_sum, n, hits = self._jagged_sums(batch.tokens, batch.offsets, negatives)
+            tokens = batch.tokens.numel()
+        else:
+            loss_sum, n, hits = self._packed_sums(batch.tokens, batch.segment, batch.position, negatives)
+            tokens = int((batch.segment >= 0).sum())
+        if self.training:
+            self.step += 1
+        return {"loss_sum": loss_sum, "positions": n, "top1_sum": hits, "tokens": tokens}
+
+    def _draw_negatives(self, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        i_first, i_end = self.space.ranges["item"]
+        return torch.randint(i_first, i_end, (self.config.num_negatives,), generator=generator).to(device)
+
     def loss(self, tokens: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
              generator: torch.Generator | None = None) -> Tuple[torch.Tensor, dict]:
-        """Next-condition-item InfoNCE over packed rows (see :func:`block_causal_mask`).
-        The HSTU encoder takes padded rows only (one user per row, padding at the end)."""
-        if self.config.encoder == "hstu":
-            lengths = (segment >= 0).sum(1)
-            cols = torch.arange(segment.shape[1], device=segment.device)
-            if not torch.equal(segment, torch.where(cols < lengths.unsqueeze(1), segment[:, :1], -1)):
-                raise ValueError(HSTU_NO_PACKED_ROWS)
-            h = self.hstu.forward_padded(self.embed(tokens), lengths)
-        else:
-            h = self.encode(tokens, position, block_causal_mask(segment))
-        at = self.space.is_kind(tokens, "condition") & (segment >= 0)
-        at[:, -1] = False
-        rows, cols = at.nonzero(as_tuple=True)
-        return self._next_item_infonce(h[rows, cols], tokens[rows, cols + 1], generator)
+        """Next-condition-item InfoNCE over packed rows (see :func:`block_causal_mask`),
+        negatives drawn from ``generator``: the mean and stats (``loss``, ``positions``,
+        ``top1``). The HSTU encoder takes padded rows only (one user per row, padding at
+        the end)."""
+        sums = self._packed_sums(tokens, segment, position, self._draw_negatives(generator, tokens.device))
+        return self._mean(*sums)
 
     def loss_jagged(self, tokens: torch.Tensor, offsets: torch.Tensor, generator: torch.Generator | None = None,
                     plan: Optional[JaggedAttentionPlan] = None) -> Tuple[torch.Tensor, dict]:
         """:meth:`loss` on the jagged layout (:meth:`encode_jagged`): the same positions,
         computed in the plan's order (no reordering back)."""
+        sums = self._jagged_sums(tokens, offsets, self._draw_negatives(generator, tokens.device), plan)
+        return self._mean(*sums)
+
+    @staticmethod
+    def _mean(loss_sum: torch.Tensor, n: int, hits: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+        loss = loss_sum / max(n, 1)
+        return loss, {"loss": loss.detach(), "positions": torch.tensor(float(n)), "top1": hits / max(n, 1)}
+
+    def _packed_sums(self, tokens: torch.Tensor, segment: torch.Tensor, position: torch.Tensor,
+                     negatives: torch.Tensor) -> Tuple[torch.Tensor, int, torch.Tensor]:
+        x, neg = self._lookup(tokens.reshape(-1), negatives)
+        x = x.view(*tokens.shape, -1)
         if self.config.encoder == "hstu":
-            h = self.encode_jagged(tokens, offsets)
+            lengths = (segment >= 0).sum(1)
+            cols = torch.arange(segment.shape[1], device=segment.device)
+            if not torch.equal(segment, torch.where(cols < lengths.unsqueeze(1), segment[:, :1], -1)):
+                raise ValueError(HSTU_NO_PACKED_ROWS)
+            h = self.hstu.forward_padded(x, lengths)
+        else:
+            h = self._encode_embedded(x, position, block_causal_mask(segment))
+        at = self.space.is_kind(tokens, "condition") & (segment >= 0)
+        at[:, -1] = False
+        rows, cols = at.nonzero(as_tuple=True)
+        return self._infonce_sums(h[rows, cols], x[rows, cols + 1], tokens[rows, cols + 1], neg, negatives)
+
+    def _jagged_sums(self, tokens: torch.Tensor, offsets: torch.Tensor, negatives: torch.Tensor,
+                     plan: Optional[JaggedAttentionPlan] = None) -> Tuple[torch.Tensor, int, torch.Tensor]:
+        if self.config.encoder == "hstu":
+            x, neg = self._lookup(tokens, negatives)
+            h = HSTUEncoder.forward(self.hstu, x, offsets)
         else:
             plan = plan or JaggedAttentionPlan(offsets)
             tokens, offsets = plan.to_plan_order(tokens), plan.offsets
-            h = self._encode_plan_order(tokens, plan)
+            x, neg = self._lookup(tokens, negatives)
+            h = self._encode_plan_order(x, plan)
         ends = offsets[1:][offsets[1:] > offsets[:-1]]
         last = torch.zeros_like(tokens, dtype=torch.bool)
         last[ends - 1] = True  # a user's last token predicts nothing
         at = (self.space.is_kind(tokens, "condition") & ~last).nonzero(as_tuple=True)[0]
-        return self._next_item_infonce(h[at], tokens[at + 1], generator)
+        return self._infonce_sums(h[at], x[at + 1], tokens[at + 1], neg, negatives)
 
-    def _next_item_infonce(self, outputs: torch.Tensor, positive_tokens: torch.Tensor,
-                           generator: torch.Generator | None) -> Tuple[torch.Tensor, dict]:
+    def _infonce_sums(self, outputs: torch.Tensor, positives: torch.Tensor, positive_tokens: torch.Tensor,
+                      neg: torch.Tensor, negatives: torch.Tensor) -> Tuple[torch.Tensor, int, torch.Tensor]:
+        """InfoNCE of each output against its positive item's embedding and the shared
+        negatives: ``(loss sum, positions, top-1 hits)``."""
         query = F.normalize(outputs, dim=-1)
-        i_first, i_end = self.space.ranges["item"]
-        negatives = torch.randint(i_first, i_end, (self.config.num_negatives,), generator=generator,
-                                  device=outputs.device)
-        pos = F.normalize(self.embed(positive_tokens), dim=-1)
-        neg = F.normalize(self.embed(negatives), dim=-1)
+        pos = F.normalize(positives, dim=-1)
+        neg = F.normalize(neg, dim=-1)
         logits = torch.cat([(query * pos).sum(-1, keepdim=True), query @ neg.T], dim=1) / self.config.temperature
         # A sampled negative equal to the positive is not a negative.
         logits[:, 1:] = logits[:, 1:].masked_fill(negatives.unsqueeze(0) == positive_tokens.unsqueeze(1), -1e9)
         n = len(positive_tokens)
-        loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.int64, device=outputs.device))
-        hit = (logits[:, :1] > logits[:, 1:]).all(dim=1).float().mean()
-        return loss, {"loss": loss.detach(), "positions": torch.tensor(float(n)), "top1": hit}
+        loss_sum = F.cross_entropy(logits, torch.zeros(n, dtype=torch.int64, device=outputs.device), reduction="sum")
+        hits = (logits[:, :1] > logits[:, 1:]).all(dim=1).float().sum()
+        return loss_sum, n, hits.detach()
 
     def query(self, prefix: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """One user's history ``prefix`` ``(P,)`` and ``N`` condition tokens -> ``(N, D)``

@@ -10,7 +10,7 @@
 - :func:`semantic_id_stats`: codebook usage, collision rate, reconstruction error.
 
 Semantic IDs are looked up as a multi-group table — one TorchRec sub-table per level
-(:func:`semantic_id_tables`) whose embeddings are summed per item — and they are tokens of
+(:func:`~torchrec_genrec.models.tables.semantic_id_tables`) whose embeddings are summed per item — and they are tokens of
 the unified token space (:func:`add_semantic_id_kinds`, :func:`semantic_id_tokens`).
 
 Example::
@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_genrec.table_spec import TableSpec, table_width
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["RQVAE", "RQVAEConfig", "add_semantic_id_kinds", "disambiguate", "kmeans", "reconstruct",
-           "rq_kmeans", "semantic_id_stats", "semantic_id_tables", "semantic_id_tokens", "train_rqvae"]
+           "rq_kmeans", "semantic_id_stats", "semantic_id_tokens"]
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, generator: Optional[torch.Generator] = None
@@ -208,47 +207,7 @@ class RQVAE(nn.Module):
         return reseeded
 
 
-def train_rqvae(x: torch.Tensor, config: RQVAEConfig, epochs: int = 200, lr: float = 1e-3, batch_size: int = 512,
-                seed: int = 0, progress: bool = False) -> Tuple[RQVAE, Dict[str, float]]:
-    """Fits an :class:`RQVAE` on ``x`` ``(N, D)``; returns it (eval mode) and the final
-    losses."""
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    vae = RQVAE(config)
-    vae.init_codebooks(x, seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    last: Dict[str, float] = {}
-    for epoch in tqdm(range(epochs), desc="rq-vae", disable=not progress, leave=False):
-        order = torch.randperm(x.shape[0], generator=g)
-        for start in range(0, x.shape[0], batch_size):
-            out = vae(x[order[start:start + batch_size]])
-            opt.zero_grad()
-            out["loss"].backward()
-            opt.step()
-        if epoch % 20 == 19 and epoch < epochs - 20:
-            with torch.no_grad():
-                full = vae(x)
-                vae.reseed_dead_codes(full["z"], full["codes"], g)
-    vae.eval()
-    with torch.no_grad():
-        full = vae(x)
-    last = {"recon_loss": float(full["recon_loss"]), "quant_loss": float(full["quant_loss"])}
-    return vae, last
-
-
 # ------------------------------------------------------------- tables and tokens
-def semantic_id_tables(codebook_sizes: Sequence[int], embedding_dim: int, prefix: str = "sid",
-                       features: Sequence[str] = ("target", "liked", "other")) -> List[TableSpec]:
-    """One sub-table per level (the multi-group table): ``{prefix}_l{l}`` with
-    ``codebook_sizes[l]`` rows, read by the features ``{f}_{prefix}{l}``."""
-    return [TableSpec(f"{prefix}_l{level}", int(rows), table_width(embedding_dim),
-                      tuple(f"{f}_{prefix}{level}" for f in features), sharding_types=("table_wise", "row_wise"),
-                      ids_per_sample=1.0, description=f"semantic-ID level {level} ({rows} codes)")
-            for level, rows in enumerate(codebook_sizes)]
-
-
 def add_semantic_id_kinds(space: TokenSpace, codebook_sizes: Sequence[int]) -> TokenSpace:
     """``space`` with one token kind per semantic-ID level (``sid0``, ``sid1``, ...)."""
     return TokenSpace(space.kinds + tuple((f"sid{level}", int(k)) for level, k in enumerate(codebook_sizes)))

@@ -18,24 +18,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.streamable import Pipelineable
 from tqdm import tqdm
 
 from torchrec_genrec.data.content import behaviour_cutoff, embed_items, save_side_features
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.modules.das import DAS, DASBatch, DASConfig
-from torchrec_genrec.modules.semantic_ids import (RQVAEConfig, disambiguate, reconstruct, rq_kmeans,
-                                                  semantic_id_stats, train_rqvae)
+from torchrec_genrec.modules.moco import MoCo
+from torchrec_genrec.modules.semantic_ids import (RQVAE, RQVAEConfig, disambiguate, reconstruct, rq_kmeans,
+                                                  semantic_id_stats)
+from torchrec_genrec.plans.spec import TableSpec
+from torchrec_genrec.train.sharding import OptimConfig, full_state_dict
+from torchrec_genrec.train.trainer import Loss, TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BehaviourLog", "ContentAdapter", "adapt_content_moco", "behaviour_log", "behaviour_log_before",
-           "build_semantic_ids",
+__all__ = ["BehaviourLog", "DASTask", "MoCoTask", "RQVAETask", "adapt_content_moco", "behaviour_log", "behaviour_log_before",
+           "build_semantic_ids", "train_rqvae",
            "co_consumption_lift", "content_i2i_recall", "embed_content", "train_das", "user_content"]
 
 
@@ -105,67 +110,191 @@ def embed_content(store: SequenceStore, encoder: str, name: str, dim: int = 64, 
     return torch.from_numpy(vectors)
 
 
+# ------------------------------------------------------------------ trainer plumbing
+class TensorBatch(Pipelineable):
+    """A batch of named dense tensors (content vectors, ids): what the content tasks step on."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "TensorBatch":
+        return TensorBatch(**{k: v.to(device=device, non_blocking=non_blocking) for k, v in self.tensors.items()})
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for v in self.tensors.values():
+            v.record_stream(stream)
+
+
+class PermutedBatches:
+    """Epoch data of a content task: each epoch a permutation of ``n`` examples drawn from
+    ``generator`` (the task's, shared with what else it draws, in the order the task draws
+    it), cut into batches of ``batch_size`` (the last, shorter one dropped with
+    ``drop_last``); ``make_batch(indices)`` builds each batch."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator,
+                 make_batch: Callable[[torch.Tensor], TensorBatch], drop_last: bool) -> None:
+        self.n, self.batch_size, self.generator, self.make_batch = n, batch_size, generator, make_batch
+        self.drop_last = drop_last
+        self._order = torch.arange(n)
+        self._starts: List[int] = []
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._order = torch.randperm(self.n, generator=self.generator)
+        end = self.n - self.batch_size + 1 if self.drop_last else self.n
+        self._starts = list(range(0, max(end, 0), self.batch_size))[start_batch:]
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self) -> Iterator[TensorBatch]:
+        for s in self._starts:
+            yield self.make_batch(self._order[s:s + self.batch_size])
+
+
+def _content_train_config(epochs: int, batch_size: int, lr: float, seed: int, progress: bool,
+                          output_dir: str = "") -> TrainConfig:
+    """A content model's training: Adam on the dense parameters (fused row-wise Adagrad on
+    any TorchRec table), no validation split, nothing written unless ``output_dir``."""
+    return TrainConfig(seed=seed, output_dir=output_dir, tensorboard=bool(output_dir), progress=progress,
+                       epochs=epochs, batch_size=batch_size, checkpoint=bool(output_dir), patience=epochs,
+                       optim=OptimConfig(dense="adam", lr=lr, betas=(0.9, 0.999), weight_decay=0.0, sparse_lr=0.05))
+
+
 # ------------------------------------------------------------------ MoCo / SCL
-class ContentAdapter(nn.Module):
-    """A residual MLP that adapts frozen content vectors: ``normalize(x + MLP(x))``."""
+class MoCoTask:
+    """MoCo adaptation as a trainer task: consecutive-item pairs of the behaviour log, the
+    InfoNCE step, the key adapter's momentum update and queue after every step.
 
-    def __init__(self, dim: int, hidden: int = 512) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+    Args:
+        log (BehaviourLog): the pairs' source.
+        content (torch.Tensor): ``(I, D)`` frozen content vectors.
+        queue_size, momentum, temperature: MoCo's settings.
+        batch_size (int): pairs per step (a last, shorter batch is dropped).
+        seed (int): the pair order and the initial queue.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x + self.mlp(x), dim=-1)
+    units = "samples"
+    selection = ""
+
+    def __init__(self, log: BehaviourLog, content: torch.Tensor, queue_size: int, momentum: float,
+                 temperature: float, batch_size: int, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        a, b = (torch.from_numpy(x) for x in log.consecutive_pairs())
+        keep = a != b
+        self.a, self.b, self.content = a[keep], b[keep], content
+        self.batch_size = batch_size
+        self.model = MoCo(content.shape[1], queue_size, momentum, temperature, self.generator)
+        self.losses: List[float] = []
+        self._keys: Optional[torch.Tensor] = None
+
+    def table_specs(self) -> List[TableSpec]:
+        return []
+
+    def fingerprint(self) -> Mapping[str, Any]:
+        return {"task": "moco", "pairs": int(self.a.numel()), "content": list(self.content.shape)}
+
+    def train_data(self, rank: int, world_size: int) -> PermutedBatches:
+        return PermutedBatches(self.a.numel(), self.batch_size, self.generator,
+                               lambda idx: TensorBatch(anchors=self.content[self.a[idx]],
+                                                       positives=self.content[self.b[idx]]), drop_last=True)
+
+    def step(self, model: nn.Module, batch: TensorBatch) -> Tuple[Dict[str, Loss], int]:
+        loss, self._keys = model(batch["anchors"], batch["positives"])
+        n = batch["anchors"].shape[0]
+        self._loss = loss.detach()
+        return {"loss": Loss(loss, n, mean=True)}, n
+
+    def on_step_end(self, module: nn.Module) -> None:
+        module.momentum_update(self._keys)
+        self.losses.append(float(self._loss))
+
+    def evaluate(self, model: nn.Module, split: str) -> Dict[str, float]:
+        raise ValueError("MoCo adaptation has no validation split")
 
 
 def adapt_content_moco(log: BehaviourLog, content: torch.Tensor, epochs: int = 5, batch_size: int = 512,
                        queue_size: int = 4096, momentum: float = 0.99, temperature: float = 0.07,
                        lr: float = 1e-3, seed: int = 0, progress: bool = False) -> Tuple[torch.Tensor, Dict]:
-    """MoCo contrastive adaptation of ``content`` ``(I, D)`` to the behaviour log.
+    """MoCo contrastive adaptation of ``content`` ``(I, D)`` to the behaviour log, trained
+    by the one :class:`~torchrec_genrec.train.trainer.Trainer` (:class:`MoCoTask`).
 
     Positive pairs are consecutive items of one user (MUSE's SCL uses query -> purchased
     item); negatives are the momentum encoder's queue of past keys; InfoNCE. Returns the
     adapted vectors (the query encoder applied to every item) and training stats.
     """
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    a, b = (torch.from_numpy(x) for x in log.consecutive_pairs())
-    keep = a != b
-    a, b = a[keep], b[keep]
-    query = ContentAdapter(content.shape[1])
-    key = ContentAdapter(content.shape[1])
-    key.load_state_dict(query.state_dict())
-    for p in key.parameters():
-        p.requires_grad_(False)
-    queue = F.normalize(torch.randn(queue_size, content.shape[1], generator=g), dim=-1)
-    ptr = 0
-    opt = torch.optim.Adam(query.parameters(), lr=lr)
-    losses = []
-    for _ in tqdm(range(epochs), desc="moco", disable=not progress, leave=False):
-        order = torch.randperm(a.numel(), generator=g)
-        for start in range(0, a.numel() - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            q = query(content[a[idx]])
-            with torch.no_grad():
-                k = key(content[b[idx]])
-            logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], dim=1) / temperature
-            loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.int64))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for pk, pq in zip(key.parameters(), query.parameters()):
-                    pk.mul_(momentum).add_(pq, alpha=1 - momentum)
-                n = k.shape[0]
-                slots = (torch.arange(n) + ptr) % queue_size
-                queue[slots] = k
-                ptr = (ptr + n) % queue_size
-            losses.append(loss.item())
+    task = MoCoTask(log, content, queue_size, momentum, temperature, batch_size, seed)
+    trainer = Trainer(task, _content_train_config(epochs, batch_size, lr, seed, progress))
+    trainer.fit()
+    moco = trainer.model.module
     with torch.no_grad():
-        adapted = query(content)
-    return adapted, {"pairs": int(a.numel()), "steps": len(losses), "first_loss": losses[0] if losses else None,
+        adapted = moco.query(content)
+    losses = task.losses
+    return adapted, {"pairs": int(task.a.numel()), "steps": len(losses), "first_loss": losses[0] if losses else None,
                      "last_loss": float(np.mean(losses[-20:])) if losses else None}
+
+
+# ------------------------------------------------------------------ RQ-VAE
+class RQVAETask:
+    """RQ-VAE fitting as a trainer task: shuffled batches of the vectors, the VAE's loss,
+    dead codes re-seeded every 20 epochs (not in the last 20).
+
+    Args:
+        x (torch.Tensor): ``(N, D)`` vectors to quantise.
+        config (RQVAEConfig): the model.
+        epochs, batch_size, seed: training settings.
+    """
+
+    units = "samples"
+    selection = ""
+
+    def __init__(self, x: torch.Tensor, config: RQVAEConfig, epochs: int, batch_size: int, seed: int) -> None:
+        self.x, self.epochs, self.batch_size = x, epochs, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model = RQVAE(config)
+        self.model.init_codebooks(x, seed)
+        self.config = config
+
+    def table_specs(self) -> List[TableSpec]:
+        return []
+
+    def fingerprint(self) -> Mapping[str, Any]:
+        return {"task": "rqvae", "config": dataclasses.asdict(self.config), "x": list(self.x.shape)}
+
+    def train_data(self, rank: int, world_size: int) -> PermutedBatches:
+        return PermutedBatches(self.x.shape[0], self.batch_size, self.generator,
+                               lambda idx: TensorBatch(x=self.x[idx]), drop_last=False)
+
+    def step(self, model: nn.Module, batch: TensorBatch) -> Tuple[Dict[str, Loss], int]:
+        out = model(batch["x"])
+        n = batch["x"].shape[0]
+        return {"loss": Loss(out["loss"], n, mean=True)}, n
+
+    def on_epoch_end(self, module: nn.Module, epoch: int) -> None:
+        if epoch % 20 == 19 and epoch < self.epochs - 20:
+            with torch.no_grad():
+                full = module(self.x)
+                module.reseed_dead_codes(full["z"], full["codes"], self.generator)
+
+    def evaluate(self, model: nn.Module, split: str) -> Dict[str, float]:
+        raise ValueError("RQ-VAE fitting has no validation split")
+
+
+def train_rqvae(x: torch.Tensor, config: RQVAEConfig, epochs: int = 200, lr: float = 1e-3, batch_size: int = 512,
+                seed: int = 0, progress: bool = False) -> Tuple[RQVAE, Dict[str, float]]:
+    """Fits an :class:`RQVAE` on ``x`` ``(N, D)`` through the one trainer
+    (:class:`RQVAETask`); returns it (eval mode) and the final losses."""
+    torch.manual_seed(seed)
+    task = RQVAETask(x, config, epochs, batch_size, seed)
+    trainer = Trainer(task, _content_train_config(epochs, batch_size, lr, seed, progress))
+    trainer.fit()
+    vae = trainer.model.module.eval()
+    with torch.no_grad():
+        full = vae(x)
+    return vae, {"recon_loss": float(full["recon_loss"]), "quant_loss": float(full["quant_loss"])}
 
 
 # ------------------------------------------------------------------ semantic IDs
@@ -211,58 +340,106 @@ def popularity_buckets(log: BehaviourLog, buckets: int) -> torch.Tensor:
     return torch.from_numpy((ranks * buckets // max(len(counts), 1)).astype(np.int64))
 
 
+class DASTask:
+    """DAS as a trainer task: behaviour pairs with a co-consumed next item and co-user, the
+    joint quantisation + alignment + CF step, dead codes re-seeded every 5 epochs (not in
+    the last 5). The id tables are TorchRec tables (planned, sharded, fused optimiser).
+
+    Args:
+        log (BehaviourLog): the pairs' source.
+        item_content (torch.Tensor): ``(I, C)`` content vectors; users' are their mean.
+        config (DASConfig): the model.
+        epochs, batch_size, seed: training settings.
+    """
+
+    units = "samples"
+    selection = ""
+
+    def __init__(self, log: BehaviourLog, item_content: torch.Tensor, config: DASConfig, epochs: int,
+                 batch_size: int, seed: int) -> None:
+        self.config, self.epochs, self.batch_size = config, epochs, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.item_content = item_content.float()
+        self.user_content = user_content(log, self.item_content)
+        self.popularity = popularity_buckets(log, config.popularity_buckets)
+        self.model = DAS(config, log.num_users, log.num_items, self.popularity, device=torch.device("meta"))
+        self.model.init_codebooks(self.item_content, self.user_content, seed)
+        self.num_users, self.num_items = log.num_users, log.num_items
+        user, item = torch.from_numpy(log.user), torch.from_numpy(log.item)
+        same = torch.zeros(user.numel(), dtype=torch.bool)
+        same[:-1] = user[1:] == user[:-1]
+        self.user, self.item = user, item
+        self.next_item = torch.where(same, torch.roll(item, -1), item)
+        # Users of each item (CSR) to draw a co-consumer from.
+        order = torch.argsort(item, stable=True)
+        self.item_offsets = torch.zeros(log.num_items + 1, dtype=torch.int64)
+        self.item_offsets[1:] = torch.cumsum(torch.bincount(item, minlength=log.num_items), 0)
+        self.users_by_item = user[order]
+
+    def table_specs(self) -> List[TableSpec]:
+        c, rows = self.config, self.model.rows
+        return [TableSpec(name, rows[name], c.cf_dim, features, sharding_types=("table_wise", "row_wise"),
+                          ids_per_sample=float(len(features)), description=f"DAS {name[4:].replace('_', ' ')}")
+                for name, features in DAS.TABLES.items()]
+
+    def fingerprint(self) -> Mapping[str, Any]:
+        return {"task": "das", "config": dataclasses.asdict(self.config), "events": int(self.user.numel())}
+
+    def _batch(self, idx: torch.Tensor) -> DASBatch:
+        it = self.item[idx]
+        lo, hi = self.item_offsets[it], self.item_offsets[it + 1]
+        pick = lo + (torch.rand(idx.numel(), generator=self.generator) * (hi - lo).float()).long()
+        user = self.user[idx]
+        return DASBatch(user, it, self.next_item[idx], self.users_by_item[pick], self.item_content[it],
+                        self.user_content[user])
+
+    def train_data(self, rank: int, world_size: int) -> PermutedBatches:
+        return PermutedBatches(self.user.numel(), self.batch_size, self.generator, self._batch, drop_last=True)
+
+    def step(self, model: nn.Module, batch: DASBatch) -> Tuple[Dict[str, Loss], int]:
+        out = model(batch)
+        n = batch.user.numel()
+        terms = {"loss": Loss(out["loss"], n, mean=True)}
+        terms.update({k: Loss(v, n, weight=0.0, mean=True) for k, v in out.items() if k != "loss"})
+        return terms, n
+
+    def on_epoch_end(self, module: nn.Module, epoch: int) -> None:
+        if epoch % 5 == 4 and epoch < self.epochs - 5:
+            with torch.no_grad():
+                for quantizer, x in ((module.item_quantizer, self.item_content),
+                                     (module.user_quantizer, self.user_content)):
+                    res = quantizer(x.to(self.model.popularity_bucket.device))
+                    quantizer.reseed_dead_codes(res["z"], res["codes"], self.generator)
+
+    def evaluate(self, model: nn.Module, split: str) -> Dict[str, float]:
+        raise ValueError("DAS has no validation split")
+
+
 def train_das(store: SequenceStore, log: BehaviourLog, content: torch.Tensor, config: Optional[DASConfig] = None,
               epochs: int = 20, batch_size: int = 1024, lr: float = 2e-3, seed: int = 0, name: Optional[str] = None,
-              progress: bool = False) -> Dict:
+              progress: bool = False, sparse_lr: float = 0.05) -> Dict:
     """Trains :class:`DAS` on ``log`` (one stage: quantisers, CF and alignment together)
-    and exports codes, CF and fused vectors; saves the set ``name`` when given."""
+    through the one trainer (:class:`DASTask`: TorchRec id tables with fused row-wise
+    Adagrad at ``sparse_lr``, Adam at ``lr`` on the rest) and exports codes, CF and fused
+    vectors; saves the set ``name`` when given."""
     config = config or DASConfig(content_dim=content.shape[1])
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    item_content = content.float()
-    users_content = user_content(log, item_content)
-    das = DAS(config, log.num_users, log.num_items, popularity_buckets(log, config.popularity_buckets))
-    das.init_codebooks(item_content, users_content, seed)
-    user, item = torch.from_numpy(log.user), torch.from_numpy(log.item)
-    same = torch.zeros(user.numel(), dtype=torch.bool)
-    same[:-1] = user[1:] == user[:-1]
-    next_item = torch.where(same, torch.roll(item, -1), item)
-    # Users of each item (CSR) to draw a co-consumer from.
-    order = torch.argsort(item, stable=True)
-    item_offsets = torch.zeros(log.num_items + 1, dtype=torch.int64)
-    item_offsets[1:] = torch.cumsum(torch.bincount(item, minlength=log.num_items), 0)
-    users_by_item = user[order]
-    opt = torch.optim.Adam(das.parameters(), lr=lr)
-    start, history = time.perf_counter(), []
-    for epoch in tqdm(range(epochs), desc="das", disable=not progress, leave=False):
-        perm = torch.randperm(user.numel(), generator=g)
-        sums: Dict[str, float] = {}
-        steps = 0
-        for s in range(0, user.numel() - batch_size + 1, batch_size):
-            idx = perm[s:s + batch_size]
-            it = item[idx]
-            lo, hi = item_offsets[it], item_offsets[it + 1]
-            pick = lo + (torch.rand(idx.numel(), generator=g) * (hi - lo).float()).long()
-            batch = DASBatch(user[idx], it, next_item[idx], users_by_item[pick])
-            losses = das(batch, item_content, users_content)
-            opt.zero_grad()
-            losses["loss"].backward()
-            opt.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            steps += 1
-        if epoch % 5 == 4 and epoch < epochs - 5:
-            with torch.no_grad():
-                for quantizer, x in ((das.item_quantizer, item_content), (das.user_quantizer, users_content)):
-                    res = quantizer(x)
-                    quantizer.reseed_dead_codes(res["z"], res["codes"], g)
-        history.append({"epoch": epoch, **{k: round(v / max(steps, 1), 4) for k, v in sums.items()}})
+    task = DASTask(log, content, config, epochs, batch_size, seed)
+    train = _content_train_config(epochs, batch_size, lr, seed, progress)
+    train.optim.sparse_lr = sparse_lr
+    start = time.perf_counter()
+    trainer = Trainer(task, train)
+    result = trainer.fit()
+    das = DAS(config, log.num_users, log.num_items, task.popularity)
+    das.load_state_dict(full_state_dict(trainer.model))
     das.eval()
-    exported = das.export(item_content, users_content)
+    history = [{"epoch": h["epoch"], **{k[len("train_"):]: round(v, 4) for k, v in h.items()
+                                         if k.startswith("train_")}} for h in result.history]
+    exported = das.export(task.item_content, task.user_content)
     out: Dict = {"history": history, "seconds": round(time.perf_counter() - start, 2)}
-    out["item_stats"] = semantic_id_stats(exported["item_codes"], config.codebook_size, item_content,
+    out["item_stats"] = semantic_id_stats(exported["item_codes"], config.codebook_size, task.item_content,
                                           exported["item_reconstruction"])
-    out["user_stats"] = semantic_id_stats(exported["user_codes"], config.codebook_size, users_content,
+    out["user_stats"] = semantic_id_stats(exported["user_codes"], config.codebook_size, task.user_content,
                                           exported["user_reconstruction"])
     out["item_codes"] = disambiguate(exported["item_codes"])
     out["item_stats"]["disambiguation_rows"] = int(out["item_codes"][:, -1].max()) + 1

@@ -2,17 +2,20 @@
 ranker's feature cache.
 
 Pre-training reads only the events before the ranking split's validation cutoff (jagged
-batches by default, or packed rows). The retrieval test asks, for every test event of a
-user with a pre-cutoff history, for its item given that history: the interest vector of
-the event's true condition ranks every item (the user's pre-cutoff items excluded);
-recall@10 and NDCG@10. The fair baseline is
-the unconditioned model (``condition = "none"``: the same architecture trained with one
-constant condition) with the true condition applied afterwards as a filter on the ranked
-items; a wrong condition (another genre, drawn at random) shows what the condition carries.
+batches by default, or packed rows) and runs through the one
+:class:`~torchrec_genrec.train.trainer.Trainer`: the token table is a TorchRec table planned
+and sharded under ``DistributedModelParallel`` and trained by the fused sparse optimiser,
+the transformer by AdamW. The retrieval test asks, for every test event of a user with a
+pre-cutoff history, for its item given that history: the interest vector of the event's
+true condition ranks every item (the user's pre-cutoff items excluded); recall@10 and
+NDCG@10. The fair baseline is the unconditioned model (``condition = "none"``: the same
+architecture trained with one constant condition) with the true condition applied
+afterwards as a filter on the ranked items; a wrong condition (another genre, drawn at
+random) shows what the condition carries.
 
 Example::
 
-    cfg = LUMRecipeConfig(condition="genre")
+    cfg = load_config(LUMRecipeConfig, "apps/configs/lum_ml100k.toml", ["data.condition=genre"])
     model, seqs, history = pretrain_lum(cfg)
     metrics = conditioned_retrieval(model, seqs, cfg)
 """
@@ -25,32 +28,41 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from torchrec_genrec.config import ConfigError, from_dict, to_dict
+from torchrec_genrec.data.content import save_side_features
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.lum import (CONDITIONS, ITEM_CONDITIONS, REQUEST_CONDITION_CODES, ConditionItemSequences,
-                                      batch_by_tokens, condition_given_item, condition_item_sequences,
-                                      item_conditions, pack_sequences)
+                                      LUMBatch, LUMEpochs, condition_given_item, condition_item_sequences,
+                                      item_conditions, user_folds)
 from torchrec_genrec.data.ranking import _per_second, same_time_start
 from torchrec_genrec.data.splits import GlobalTimeSplit
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.modules.lum import HSTU_NO_PACKED_ROWS, LUM, LUMConfig
+from torchrec_genrec.plans.spec import TableSpec
 from torchrec_genrec.train.content import behaviour_log, behaviour_log_before
+from torchrec_genrec.train.io import write_json_atomic
+from torchrec_genrec.train.sharding import OptimConfig, full_state_dict
+from torchrec_genrec.train.trainer import Loss, TrainConfig, Trainer, seed_everything
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LUMRecipeConfig", "conditioned_retrieval", "event_interests", "load_lum", "lum_features", "prefix_room",
-           "pretrain_lum", "run_lum_retrieval_study", "save_lum", "user_folds", "user_prefix"]
+__all__ = ["LUMDataConfig", "LUMRecipeConfig", "LUMTask", "conditioned_retrieval", "event_interests", "load_lum",
+           "lum_features", "prefix_room", "pretrain_lum", "run_lum_retrieval_study", "save_lum", "user_folds",
+           "user_prefix"]
+
+WEIGHTS = "lum.safetensors"
 
 
 @dataclasses.dataclass
-class LUMRecipeConfig:
+class LUMDataConfig:
     """Args:
     dataset (str): a prepared dataset's name or store path.
     condition (str): a key of ``data.lum.CONDITIONS`` (``none`` = unconditioned).
@@ -59,18 +71,11 @@ class LUMRecipeConfig:
         ``packed`` (several users per fixed-length row, block-diagonal mask).
     row_len (int): tokens per packed row.
     batch_rows (int): rows per step; a jagged batch holds ``batch_rows * row_len`` tokens.
-    epochs (int): passes over the users.
-    lr (float): AdamW learning rate.
-    seed (int): seeds the model, the batch order and the negatives.
     valid_fraction, test_fraction (float): the ranking split (its validation cutoff).
-    output_dir (str): where ``lum.pt``, ``config.json``, ``history.json`` and TensorBoard
-        events go (nothing written when empty).
-    progress (bool): tqdm bar over the epochs.
     folds (int): user folds for cross-fitting (user ``u`` is in fold ``u % folds``).
     holdout_fold (int): pre-train without the users of this fold (-1: every user), so
         their features come from a model that never trained on their events
         (:func:`lum_features` over the K models of holdout folds 0..K-1).
-    model (LUMConfig): sizes.
     """
 
     dataset: str = "movielens-100k"
@@ -79,171 +84,170 @@ class LUMRecipeConfig:
     layout: str = "jagged"
     row_len: int = 256
     batch_rows: int = 16
-    epochs: int = 20
-    lr: float = 2e-3
-    seed: int = 0
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
-    output_dir: str = ""
-    progress: bool = False
     folds: int = 1
     holdout_fold: int = -1
+
+
+def _lum_train_defaults() -> TrainConfig:
+    return TrainConfig(output_dir="", epochs=20, tensorboard=True, progress=False, checkpoint=False,
+                       optim=OptimConfig(lr=2e-3, betas=(0.9, 0.999), weight_decay=0.01, sparse_lr=0.05))
+
+
+@dataclasses.dataclass
+class LUMRecipeConfig:
+    """LUM pre-training: the data (``data``), the model (``model``), how it trains
+    (``train``: the shared :class:`~torchrec_genrec.train.trainer.TrainConfig`; an empty
+    ``train.output_dir`` writes nothing)."""
+
+    data: LUMDataConfig = dataclasses.field(default_factory=LUMDataConfig)
     model: LUMConfig = dataclasses.field(default_factory=LUMConfig)
+    train: TrainConfig = dataclasses.field(default_factory=_lum_train_defaults)
 
     def validate(self) -> "LUMRecipeConfig":
         """Checks the whole config (after every override: fields depend on each other)."""
-        from torchrec_genrec.config import ConfigError
-
-        if self.condition not in CONDITIONS:
-            raise ConfigError(f"unknown LUM condition {self.condition!r}; choose one of {sorted(CONDITIONS)}")
-        if self.layout not in ("jagged", "packed"):
-            raise ConfigError(f"unknown LUM layout {self.layout!r}; choose 'jagged' or 'packed'")
-        if self.layout == "packed" and self.model.encoder == "hstu":
-            raise ConfigError(f"layout 'packed' with model.encoder 'hstu': {HSTU_NO_PACKED_ROWS}")
-        if 2 * self.max_events > self.model.max_positions:
-            raise ConfigError(f"max_events {self.max_events} makes sequences of {2 * self.max_events} tokens, longer "
+        d = self.data
+        if d.condition not in CONDITIONS:
+            raise ConfigError(f"unknown LUM condition {d.condition!r}; choose one of {sorted(CONDITIONS)} "
+                              "(data.condition)")
+        if d.layout not in ("jagged", "packed"):
+            raise ConfigError(f"unknown LUM layout {d.layout!r}; choose 'jagged' or 'packed' (data.layout)")
+        if d.layout == "packed" and self.model.encoder == "hstu":
+            raise ConfigError(f"data.layout 'packed' with model.encoder 'hstu': {HSTU_NO_PACKED_ROWS}")
+        if d.max_events < 1 or d.row_len < 2 or d.batch_rows < 1:
+            raise ConfigError("data.max_events, data.batch_rows must be >= 1 and data.row_len >= 2, got "
+                              f"{d.max_events}, {d.batch_rows}, {d.row_len}")
+        if 2 * d.max_events > self.model.max_positions:
+            raise ConfigError(f"data.max_events {d.max_events} makes sequences of {2 * d.max_events} tokens, longer "
                               f"than model.max_positions {self.model.max_positions}; lower one or raise the other")
-        if self.folds < 1 or not -1 <= self.holdout_fold < self.folds:
-            raise ConfigError(f"holdout_fold must be -1 or in [0, folds), with folds >= 1; got folds {self.folds}, "
-                              f"holdout_fold {self.holdout_fold}")
+        if d.folds < 1 or not -1 <= d.holdout_fold < d.folds:
+            raise ConfigError(f"data.holdout_fold must be -1 or in [0, data.folds), with data.folds >= 1; got folds "
+                              f"{d.folds}, holdout_fold {d.holdout_fold}")
+        if self.train.checkpoint and not self.train.output_dir:
+            raise ConfigError("train.checkpoint needs train.output_dir (where the checkpoints go)")
         self.model.validate()
+        self.train.validate()
         return self
 
 
-def _batches(seqs: ConditionItemSequences, cfg: LUMRecipeConfig, g: torch.Generator) -> List[list]:
-    """One epoch's batches in a fresh random order: lists of rows (each a list of users)
-    for the packed layout, lists of users for the jagged one."""
-    lengths = seqs.lengths().copy()
-    if cfg.holdout_fold >= 0:  # cross-fitting: the held-out fold's users are not trained on
-        lengths[user_folds(len(lengths), cfg.folds) == cfg.holdout_fold] = 0
-    if cfg.layout == "packed":
-        rows = pack_sequences(lengths, cfg.row_len)
-        order = torch.randperm(len(rows), generator=g).tolist()
-        return [[rows[i] for i in order[s:s + cfg.batch_rows]] for s in range(0, len(order), cfg.batch_rows)]
-    order = torch.randperm(len(lengths), generator=g).numpy()
-    return batch_by_tokens(lengths, order, cfg.batch_rows * cfg.row_len)
+def _sequences(cfg: LUMRecipeConfig) -> Tuple[SequenceStore, ConditionItemSequences]:
+    store = SequenceStore.open(resolve_store(cfg.data.dataset))
+    log = behaviour_log(store, cfg.data.valid_fraction, cfg.data.test_fraction)
+    return store, condition_item_sequences(store, log, cfg.data.condition, cfg.data.max_events)
 
 
-def user_folds(num_users: int, folds: int) -> np.ndarray:
-    """``(U,)`` each user's cross-fitting fold: ``u % folds``."""
-    return np.arange(num_users, dtype=np.int64) % folds
+class LUMTask:
+    """LUM pre-training as a trainer task: the model (token table on the meta device),
+    the users' ``<condition, item>`` sequences batched per epoch, the InfoNCE step.
 
+    Args:
+        cfg (LUMRecipeConfig): the recipe.
+        seqs (ConditionItemSequences): the users' pre-cutoff token sequences.
+    """
 
-def _step_loss(model: LUM, seqs: ConditionItemSequences, cfg: LUMRecipeConfig, batch: list,
-               g: torch.Generator) -> Tuple[torch.Tensor, dict, int]:
-    """The loss of one batch of :func:`_batches` and its number of real tokens."""
-    if cfg.layout == "packed":
-        rows = seqs.packed_rows(batch, cfg.row_len)
-        loss, stats = model.loss(rows.tokens, rows.segment, rows.position, g)
-        return loss, stats, int((rows.segment >= 0).sum())
-    tokens, offsets = seqs.jagged_batch(batch)
-    loss, stats = model.loss_jagged(tokens, offsets, g)
-    return loss, stats, tokens.numel()
+    units = "tokens"
+    selection = ""  # no validation split: the last epoch's weights are kept
+
+    def __init__(self, cfg: LUMRecipeConfig, seqs: ConditionItemSequences) -> None:
+        self.cfg, self.seqs = cfg, seqs
+        self.model = LUM(cfg.model, seqs.space, device=torch.device("meta"), seed=cfg.train.seed)
+        holdout = None
+        if cfg.data.holdout_fold >= 0:  # cross-fitting: the held-out fold's users are not trained on
+            holdout = user_folds(len(seqs.lengths()), cfg.data.folds) == cfg.data.holdout_fold
+        self.holdout = holdout
+
+    def fingerprint(self) -> Mapping[str, Any]:
+        return {"data": to_dict(self.cfg.data), "model": to_dict(self.cfg.model)}
+
+    def table_specs(self) -> List[TableSpec]:
+        """The token table (conditions and items of the unified token space), row-wise."""
+        m = self.cfg.model
+        return [TableSpec("lum_tokens", self.seqs.space.size, m.embedding_dim, LUM.FEATURES,
+                          sharding_types=("row_wise", "table_wise"),
+                          ids_per_sample=float(2 * self.cfg.data.max_events + m.num_negatives),
+                          description="LUM token space: conditions and items")]
+
+    def train_data(self, rank: int, world_size: int) -> LUMEpochs:
+        d = self.cfg.data
+        return LUMEpochs(self.seqs, d.layout, d.row_len, d.batch_rows, self.cfg.train.seed, self.holdout, rank,
+                         world_size)
+
+    def step(self, model: nn.Module, batch: LUMBatch) -> Tuple[Dict[str, Loss], int]:
+        out = model(batch)
+        n = out["positions"]
+        return {"loss": Loss(out["loss_sum"], n), "top1": Loss(out["top1_sum"], n, weight=0.0)}, out["tokens"]
+
+    def evaluate(self, model: nn.Module, split: str) -> Dict[str, float]:
+        raise ValueError("LUM pre-training has no validation split; test with conditioned_retrieval")
 
 
 def pretrain_lum(cfg: LUMRecipeConfig) -> Tuple[LUM, ConditionItemSequences, List[Dict[str, float]]]:
-    """Pre-trains LUM on the events before the validation cutoff; returns the model (eval
-    mode), the sequences and the per-epoch history (loss, top-1 against the negatives,
-    tokens/s). With ``cfg.output_dir`` the model is saved there (atomically, with its
-    config) and the curves go to TensorBoard."""
+    """Pre-trains LUM on the events before the validation cutoff; returns the trained model
+    (unsharded, on CPU, eval mode), the sequences and the per-epoch history (loss, top-1
+    against the negatives, tokens/s). With ``cfg.train.output_dir`` the run is saved there
+    (:func:`save_lum`) and the curves go to TensorBoard."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    store = SequenceStore.open(resolve_store(cfg.dataset))
-    log = behaviour_log(store, cfg.valid_fraction, cfg.test_fraction)
-    seqs = condition_item_sequences(store, log, cfg.condition, cfg.max_events)
+    seed_everything(cfg.train.seed)
+    store, seqs = _sequences(cfg)
     if not seqs.lengths().any():
         raise ValueError(f"{store.path}: no event before the validation cutoff; LUM has nothing to pre-train on")
-    model = LUM(cfg.model, seqs.space)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    writer = None
-    if cfg.output_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        writer = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
-    history = []
-    bar = tqdm(range(cfg.epochs), desc=f"lum {cfg.condition}", disable=not cfg.progress)
-    step = 0
-    for epoch in bar:
-        model.train()
-        sums = {"loss": 0.0, "top1": 0.0, "positions": 0.0}
-        tokens, start = 0, time.perf_counter()
-        for batch in _batches(seqs, cfg, g):
-            loss, stats, n_tokens = _step_loss(model, seqs, cfg, batch, g)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            n = float(stats["positions"])
-            sums["loss"] += float(stats["loss"]) * n
-            sums["top1"] += float(stats["top1"]) * n
-            sums["positions"] += n
-            tokens += n_tokens
-            step += 1
-            if writer is not None:
-                writer.add_scalar("train/loss", float(stats["loss"]), step)
-        seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "loss": sums["loss"] / sums["positions"],
-                        "top1": sums["top1"] / sums["positions"], "tokens_per_s": tokens / seconds})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", top1=f"{history[-1]['top1']:.3f}")
-        if writer is not None:
-            for key in ("loss", "top1", "tokens_per_s"):
-                writer.add_scalar(f"epoch/{key}", history[-1][key], epoch)
-    model.eval()
-    if cfg.output_dir:
-        writer.close()
-        save_lum(cfg.output_dir, model, cfg, history)
-    return model, seqs, history
+    task = LUMTask(cfg, seqs)
+    trainer = Trainer(task, cfg.train)
+    result = trainer.fit()
+    trainer.close()
+    model = LUM(cfg.model, seqs.space, seed=cfg.train.seed)
+    model.load_state_dict(full_state_dict(trainer.model))
+    history = [{"epoch": h["epoch"], "loss": h["train_loss"], "top1": h["train_top1"],
+                "tokens_per_s": h["tokens_per_s"]} for h in result.history]
+    if cfg.train.output_dir and trainer.ctx.is_main:
+        save_lum(cfg.train.output_dir, model, cfg, history)
+    return model.eval(), seqs, history
 
 
 def save_lum(run_dir: str, model: LUM, cfg: LUMRecipeConfig, history: List[Dict[str, float]]) -> None:
-    """``config.json``, ``history.json`` and then ``lum.pt`` (the state dict; the file that
-    marks a finished run), each written to a temporary file and renamed: a run directory
-    never holds a partial file, and never new weights beside an old config."""
-    from torchrec_genrec.config import to_dict
-    from torchrec_genrec.train.io import write_json_atomic as _write_json_atomic
+    """``config.json``, ``history.json`` and then ``lum.safetensors`` (the weights, tensors
+    only; the file that marks a finished run), each written to a temporary file and
+    renamed: a run directory never holds a partial file, and never new weights beside an
+    old config."""
+    from safetensors.torch import save_file
 
     os.makedirs(run_dir, exist_ok=True)
-    final = os.path.join(run_dir, "lum.pt")
+    final = os.path.join(run_dir, WEIGHTS)
     if os.path.exists(final):
         os.remove(final)  # a crash below leaves no finished-looking run with the old weights
-    _write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(cfg))
-    _write_json_atomic(os.path.join(run_dir, "history.json"), {"history": history})
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".lum-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(os.path.join(run_dir, "config.json"), to_dict(cfg))
+    write_json_atomic(os.path.join(run_dir, "history.json"), {"history": history})
+    tmp = final + ".tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, final)
 
 
 def load_lum(run_dir: str) -> Tuple[LUM, ConditionItemSequences, LUMRecipeConfig]:
     """A run of :func:`pretrain_lum` back: the model (eval mode), its sequences, its config."""
-    from torchrec_genrec.config import from_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    path = os.path.join(run_dir, "lum.pt")
+    path = os.path.join(run_dir, WEIGHTS)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished LUM run (genrec lum train --out DIR)")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = from_dict(LUMRecipeConfig, json.load(f), where=os.path.join(run_dir, "config.json")).validate()
-    store = SequenceStore.open(resolve_store(cfg.dataset))
-    seqs = condition_item_sequences(store, behaviour_log(store, cfg.valid_fraction, cfg.test_fraction),
-                                    cfg.condition, cfg.max_events)
-    model = LUM(cfg.model, seqs.space)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a finished LUM run "
+                                "(genrec lum train --out DIR)")
+    config_path = os.path.join(run_dir, "config.json")
+    with open(config_path) as f:
+        cfg = from_dict(LUMRecipeConfig, json.load(f), where=config_path).validate()
+    _, seqs = _sequences(cfg)
+    model = LUM(cfg.model, seqs.space, seed=cfg.train.seed)
     try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
+        model.load_state_dict(load_file(path))
+    except (RuntimeError, SafetensorError) as err:
         raise ValueError(f"{path} does not match its config.json (token space {seqs.space.size}): {err}") from None
     return model.eval(), seqs, cfg
 
 
 def _test_events(store: SequenceStore, cfg: LUMRecipeConfig) -> Tuple[np.ndarray, np.ndarray]:
     """The test events (user, event id), in store order."""
-    _, test_start = GlobalTimeSplit(cfg.valid_fraction, cfg.test_fraction).cutoffs(store)
+    _, test_start = GlobalTimeSplit(cfg.data.valid_fraction, cfg.data.test_fraction).cutoffs(store)
     user = np.repeat(np.arange(store.num_users), store.lengths)
     events = np.nonzero(np.asarray(store.timestamp) >= test_start)[0]
     return user[events], events
@@ -281,7 +285,7 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
     Args:
         model, seqs, cfg: a pre-trained LUM, its sequences and recipe (``pretrain_lum``).
         condition (str): the condition whose true value each test event is asked with
-            (default ``cfg.condition``; required for the unconditioned model, and for a
+            (default ``cfg.data.condition``; required for the unconditioned model, and for a
             conditioned one it must be the condition it was trained on).
         condition_prior (bool): add ``log p(condition | item)`` to the scores (logits
             ``cos / temperature``): the condition applied after the fact. For an item
@@ -293,18 +297,18 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
         per_event (bool): also return ``event_user`` / ``event_hit`` / ``event_ndcg`` per
             test event (for a paired bootstrap over users).
     """
-    condition = condition or cfg.condition
+    condition = condition or cfg.data.condition
     if condition == "none":
         raise ValueError("the unconditioned model needs the condition to evaluate: pass condition='genre', ...")
-    if cfg.condition not in ("none", condition):
-        raise ValueError(f"this LUM was trained on condition {cfg.condition!r}; it cannot be asked with "
+    if cfg.data.condition not in ("none", condition):
+        raise ValueError(f"this LUM was trained on condition {cfg.data.condition!r}; it cannot be asked with "
                          f"{condition!r} values (train one on {condition!r}, or evaluate the unconditioned model)")
-    store = SequenceStore.open(resolve_store(cfg.dataset))
+    store = SequenceStore.open(resolve_store(cfg.data.dataset))
     users, events = _test_events(store, cfg)
     seconds = np.asarray(store.timestamp, dtype=np.int64) // _per_second(store)
     items = np.asarray(store.item, dtype=np.int64)
     true_cond = np.asarray(CONDITIONS[condition](store, items[events], seconds[events]))
-    log = behaviour_log(store, cfg.valid_fraction, cfg.test_fraction)
+    log = behaviour_log(store, cfg.data.valid_fraction, cfg.data.test_fraction)
     prior = condition_given_item(store, log, condition)
     with np.errstate(divide="ignore"):  # log 0 = -inf: an item outside the condition
         log_prior = torch.from_numpy(np.log(prior)).float() if condition_prior else None
@@ -321,7 +325,7 @@ def conditioned_retrieval(model: LUM, seqs: ConditionItemSequences, cfg: LUMReci
         mine = users == u
         conds = true_cond[mine]
         asked = np.asarray([rng.choice(values[values != c]) for c in conds]) if wrong_condition else conds
-        query_values = np.zeros_like(asked) if cfg.condition == "none" else asked
+        query_values = np.zeros_like(asked) if cfg.data.condition == "none" else asked
         distinct, slot = np.unique(query_values, return_inverse=True)
         seen = seqs.seen(u)
         interests = model.interests(prefix, seqs.space.to_tokens("condition", torch.from_numpy(distinct)), steps,
@@ -352,14 +356,20 @@ def run_lum_retrieval_study(seed: int = 0, epochs: int = 20, dataset: str = "mov
     unconditioned model with the condition applied afterwards (``condition_prior``), and
     the unconditioned model alone."""
     out: Dict[str, Dict[str, Any]] = {}
-    base = dict(dataset=dataset, epochs=epochs, seed=seed, layout=layout, model=model or LUMConfig())
-    cond_cfg = LUMRecipeConfig(condition=condition, **base)
+
+    def recipe(condition_name: str) -> LUMRecipeConfig:
+        train = _lum_train_defaults()
+        train.seed, train.epochs = seed, epochs
+        return LUMRecipeConfig(data=LUMDataConfig(dataset=dataset, condition=condition_name, layout=layout),
+                               model=model or LUMConfig(), train=train)
+
+    cond_cfg = recipe(condition)
     cond_model, cond_seqs, cond_hist = pretrain_lum(cond_cfg)
     ask = functools.partial(conditioned_retrieval, per_event=True)
     out["conditioned"] = {**ask(cond_model, cond_seqs, cond_cfg), "train": cond_hist[-1]}
     out["conditioned_pooled"] = ask(cond_model, cond_seqs, cond_cfg, steps=steps)
     out["wrong_condition"] = ask(cond_model, cond_seqs, cond_cfg, wrong_condition=True, seed=seed)
-    none_cfg = LUMRecipeConfig(condition="none", **base)
+    none_cfg = recipe("none")
     none_model, none_seqs, none_hist = pretrain_lum(none_cfg)
     out["unconditioned_prior"] = {**ask(none_model, none_seqs, none_cfg, condition, condition_prior=True),
                                   "train": none_hist[-1]}
@@ -390,7 +400,7 @@ def event_interests(model: LUM, store: SequenceStore, cutoff: int, condition: st
     Example::
 
         model, seqs, cfg = load_lum("runs/lum_genre")
-        events, vectors = event_interests(model, store, seqs.cutoff, cfg.condition, cfg.max_events)
+        events, vectors = event_interests(model, store, seqs.cutoff, cfg.data.condition, cfg.data.max_events)
     """
     log = behaviour_log_before(store, cutoff)
     events = np.nonzero(np.asarray(store.timestamp) < cutoff)[0]  # the log's events, one for one
@@ -452,8 +462,6 @@ def lum_features(model: Union[LUM, Sequence[LUM]], seqs: ConditionItemSequences,
         the request's hour bucket / weekday); with ``event_history``, ``lum_event``
         ``(E',)`` store event ids and ``lum_event_interest`` ``(E', D)``.
     """
-    from torchrec_genrec.data.content import save_side_features
-
     if event_history is not None and steps != 1:
         raise ValueError("point-in-time event interests are the condition's output: use steps = 1")
     models = [model] if isinstance(model, LUM) else list(model)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,13 +29,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_genrec.config import ConfigError
+from torchrec_genrec.ops.random import hash32, keyed_truncated_normal
 from torchrec_genrec.plans.planner import make_sharders, plan_tables
-from torchrec_genrec.plans.spec import parse_pins
+from torchrec_genrec.plans.spec import TableSpec, parse_pins
 from torchrec_genrec.train.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OptimConfig", "build_optimizer", "seed_embedding_tables", "shard", "sharding_pins", "write_table_rows"]
+__all__ = ["OptimConfig", "build_optimizer", "full_state_dict", "seed_embedding_tables", "shard", "sharding_pins",
+           "write_table_rows"]
 
 _SPARSE_OPTIMIZERS = {
     "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
@@ -75,7 +77,8 @@ class OptimConfig:
 
 
 def shard(model: nn.Module, ctx: DistContext, optim: OptimConfig, batch_size: int,
-          pins: Sequence[str] = (), seed: Optional[int] = None) -> DistributedModelParallel:
+          pins: Sequence[str] = (), seed: Optional[int] = None,
+          specs: Optional[Sequence[TableSpec]] = None) -> DistributedModelParallel:
     """Plans the model's tables (``model.table_specs()``, see ``plans``) on the job's ranks
     and wraps the model in DistributedModelParallel.
 
@@ -83,6 +86,8 @@ def shard(model: nn.Module, ctx: DistContext, optim: OptimConfig, batch_size: in
         pins (Sequence[str]): manual plan, ``TABLE:SHARDING_TYPE[:KERNEL]`` per table.
         seed (Optional[int]): initialise the tables from this seed, the same whatever the
             plan (see :func:`seed_embedding_tables`); default ``model.seed``.
+        specs (Optional[Sequence[TableSpec]]): the model's table declarations; default
+            ``model.table_specs()``.
     """
     if optim.sparse_optimizer == "adam" and ctx.device.type != "cuda":
         raise ConfigError("train.optim.sparse_optimizer = 'adam' needs CUDA: fbgemm fuses only Adagrad, row-wise "
@@ -94,7 +99,7 @@ def shard(model: nn.Module, ctx: DistContext, optim: OptimConfig, batch_size: in
     topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local,
                                                              hbm_cap_bytes=hbm),
                                                kernel_config=KernelConfig(compute_device=ctx.device.type))
-    report = plan_tables(model.table_specs(), topology, batch_size, sharders=sharders, pins=parse_pins(pins),
+    report = plan_tables(list(specs) if specs is not None else model.table_specs(), topology, batch_size, sharders=sharders, pins=parse_pins(pins),
                          module=model, process_group=dist.group.WORLD)
     if ctx.is_main:
         for t in report.tables:
@@ -173,8 +178,6 @@ def seed_embedding_tables(dmp: DistributedModelParallel, seed: int, std: float =
     Returns:
         int: the number of table elements this rank wrote.
     """
-    from torchrec_genrec.ops.random import hash32, keyed_truncated_normal
-
     written = 0
     with torch.no_grad():
         for table, block, row0, col0, _ in _local_table_blocks(dmp):
@@ -200,3 +203,26 @@ def build_optimizer(dmp: DistributedModelParallel, optim: OptimConfig) -> Combin
         lambda params: make(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay),
     )
     return CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
+
+
+def full_state_dict(dmp: DistributedModelParallel) -> Dict[str, torch.Tensor]:
+    """The sharded model's state as an unsharded module's: every sharded table whole, on
+    every rank (each rank writes its shards into a zero tensor, one all-reduce sums them),
+    ready for ``load_state_dict`` of the plain model."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in dmp.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size(), dtype=value.dtype)
+            for block in value.local_shards():
+                index = tuple(slice(o, o + n) for o, n in zip(block.metadata.shard_offsets, block.metadata.shard_sizes))
+                full[index] = block.tensor.detach().cpu()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                moved = full.to(dmp.device)
+                dist.all_reduce(moved)
+                full = moved.cpu()
+            out[key] = full
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().clone()
+    return out

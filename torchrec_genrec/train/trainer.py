@@ -53,7 +53,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_genrec.config import ConfigError, to_dict
-from torchrec_genrec.train.checkpoint import (Checkpointer, fingerprint, load_latest, move_finished_run_aside,
+from torchrec_genrec.train.checkpoint import (CheckpointError, Checkpointer, fingerprint, load_latest, move_finished_run_aside,
                                               resume_epoch, resume_pins, stop_reason)
 from torchrec_genrec.train.distributed import DistContext, init_distributed
 from torchrec_genrec.train.logger import MetricsLogger
@@ -95,8 +95,10 @@ class TrainConfig:
             optimiser state stay fp32). fp16 is not offered: its loss scaling cannot be
             undone inside the fused sparse optimiser's backward update.
         compile (bool): ``torch.compile`` the dense modules the task names.
-        pipeline (str): ``sparse_dist`` (TorchRec's ``TrainPipelineSparseDist``) or
-            ``none`` (a plain loop); both compute the same steps.
+        pipeline (str): ``sparse_dist`` (TorchRec's ``TrainPipelineSparseDist``), ``none``
+            (a plain loop) or ``auto`` (the pipeline on CUDA, where it overlaps the copy of
+            the next batches with compute; the plain loop on CPU, where there is no copy to
+            hide); all three compute the same steps.
         log_every_steps (int): report the step's losses every this many steps (each report
             reads the losses back from the device).
         fault_at_step (str): fault drill, ``RANK:STEP``: that rank exits (code 13) just
@@ -122,7 +124,7 @@ class TrainConfig:
     resume: Literal["auto", "never", "must"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
-    pipeline: Literal["sparse_dist", "none"] = "sparse_dist"
+    pipeline: Literal["auto", "sparse_dist", "none"] = "auto"
     log_every_steps: int = 1
     fault_at_step: str = ""
     fault_marker: str = ""
@@ -145,7 +147,7 @@ class TrainConfig:
         need(self.log_every_steps >= 1, "log_every_steps", ">= 1")
         need(self.resume in ("auto", "never", "must"), "resume", "auto, never or must")
         need(self.precision in ("fp32", "bf16"), "precision", "fp32 or bf16")
-        need(self.pipeline in ("sparse_dist", "none"), "pipeline", "sparse_dist or none")
+        need(self.pipeline in ("auto", "sparse_dist", "none"), "pipeline", "auto, sparse_dist or none")
         if self.fault_at_step:
             parts = self.fault_at_step.split(":")
             need(len(parts) == 2 and all(p.strip().isdigit() for p in parts), "fault_at_step", "RANK:STEP")
@@ -285,7 +287,9 @@ class Trainer:
         self.ctx = ctx = ctx or init_distributed()
         c = config
         self.checkpoint_dir = c.checkpoint_dir or os.path.join(c.output_dir, "checkpoints")
-        if ctx.is_main:
+        if c.checkpoint and not (c.output_dir or c.checkpoint_dir):
+            raise ConfigError("train.checkpoint needs train.output_dir or train.checkpoint_dir (where checkpoints go)")
+        if ctx.is_main and c.output_dir:
             os.makedirs(c.output_dir, exist_ok=True)
             if c.resume == "never":
                 moved = move_finished_run_aside(c.output_dir, self.checkpoint_dir)
@@ -294,7 +298,7 @@ class Trainer:
                                    moved)
         if dist.is_initialized():
             dist.barrier()
-        self.metrics = MetricsLogger(c.output_dir, c.tensorboard, c.progress, ctx.is_main)
+        self.metrics = MetricsLogger(c.output_dir or None, c.tensorboard, c.progress, ctx.is_main)
         self.checkpointer = Checkpointer(self.checkpoint_dir, ctx, c.keep_checkpoints) if c.checkpoint else None
         train_settings = {"seed": c.seed, "optim": to_dict(c.optim)}
         if c.precision != "fp32":
@@ -304,8 +308,9 @@ class Trainer:
         # A resume plans the tables as the checkpoint's run did (another world size may pick
         # other sharding types, whose optimiser states would not load into each other).
         pins = resume_pins(self.checkpointer, resume, pins, self.fingerprint)
+        specs = task.table_specs() if hasattr(task, "table_specs") else None
         self.dmp: DistributedModelParallel = shard(task.model, ctx, c.optim, c.batch_size, pins,
-                                                   seed=getattr(task.model, "seed", c.seed))
+                                                   seed=getattr(task.model, "seed", c.seed), specs=specs)
         self.optimizer: CombinedOptimizer = build_optimizer(self.dmp, c.optim)
         if c.compile:
             for name in getattr(task, "compile_targets", lambda: [])():
@@ -393,7 +398,9 @@ class Trainer:
 
     def _steps(self, batches: Iterable[Any]) -> Iterable[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
         """Runs a training step per batch; yields each step's term means and units."""
-        if self.config.pipeline == "none":
+        pipelined = self.config.pipeline == "sparse_dist" or (self.config.pipeline == "auto"
+                                                              and self.ctx.device.type == "cuda")
+        if not pipelined:
             for batch in batches:
                 _, means, units = self.train_step(batch)
                 yield means, units
@@ -473,10 +480,13 @@ class Trainer:
                 # interrupted run had drawn before the checkpoint: back to the saved state.
                 self.checkpointer.restore_rng(resumed_from)
             pending = _PendingSums(part)
+            on_step_end = getattr(task, "on_step_end", None)
             for means, units in self._steps(self.metrics.bar(batches, f"epoch {epoch}", total=len(data))):
                 self._step += 1
                 batch_in_epoch += 1
                 pending.add(means, units)
+                if on_step_end is not None:
+                    on_step_end(self.dmp.module)
                 if self._step % c.log_every_steps == 0 or batch_in_epoch == batches_in_epoch:
                     values = {k: float(v) for k, v in means.items()}
                     pending.flush()
@@ -492,6 +502,8 @@ class Trainer:
                     part["seconds"] = time.perf_counter() - epoch_start
                     save_progress(epoch, batch_in_epoch, dict(part, terms=dict(part["terms"])), "")
             pending.flush()
+            if hasattr(task, "on_epoch_end"):
+                task.on_epoch_end(self.dmp.module, epoch)
             seconds = time.perf_counter() - epoch_start
             totals["seconds"] += seconds
             totals["units"] += part["units"]
@@ -534,8 +546,6 @@ class Trainer:
         Raises:
             CheckpointError: its files do not read, naming the file.
         """
-        from torchrec_genrec.train.checkpoint import CheckpointError
-
         problem = self.checkpointer.problem(name)
         if problem is not None:
             raise CheckpointError(f"cannot load checkpoint {name!r}: {problem}")
