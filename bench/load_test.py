@@ -1,21 +1,26 @@
-"""Load test of ``genrec serve`` on loopback: a bounded stream of requests, some malformed.
+"""Soak test of ``genrec serve`` on loopback: many requests, valid and not, with slow clients.
 
 Starts the server on an artifact in a subprocess, then ``--concurrency`` client threads
-(keep-alive HTTP/1.1) send ``--requests`` requests in all: /recommend with real ML-100K
-test histories, /score with 64 candidates, and a share (``--bad-fraction``) of malformed
-ones of every kind the server must refuse (bad JSON, unknown ids, empty and over-long
-histories, k out of range, a body over the size limit, wrong field types). Reports:
+(keep-alive HTTP/1.1) send ``--requests`` requests in all: /recommend with the run's test
+histories, /score with 64 candidates, a share (``--bad-fraction``) of malformed ones of
+every kind the server must refuse (bad JSON, unknown ids, empty and over-long histories, k
+out of range, a body over the size limit, wrong field types) and a share
+(``--unknown-fraction``) to paths that do not exist. Meanwhile ``--slow-clients`` threads
+keep opening connections that stay idle, send half a request head, or stop sending a
+body, and a probe calls ``/healthz`` every 50 ms. Pass, all of:
 
-- responses by status; 5xx must be zero, and each malformed request must get its 4xx;
-- latency p50 / p99 of the well-formed requests, and requests/s;
-- the server's RSS after the first 5k requests and after the last (the 20k-th): growth
-  over 10% fails.
+- no 5xx and no dropped request, every malformed request gets its 4xx, every unknown
+  path 404;
+- ``/healthz`` p99 <= 50 ms over the whole run;
+- the server's RSS grows by at most 10% between the ``--window``-th request and the last;
+- ``/metrics`` is as large at the end as after the first window (its labels are bounded).
 
 Exit status 1 when any check fails.
 
 Usage::
 
-    .venv/bin/python bench/load_test.py --artifact artifacts/hstu_ml100k/int8 [--requests 20000] [--concurrency 16]
+    .venv/bin/python bench/load_test.py --artifact artifacts/hstu_ml100k/int8 --run runs/hstu_ml100k \
+        [--requests 50000] [--concurrency 16] [--slow-clients 8]
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def _metrics_bytes(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    return len(conn.getresponse().read())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,9 +77,11 @@ def _histories(run_dir: str) -> List[dict]:
 
 
 def _request(i: int, rng: random.Random, histories: List[dict], item_ids: List, max_history: int,
-             bad_fraction: float) -> Tuple[str, bytes, str, int]:
+             bad_fraction: float, unknown_fraction: float) -> Tuple[str, bytes, str, int]:
     """(path, body, kind, expected status class) of request ``i``."""
     h = histories[i % len(histories)]
+    if rng.random() < unknown_fraction:
+        return f"/no/such/path/{i}?q={rng.random()}", b"{}", "unknown_path", 404
     if rng.random() < bad_fraction:
         kind = ["bad_json", "unknown_item", "empty", "k_zero", "oversize", "too_long", "wrong_type"][i % 7]
         body = {"history": h, "k": 10}
@@ -98,18 +111,23 @@ def _request(i: int, rng: random.Random, histories: List[dict], item_ids: List, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", default="artifacts/hstu_ml100k/int8")
-    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--run", default="runs/hstu_ml100k", help="the run the artifact was exported from "
+                        "(its test histories are the requests)")
+    parser.add_argument("--requests", type=int, default=50000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bad-fraction", type=float, default=0.05)
-    parser.add_argument("--window", type=int, default=5000, help="requests per RSS window")
+    parser.add_argument("--unknown-fraction", type=float, default=0.05)
+    parser.add_argument("--slow-clients", type=int, default=8)
+    parser.add_argument("--window", type=int, default=10000, help="the RSS and /metrics baseline request")
     args = parser.parse_args()
 
     manifest = json.load(open(os.path.join(args.artifact, "manifest.json")))
     vocab = json.load(open(os.path.join(args.artifact, "vocab.json")))
-    histories = _histories(manifest["run"]["dir"])
+    histories = _histories(args.run)
     port = _free_port()
     genrec = os.path.join(os.path.dirname(sys.executable), "genrec")
-    server = subprocess.Popen([genrec, "serve", args.artifact, "--port", str(port)],
+    server = subprocess.Popen([genrec, "serve", args.artifact, "--port", str(port), "--header-timeout-s", "2",
+                               "--request-timeout-s", "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -142,7 +160,7 @@ def main() -> int:
                         return
                     next_index[0] += 1
                 path, body, kind, expected = _request(i, rng, histories, vocab["item_ids"], manifest["max_history"],
-                                                      args.bad_fraction)
+                                                      args.bad_fraction, args.unknown_fraction)
                 start = time.perf_counter()
                 try:
                     conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
@@ -162,12 +180,56 @@ def main() -> int:
                     done[0] += 1
                     if done[0] in (args.window, args.requests):
                         rss[done[0]] = _rss_mb(server.pid)
+                        metrics_size[done[0]] = _metrics_bytes(port)
 
+        stop = threading.Event()
+        health: List[float] = []
+        slow = Counter()
+
+        def probe() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    conn.request("GET", "/healthz")
+                    conn.getresponse().read()
+                    health.append(time.perf_counter() - start)
+                except (OSError, http.client.HTTPException):
+                    health.append(float("inf"))
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                stop.wait(0.05)
+
+        def slow_client(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                kind = ["idle", "half_head", "stalled_body"][rng.randrange(3)]
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                    if kind == "half_head":
+                        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n")
+                    elif kind == "stalled_body":
+                        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: 1000\r\n\r\n{\"history\"")
+                    reply = sock.recv(4096)  # the server closes (b"") or answers 408
+                    slow[f"{kind}:{'408' if b' 408 ' in reply else 'closed' if not reply else 'other'}"] += 1
+                    sock.close()
+                except OSError:
+                    slow[f"{kind}:error"] += 1
+
+        metrics_size = {}
         start = time.perf_counter()
+        helpers = [threading.Thread(target=probe)] + [threading.Thread(target=slow_client, args=(1000 + s,))
+                                                      for s in range(args.slow_clients)]
+        for t in helpers:
+            t.start()
         threads = [threading.Thread(target=worker, args=(s,)) for s in range(args.concurrency)]
         for t in threads:
             t.start()
         for t in threads:
+            t.join()
+        stop.set()
+        for t in helpers:
             t.join()
         wall = time.perf_counter() - start
     finally:
@@ -179,8 +241,15 @@ def main() -> int:
     wrong = Counter(kind for kind, expected, status, _ in results if status != expected)
     good = np.array([t for kind, _, status, t in results if kind in ("recommend", "score") and status == 200])
     growth = rss[args.requests] / rss[args.window] - 1
+    health_p99 = float(np.percentile(health, 99)) if health else float("inf")
+    metrics_growth = metrics_size[args.requests] - metrics_size[args.window]
     print(f"{len(results)} requests, {args.concurrency} concurrent, {wall:.1f} s ({len(results) / wall:.0f} req/s) "
           f"against {args.artifact} ({manifest['precision']})")
+    print("slow clients: " + ", ".join(f"{k}: {n}" for k, n in sorted(slow.items())))
+    print(f"/healthz: {len(health)} probes, p50 {np.percentile(health, 50) * 1e3:.1f} ms, p99 {health_p99 * 1e3:.1f} ms, "
+          f"max {max(health) * 1e3:.1f} ms")
+    print(f"/metrics: {metrics_size[args.window]} bytes after {args.window} requests, {metrics_size[args.requests]} "
+          f"after {args.requests}")
     print("responses by status: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
     print("malformed requests by kind: " + ", ".join(
         f"{k}: {n}" for k, n in sorted(Counter(k for k, e, _, _ in results if e != 200).items())))
@@ -188,9 +257,12 @@ def main() -> int:
           f"p99 {np.percentile(good, 99) * 1e3:.1f} ms")
     print(f"server RSS after {args.window} requests {rss[args.window]:.1f} MiB, after {args.requests} "
           f"{rss[args.requests]:.1f} MiB ({growth:+.1%})")
-    ok = server_errors == 0 and not wrong and growth <= 0.10
-    print(f"5xx or dropped: {server_errors}; unexpected statuses: {dict(wrong) or 'none'}; "
-          f"RSS growth within 10%: {growth <= 0.10} -> {'PASS' if ok else 'FAIL'}")
+    slow_other = sum(n for k, n in slow.items() if k.endswith((":other", ":error")))
+    ok = (server_errors == 0 and not wrong and growth <= 0.10 and health_p99 <= 0.050 and metrics_growth <= 256
+          and slow_other == 0)
+    print(f"5xx or dropped: {server_errors}; unexpected statuses: {dict(wrong) or 'none'}; slow clients not closed: "
+          f"{slow_other}; /healthz p99 <= 50 ms: {health_p99 <= 0.050}; RSS growth within 10%: {growth <= 0.10}; "
+          f"/metrics bounded: {metrics_growth <= 256} -> {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 

@@ -63,8 +63,9 @@ def tiny_artifacts(tiny_run, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def http_server(app):
-    """Serves an ASGI app with uvicorn on a free local port in a thread; yields its URL."""
+def http_server(app, **config):
+    """Serves an ASGI app with uvicorn on a free local port in a thread; yields its URL.
+    ``config`` goes to ``uvicorn.Config`` (e.g. the server's ``http`` protocol)."""
     import socket
     import threading
     import time
@@ -75,7 +76,7 @@ def http_server(app):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -237,3 +237,35 @@ def test_cli_export_and_torchrec_package(tiny_run, tiny_artifacts, tmp_path, cap
                   "timestamp": torch.from_numpy(prepared.timestamps), "lengths": torch.tensor([4])})
     torch.testing.assert_close(out["user_embedding"], predictor.user_vectors([prepared]), atol=1e-5, rtol=1e-5)
     assert out["scores"].shape == (1, predictor.num_items)
+
+
+def test_export_never_deletes_what_the_user_did_not_name(tiny_run, tiny_artifacts, tmp_path, capsys):
+    """--overwrite replaces an earlier artifact only: never the run, a directory holding it,
+    or a directory of other files; a written artifact is readable by other users."""
+    import stat
+
+    run, store = tiny_run
+    code = cli.main(["export", run, "--out", run, "--overwrite"])
+    assert code == 2 and "inside the run" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(run, "metrics.json"))
+    assert cli.main(["export", run, "--out", os.path.dirname(run), "--overwrite"]) == 2
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code = cli.main(["export", run, "--out", str(mine), "--overwrite"])
+    assert code == 2 and "not an artifact" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    code = cli.main(["export", run, "--out", store, "--overwrite"])  # a store is not an artifact either
+    assert code == 2 and os.path.exists(os.path.join(store, "manifest.json"))
+    capsys.readouterr()
+    out = tmp_path / "artifact"
+    assert cli.main(["export", run, "--out", str(out)]) == 0
+    assert cli.main(["export", run, "--out", str(out), "--overwrite"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(os.stat(out / f).st_mode) == 0o666 & ~umask for f in os.listdir(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["run"]["name"] == os.path.basename(run) and "dir" not in manifest["run"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]

@@ -133,3 +133,71 @@ def test_genrec_serve_command_starts_and_answers(tiny_artifacts):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_metrics_stay_bounded_whatever_paths_clients_send(server):
+    """Every unknown path counts under one label: /metrics keeps its size after 1,000 of them."""
+    url, predictor = server
+    assert _call(url, "/recommend", {"history": _history(predictor), "k": 3})[0] == 200
+    for i in range(50):
+        _call(url, f"/warm-up-{i}")
+    size_before = len(_call(url, "/metrics")[1])
+    for i in range(1000):
+        assert _call(url, f"/no/such/path/{i}?q={i}")[0] == 404
+    text = _call(url, "/metrics")[1].decode()
+    assert len(text.encode()) <= size_before + 64  # only counter values grew, not label sets
+    assert "/no/such/path" not in text and 'endpoint="unmatched",status="404"' in text
+    assert 'endpoint="/recommend",status="200"' in text
+
+
+def _guarded_server(tiny_artifacts, **limits):
+    from torchrec_genrec.serving.app import guarded_h11_protocol
+
+    predictor = Predictor.load(tiny_artifacts["int8"])
+    config = ServeConfig(**limits)
+    return http_server(create_app(predictor, config), http=guarded_h11_protocol(config.header_timeout_s),
+                       timeout_keep_alive=config.keep_alive_s), predictor
+
+
+def _closed_within(sock, seconds):
+    """Whether the server closes ``sock`` within ``seconds`` (recv returns b'' or resets)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_idle_half_sent_and_slow_connections_are_not_held(tiny_artifacts):
+    server, predictor = _guarded_server(tiny_artifacts, header_timeout_s=0.5, request_timeout_s=0.5, keep_alive_s=1)
+    with server as url:
+        port = int(url.rsplit(":", 1)[1])
+        idle = socket.create_connection(("127.0.0.1", port))
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        start = time.time()
+        assert _closed_within(idle, 5) and _closed_within(half, 5)
+        assert time.time() - start < 4
+        # A body that stops arriving gets 408, and the server answers the next request.
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"history\"")
+        slow.settimeout(5)
+        assert b" 408 " in slow.recv(4096).split(b"\r\n", 1)[0] + b" "
+        body = {"history": _history(predictor), "k": 2}
+        assert _call(url, "/recommend", body)[0] == 200
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-body-bytes", "-1", "--max-body-bytes must be in [1024, 2**30]"),
+    ("--max-batch", "0", "--max-batch must be >= 1"),
+    ("--header-timeout-s", "0", "--header-timeout-s must be > 0"),
+    ("--max-wait-ms", "-5", "--max-wait-ms must be in [0, 10000]"),
+])
+def test_serve_refuses_bad_limits_at_start_up(tiny_artifacts, capsys, flag, value, message):
+    from torchrec_genrec import cli
+
+    assert cli.main(["serve", tiny_artifacts["int8"], "--port", "1", flag, value]) == 2
+    assert message in capsys.readouterr().err

@@ -356,3 +356,39 @@ def test_sort_fast_paths_match_lexsort(layout):
         assert layout == "user_sorted"
         got = np.arange(n)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_prepare_never_deletes_a_directory_it_did_not_write(tmp_path, capsys):
+    """`genrec prepare --out DIR` writes into a new or empty directory or over an earlier
+    store; a directory holding anything else is refused (its files stay) unless --force."""
+    import csv
+
+    from torchrec_genrec import cli
+
+    log = tmp_path / "events.csv"
+    with open(log, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user", "item", "timestamp"])
+        for u in range(5):
+            for t in range(4):
+                writer.writerow([u, (u + t) % 7, 100 * u + t])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code = cli.main(["prepare", "csv", "--path", str(log), "--out", str(mine)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a sequence store ('notes.txt')" in err and "--force" in err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli.main(["prepare", "csv", "--path", str(log), "--out", str(a_file)]) == 2
+    assert a_file.read_text() == "x"
+    # An empty directory, then the store itself again, are fine; --force replaces anything.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["prepare", "csv", "--path", str(log), "--out", str(empty)]) == 0
+    assert cli.main(["prepare", "csv", "--path", str(log), "--out", str(empty)]) == 0
+    assert cli.main(["prepare", "csv", "--path", str(log), "--out", str(mine), "--force"]) == 0
+    assert not (mine / "notes.txt").exists() and (mine / "manifest.json").exists()
+    assert cli.main(["prepare", "movielens-1m", "--path", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path / "mine" / "..")]) == 2  # the parent holds other files

@@ -68,7 +68,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                 args.path, args.out, delimiter=args.delimiter, user_col=column(args.user_col),
                 item_col=column(args.item_col), timestamp_col=column(args.timestamp_col),
                 action_col=column(args.action_col),
-                has_header=not args.no_header, id_type=args.id_type,
+                has_header=not args.no_header, id_type=args.id_type, force=args.force,
             )
         except ReaderArgumentError as e:
             raise DataError(e.render(cli_spelling), path=e.path, line=e.line) from None
@@ -401,11 +401,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from torchrec_genrec.serving.app import ServeConfig, serve
 
-    print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score or /rank, /healthz /metrics)",
-          flush=True)
-    serve(args.artifact, args.host, args.port, ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                                           max_body_bytes=args.max_body_bytes),
-          check_versions=not args.ignore_versions)
+    config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                         header_timeout_s=args.header_timeout_s, request_timeout_s=args.request_timeout_s,
+                         keep_alive_s=args.keep_alive_s).validate()
+    serve(args.artifact, args.host, args.port, config,
+          check_versions=not args.ignore_versions,
+          announce=lambda: print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score or "
+                                 "/rank, /healthz /metrics)", flush=True))
     return 0
 
 
@@ -538,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=64, help="most requests per encoder pass")
     serve.add_argument("--max-wait-ms", type=float, default=2.0, help="batching wait after the first request")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    serve.add_argument("--header-timeout-s", type=float, default=10.0,
+                       help="seconds a connection has to send a complete request head (idle and half-sent ones close)")
+    serve.add_argument("--request-timeout-s", type=float, default=30.0, help="seconds to receive a body, else 408")
+    serve.add_argument("--keep-alive-s", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     serve.add_argument("--ignore-versions", action="store_true",
                        help="load an artifact exported with another torch/TorchRec/fbgemm version")
     serve.set_defaults(func=_cmd_serve)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -157,6 +158,7 @@ def prepare(name: str, path: Optional[str] = None, out: Optional[str] = None, fo
                         "(for your own event log use `genrec prepare csv --path FILE`)")
     out = out or dataset_dir(name)
     requested = os.path.abspath(path) if path else None
+    check_store_destination(out, force)
     if not force and os.path.exists(os.path.join(out, "manifest.json")):
         store = SequenceStore.open(out)
         if store.manifest.get("prepared_from") == requested and store.manifest.get("dataset") == name:
@@ -165,8 +167,38 @@ def prepare(name: str, path: Optional[str] = None, out: Optional[str] = None, fo
     return write_store(interactions, out, {"dataset": name, "prepared_from": requested})
 
 
-def prepare_csv(path: str, out: str, **reader_kwargs) -> StoreStats:
-    """Prepares a generic interactions file (see ``readers.read_interactions``)."""
+def check_store_destination(out: str, force: bool) -> None:
+    """A store is written only into a new or empty directory or over an earlier store,
+    unless ``force``: a directory holding anything else is the user's, never deleted.
+
+    Raises:
+        DataError: ``out`` is a file, or a directory with files that are not a store.
+    """
+    if force or not os.path.lexists(out):
+        return
+    if not os.path.isdir(out) or os.path.islink(out):
+        raise DataError("exists and is not a directory: choose another --out", path=out)
+    entries = sorted(os.listdir(out))
+    if not entries or _is_store(out):
+        return
+    shown = ", ".join(repr(e) for e in entries[:3]) + (" ..." if len(entries) > 3 else "")
+    raise DataError(f"holds files that are not a sequence store ({shown}); writing the store would delete them: "
+                    "choose another --out, empty it, or pass --force to replace it", path=out)
+
+
+def _is_store(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "num_users" in manifest and "num_items" in manifest
+
+
+def prepare_csv(path: str, out: str, force: bool = False, **reader_kwargs) -> StoreStats:
+    """Prepares a generic interactions file (see ``readers.read_interactions``) into the
+    store ``out`` (a new or empty directory, or an earlier store, unless ``force``)."""
+    check_store_destination(out, force)
     interactions = readers.read_interactions(path, **reader_kwargs)
     return write_store(interactions, out, {"dataset": "csv", "prepared_from": os.path.abspath(path),
                                            "reader": {k: v for k, v in reader_kwargs.items() if v is not None}})

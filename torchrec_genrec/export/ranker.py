@@ -33,6 +33,7 @@ from torchrec_genrec.config import from_dict, to_dict
 from torchrec_genrec.data.ranking import RankingData
 from torchrec_genrec.data.store import atomic_dir, publish_dir
 from torchrec_genrec.errors import DataError
+from torchrec_genrec.export.output import check_output_dir, check_output_file, make_readable
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.ranker import FEATURES, RANKER_FORMAT, WEIGHTS, quantize_ranker_tables
 from torchrec_genrec.models.ranking import Ranker
@@ -105,8 +106,7 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
     Returns:
         Dict[str, Any]: the manifest.
     """
-    if os.path.exists(out_dir) and not overwrite:
-        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
+    check_output_dir(out_dir, run_dir, overwrite)
     model, cfg, data = load_trained_ranker(run_dir, checkpoint, serving=True)
     tables = quantize_ranker_tables(model, precision)
     store = data.store
@@ -130,12 +130,13 @@ def export_ranker(run_dir: str, out_dir: str, checkpoint: str = "best", overwrit
             "side_widths": model.side_widths(),
             "model": to_dict(cfg.model), "task": to_dict(cfg.data.task),
             "vocab_sizes": data.vocab_sizes, "num_genres": len(data.vocabularies["genre"]),
-            "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint,
+            "run": {"name": os.path.basename(os.path.abspath(run_dir)), "checkpoint": checkpoint,
                     "test": record.get("metrics", {}).get("test")},
             "files": {name: art.file_entry(os.path.join(tmp, name)) for name in (WEIGHTS, FEATURES, art.VOCAB)},
         }
         with open(os.path.join(tmp, art.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
+        make_readable(tmp)
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

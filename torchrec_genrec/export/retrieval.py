@@ -36,6 +36,7 @@ from torchrec.inference.model_packager import PredictFactoryPackager
 from torchrec_genrec.config import to_dict
 from torchrec_genrec.data.store import SequenceStore, atomic_dir, publish_dir
 from torchrec_genrec.export.checkpoint import load_trained_model
+from torchrec_genrec.export.output import check_output_dir, check_output_file, make_readable
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.quant import PRECISIONS, quantize_token_table
 from torchrec_genrec.inference.torchrec_package import CONFIG_NAME, WEIGHTS_NAME, RetrievalPredictFactory
@@ -110,8 +111,7 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
     """
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
-    if os.path.exists(out_dir) and not overwrite:
-        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_dir)
+    check_output_dir(out_dir, run_dir, overwrite)
     model, cfg = load_trained_model(run_dir, checkpoint)
     with open(os.path.join(run_dir, "metrics.json")) as f:
         record = json.load(f)
@@ -153,12 +153,14 @@ def export_run(run_dir: str, out_dir: str, precision: str = "int8", checkpoint: 
             "table": {"name": config.name, "rows": config.num_embeddings, "dim": config.embedding_dim,
                       "features": list(config.feature_names), "row_bytes": int(weight.shape[1]),
                       "data_type": PRECISIONS[precision].value},
-            "run": {"dir": os.path.abspath(run_dir), "checkpoint": checkpoint, "test": test_metrics},
+            "run": {"name": os.path.basename(os.path.abspath(run_dir)), "checkpoint": checkpoint,
+                    "test": test_metrics},
             "files": {name: art.file_entry(os.path.join(tmp, name))
                       for name in (art.ENCODER, art.EMBEDDINGS, art.VOCAB)},
         }
         with open(os.path.join(tmp, art.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
+        make_readable(tmp)
         publish_dir(tmp, out_dir)  # an existing artifact is replaced only now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,8 +211,7 @@ def export_torchrec_package(run_dir: str, out_path: str, precision: str = "int8"
     """
     if precision not in PRECISIONS:
         raise art.ArtifactError(f"precision must be one of {sorted(PRECISIONS)}, not {precision!r}")
-    if os.path.exists(out_path) and not overwrite:
-        raise art.ArtifactError("exists already: choose another --out or pass --overwrite", path=out_path)
+    check_output_file(out_path, run_dir, overwrite)
     model, cfg = load_trained_model(run_dir, checkpoint)
     table = model.token_embeddings.embedding_configs()[0]
     settings = {

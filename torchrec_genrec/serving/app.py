@@ -14,8 +14,14 @@ thread, and answers each. Endpoints::
     GET  /metrics    -> Prometheus text: requests by endpoint and status, latency, batch sizes
 
 Bad requests get a 4xx with ``{"error": "..."}`` saying what is wrong: malformed JSON
-(400), a body over ``max_body_bytes`` (413), unknown ids, empty or over-long history,
-``k`` out of range, wrong field types (422).
+(400), an unknown path (404), a body over ``max_body_bytes`` (413), a body not sent within
+``request_timeout_s`` (408), unknown ids, empty or over-long history, ``k`` out of range,
+wrong field types (422).
+
+The server's state stays bounded whatever clients send: metrics are labelled by route
+template (every unknown path counts under one label), a connection that sends no complete
+request head within ``header_timeout_s`` is closed, as is an idle keep-alive connection after
+``keep_alive_s``, and a request body must arrive within ``request_timeout_s``.
 
 Example::
 
@@ -41,11 +47,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from torchrec_genrec.config import ConfigError
 from torchrec_genrec.inference.artifact import MANIFEST
 from torchrec_genrec.inference.predictor import History, Predictor, RequestError
 from torchrec_genrec.inference.ranker import RANKER_FORMAT, RankerPredictor
 
-__all__ = ["ServeConfig", "create_app", "serve"]
+__all__ = ["ServeConfig", "create_app", "guarded_h11_protocol", "serve"]
 
 RawId = Union[StrictInt, StrictStr]
 
@@ -57,12 +64,33 @@ class ServeConfig:
     max_wait_ms (float): how long the first request of a batch waits for company.
     max_body_bytes (int): larger request bodies get 413.
     max_candidates (int): most candidates one /score request may send.
+    header_timeout_s (float): a connection must send a complete request head within this
+        long (after it opens, or after its previous response), else it is closed.
+    request_timeout_s (float): a request body must arrive within this long, else 408.
+    keep_alive_s (int): an idle keep-alive connection is closed after this long.
     """
 
     max_batch: int = 64
     max_wait_ms: float = 2.0
     max_body_bytes: int = 1 << 20
     max_candidates: int = 10000
+    header_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+
+    def validate(self) -> "ServeConfig":
+        """Checks every limit at start-up, naming the option and the allowed range."""
+        checks = [("max_batch", self.max_batch >= 1, ">= 1"), ("max_wait_ms", 0 <= self.max_wait_ms <= 10_000,
+                                                              "in [0, 10000]"),
+                  ("max_body_bytes", 1024 <= self.max_body_bytes <= 1 << 30, "in [1024, 2**30]"),
+                  ("max_candidates", self.max_candidates >= 1, ">= 1"),
+                  ("header_timeout_s", self.header_timeout_s > 0, "> 0"),
+                  ("request_timeout_s", self.request_timeout_s > 0, "> 0"),
+                  ("keep_alive_s", self.keep_alive_s >= 1, ">= 1")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(self, name)}")
+        return self
 
 
 class HistoryIn(BaseModel):
@@ -93,8 +121,13 @@ class RankIn(BaseModel):
     timestamp: StrictInt
 
 
+#: The metrics label of every request whose path matches no route.
+UNMATCHED = "unmatched"
+
+
 class _Metrics:
     def __init__(self) -> None:
+        self.routes: set = set()  # known route templates, filled by create_app
         self.registry = CollectorRegistry()
         self.requests = Counter("genrec_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -103,6 +136,15 @@ class _Metrics:
         self.batch_size = Histogram("genrec_batch_size", "requests per encoder pass", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue = Gauge("genrec_queue_depth", "requests waiting for a batch", registry=self.registry)
+
+    def endpoint(self, scope: Dict[str, Any]) -> str:
+        """The route template a request matched (``/recommend``), or one label for every
+        unknown path: labels never grow with what clients send."""
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if path is None:
+            path = scope.get("path", "")
+        return path if path in self.routes else UNMATCHED
 
 
 class _MicroBatcher:
@@ -185,12 +227,14 @@ def _describe(errors: List[Dict[str, Any]]) -> Tuple[int, str]:
 
 
 class _BodyLimit:
-    """ASGI middleware: reads at most ``limit`` bytes of a request body, else 413."""
+    """ASGI middleware: reads at most ``limit`` bytes of a request body, else 413, within
+    ``timeout`` seconds, else 408."""
 
-    def __init__(self, app: Any, limit: int, metrics: _Metrics) -> None:
+    def __init__(self, app: Any, limit: int, metrics: _Metrics, timeout: float) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.timeout = timeout
 
     async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -199,8 +243,16 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while not too_big:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                response = _error(408, f"request body not received within {self.timeout:g} s")
+                self.metrics.requests.labels(self.metrics.endpoint(scope), "408").inc()
+                await response(scope, receive, send)
+                return
             if message["type"] != "http.request":
                 break
             chunks.append(message.get("body", b""))
@@ -210,7 +262,7 @@ class _BodyLimit:
                 break
         if too_big:
             response = _error(413, f"request body over {self.limit} bytes")
-            self.metrics.requests.labels(scope.get("path", ""), "413").inc()
+            self.metrics.requests.labels(self.metrics.endpoint(scope), "413").inc()
             await response(scope, receive, send)
             return
         body, sent = b"".join(chunks), False
@@ -236,7 +288,7 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
     Returns:
         the ASGI app (FastAPI behind a body-size limit); run it with uvicorn.
     """
-    config = config or ServeConfig()
+    config = (config or ServeConfig()).validate()
     metrics = _Metrics()
     ranking = isinstance(predictor, RankerPredictor)
     runners = ({"rank": lambda prepared, _: predictor.score_prepared(prepared)} if ranking else
@@ -258,10 +310,11 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - counted, then FastAPI's 500
-            metrics.requests.labels(request.url.path, "500").inc()
+            metrics.requests.labels(metrics.endpoint(request.scope), "500").inc()
             raise
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        metrics.latency.labels(request.url.path).observe(time.perf_counter() - start)
+        endpoint = metrics.endpoint(request.scope)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -295,7 +348,7 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
             scores: np.ndarray = await batcher.submit("rank", prepared, None)
             return {"scores": scores.tolist()}
 
-        return _BodyLimit(app, config.max_body_bytes, metrics)
+        return _finish(app, config, metrics)
 
     @app.post("/recommend")
     async def recommend(body: RecommendIn) -> Dict[str, Any]:
@@ -312,12 +365,61 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
         scores: np.ndarray = await batcher.submit("score", prepared, candidates)
         return {"scores": scores.tolist()}
 
-    return _BodyLimit(app, config.max_body_bytes, metrics)
+    return _finish(app, config, metrics)
+
+
+def _finish(app: FastAPI, config: ServeConfig, metrics: _Metrics) -> Any:
+    metrics.routes.update(getattr(route, "path", "") for route in app.routes)
+    return _BodyLimit(app, config.max_body_bytes, metrics, config.request_timeout_s)
+
+
+def guarded_h11_protocol(header_timeout: float) -> Any:
+    """uvicorn's h11 protocol with a deadline for the request head: a connection that sends
+    no complete head within ``header_timeout`` seconds (after it opens, or after its previous
+    response) is closed. uvicorn arms a timer only between requests, so an idle or half-sent
+    connection would otherwise be held for ever. uvicorn is imported only to run a server."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._cancel_head_deadline()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            self._cancel_head_deadline()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            self._cancel_head_deadline()
+            self._head_deadline = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _cancel_head_deadline(self) -> None:
+            handle = getattr(self, "_head_deadline", None)
+            if handle is not None:
+                handle.cancel()
+                self._head_deadline = None
+
+        def _head_timed_out(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Optional[ServeConfig] = None,
-          check_versions: bool = True) -> None:
-    """Loads ``artifact`` and serves it until interrupted."""
+          check_versions: bool = True, announce: Optional[Any] = None) -> None:
+    """Loads ``artifact`` and serves it until interrupted (``announce()`` is called once
+    the artifact has loaded, before the server listens)."""
     import uvicorn  # the server itself (~0.1 s to import): only needed to run one
 
     try:
@@ -325,6 +427,12 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Opti
             kind = json.load(f).get("format")
     except (OSError, ValueError):
         kind = None  # Predictor.load says what is wrong with it
+    config = (config or ServeConfig()).validate()
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {port}")
     loader = RankerPredictor if kind == RANKER_FORMAT else Predictor
     predictor = loader.load(artifact, check_versions=check_versions)
-    uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning", access_log=False)
+    if announce is not None:
+        announce()
+    uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning", access_log=False,
+                http=guarded_h11_protocol(config.header_timeout_s), timeout_keep_alive=config.keep_alive_s)
