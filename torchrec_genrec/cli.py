@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
     rank = sub.add_parser("rank", help="train and test a ranker (DCNv2+DIN, OneTrans, HSTU) on the ranking task")
-    rank.add_argument("--config", required=True, help="a ranking recipe TOML file (apps/configs/*_rank_*.toml)")
+    rank.add_argument("--config", required=True, help="a ranking recipe TOML file (apps/configs/ranking_ml100k.toml)")
     rank.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, e.g. --set model.name=dlrm (repeatable)")
     rank.set_defaults(func=_cmd_rank)
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "cache ranker features, retrieve top-k per condition")
     lum.add_argument("action", choices=["train", "eval", "features", "retrieve"])
     lum.add_argument("--config", default=None, help="train: a TOML LUMRecipeConfig (apps/configs/lum_ml100k.toml)")
-    lum.add_argument("--set", action="append", default=[], help="train: override a config key, e.g. condition=hour")
+    lum.add_argument("--set", action="append", default=[], help="train: override a config key, e.g. data.condition=hour")
     lum.add_argument("--out", default="", help="train: the run directory")
     lum.add_argument("--run", nargs="+", default=[],
                      help="eval/features/retrieve: a trained run directory; features also takes K cross-fitted "

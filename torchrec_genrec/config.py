@@ -34,6 +34,25 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the recipe's config."""
 
 
+def check_ranges(prefix: str, config: Any, rules: Dict[str, Any]) -> None:
+    """Checks numeric fields of ``config`` against ``rules``: field -> ``(low, high)``
+    bounds (``None`` for open; ``low`` inclusive, ``high`` exclusive) — raises ConfigError
+    naming ``prefix.field``, the value and the allowed range.
+
+    Example::
+
+        check_ranges("model", cfg, {"dropout": (0.0, 1.0), "num_blocks": (1, None)})
+    """
+    for name, (low, high) in rules.items():
+        value = getattr(config, name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if (low is not None and v < low) or (high is not None and v >= high):
+                allowed = (f">= {low}" if high is None else f"in [{low}, {high})" if low is not None
+                           else f"< {high}")
+                raise ConfigError(f"{prefix}.{name} must be {allowed}, got {value!r}")
+
+
 def _field_types(cls: type) -> Dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -118,7 +137,12 @@ def _apply(obj: Any, values: Dict[str, Any], where: str, prefix: str = "", root:
             updates[name] = _apply(getattr(obj, name), value, where, key + ".", root)
         else:
             updates[name] = _coerce(value, tp, key, where)
-    return dataclasses.replace(obj, **updates)
+    try:
+        return dataclasses.replace(obj, **updates)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:  # a config's own checks (__post_init__)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _parse_override(text: str) -> Dict[str, Any]:

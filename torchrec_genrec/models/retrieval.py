@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from torchrec_genrec.config import check_ranges
 from torchrec_genrec.batch import ACTION_KEY, ITEM_KEY, TIMESTAMP_KEY, SequenceBatch
 from torchrec_genrec.models.tables import RETRIEVAL_FEATURES, TOKEN_TABLE, retrieval_tables, table_width
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
@@ -83,6 +84,12 @@ class RetrievalConfig:
     num_negatives: int = 128
     temperature: float = 0.05
     action_loss_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_ranges("model", self, {"embedding_dim": (4, None), "num_blocks": (1, None), "num_heads": (1, None),
+                                     "attention_dim": (1, None), "linear_dim": (1, None), "dropout": (0.0, 1.0),
+                                     "num_negatives": (1, None), "temperature": (1e-6, None),
+                                     "action_loss_weight": (0.0, None)})
 
 
 @dataclasses.dataclass

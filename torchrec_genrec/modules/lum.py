@@ -51,7 +51,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_genrec.ops.masks import block_causal_mask
-from torchrec_genrec.config import ConfigError
+from torchrec_genrec.config import ConfigError, check_ranges
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder
 from torchrec_genrec.modules.hstu_ranker import HSTURankerEncoder
 from torchrec_genrec.ops.jagged import JaggedAttentionPlan, jagged_causal_attention, positions_in_sequence
@@ -91,6 +91,9 @@ class LUMConfig:
     encoder: str = "transformer"
 
     def validate(self) -> "LUMConfig":
+        check_ranges("model", self, {"embedding_dim": (4, None), "num_layers": (1, None), "num_heads": (1, None),
+                                     "max_positions": (2, None), "num_negatives": (1, None),
+                                     "temperature": (1e-6, None), "dropout": (0.0, 1.0)})
         if self.encoder not in ("transformer", "hstu"):
             raise ConfigError(f"unknown LUM encoder {self.encoder!r}; choose 'transformer' or 'hstu'")
         if self.embedding_dim % self.num_heads:

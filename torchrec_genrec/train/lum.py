@@ -124,8 +124,6 @@ class LUMRecipeConfig:
         if d.folds < 1 or not -1 <= d.holdout_fold < d.folds:
             raise ConfigError(f"data.holdout_fold must be -1 or in [0, data.folds), with data.folds >= 1; got folds "
                               f"{d.folds}, holdout_fold {d.holdout_fold}")
-        if self.train.checkpoint and not self.train.output_dir:
-            raise ConfigError("train.checkpoint needs train.output_dir (where the checkpoints go)")
         self.model.validate()
         self.train.validate()
         return self

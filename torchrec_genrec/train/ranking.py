@@ -13,7 +13,7 @@ global batch size) and of the evaluation, whose predictions are gathered on ever
 
 Example::
 
-    cfg = load_config(RankingRecipeConfig, "apps/configs/onetrans_ml100k.toml", ["train.seed=1"])
+    cfg = load_config(RankingRecipeConfig, "apps/configs/ranking_ml100k.toml", ["model.name=onetrans", "train.seed=1"])
     payload = run_ranking_recipe(cfg)      # also writes metrics.json and test_predictions.npz
 """
 

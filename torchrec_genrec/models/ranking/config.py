@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Literal, Tuple
 
+from torchrec_genrec.config import check_ranges
+
 __all__ = ["DLRMConfig", "HSTURankerConfig", "OneTransRankerConfig", "RankerConfig"]
 
 
@@ -38,6 +40,9 @@ class DLRMConfig:
 
     cross_layers: int = 2
     din_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        check_ranges("model.dlrm", self, {"cross_layers": (0, None), "din_hidden": (1, None)})
 
 
 @dataclasses.dataclass
@@ -72,6 +77,8 @@ class OneTransRankerConfig:
     shared_ns_params: bool = False
 
     def __post_init__(self) -> None:
+        check_ranges("model.onetrans", self, {"num_layers": (1, None), "num_heads": (1, None),
+                                              "num_ns_tokens": (1, None), "pyramid_min_s_tokens": (0, None)})
         _check_choices("model.onetrans", self, {
             "merge": ("timestamp", "sep"), "ns_tokenizer": ("auto_split", "group_wise"),
             "pyramid": ("linear", "none"), "selection": ("recency", "scorer_topk", "scorer_threshold")})
@@ -90,6 +97,10 @@ class HSTURankerConfig:
     num_layers: int = 2
     num_heads: int = 2
     rating_loss_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges("model.hstu", self, {"num_layers": (1, None), "num_heads": (1, None),
+                                          "rating_loss_weight": (0.0, None)})
 
 
 @dataclasses.dataclass
@@ -143,6 +154,7 @@ class RankerConfig:
     hstu: HSTURankerConfig = dataclasses.field(default_factory=HSTURankerConfig)
 
     def __post_init__(self) -> None:
+        check_ranges("model", self, {"dropout": (0.0, 1.0), "tower_dims": (1, None)})
         _check_choices("model", self, {"name": ("dlrm", "onetrans", "hstu"), "item_ids": ("full", "hashed", "none"),
                                        "muse": ("none", "simtier", "sata", "both")})
         if self.embedding_dim < 4:
