@@ -109,3 +109,20 @@ def predict_each_candidate_alone(model, grouped, requests):
             single.history_start, single.history_end = grouped.history_start[[r]], grouped.history_end[[r]]
             alone.append(model.predict(single[[0]]))
     return torch.cat(alone)
+
+
+#: The repository root and its shipped recipes (tests run them as a user would).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RETRIEVAL_RECIPE = os.path.join(ROOT, "apps", "configs", "hstu_ml100k.toml")
+RANKING_RECIPE = os.path.join(ROOT, "apps", "configs", "ranking_ml100k.toml")
+
+
+def synthetic_store(tmp_path_factory, name, **config):
+    """A sequence store of synthetic events (:class:`SyntheticConfig` ``config``) in a
+    fresh temporary directory; returns its path."""
+    from torchrec_genrec.data.store import write_store
+    from torchrec_genrec.data.synthetic import SyntheticConfig, generate
+
+    path = str(tmp_path_factory.mktemp(name) / "store")
+    write_store(generate(SyntheticConfig(**config)), path)
+    return path

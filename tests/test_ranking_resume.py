@@ -11,20 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, RANKING_RECIPE, synthetic_store
 from torchrec_genrec import cli
-from torchrec_genrec.data.store import write_store
-from torchrec_genrec.data.synthetic import SyntheticConfig, generate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "apps", "configs", "ranking_ml100k.toml")
+RECIPE = RANKING_RECIPE
 BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ranking_resume") / "store")
-    write_store(generate(SyntheticConfig(num_users=80, num_items=60, num_events=3000, min_seq_len=5, seed=3)), path)
-    return path
+    return synthetic_store(tmp_path_factory, "ranking_resume", num_users=80, num_items=60, num_events=3000, min_seq_len=5, seed=3)
 
 
 def overrides(store_path, out, *extra):

@@ -8,19 +8,15 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import ROOT, RETRIEVAL_RECIPE, synthetic_store
 from torchrec_genrec import cli
-from torchrec_genrec.data.store import write_store
-from torchrec_genrec.data.synthetic import SyntheticConfig, generate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "apps", "configs", "hstu_ml100k.toml")
+RECIPE = RETRIEVAL_RECIPE
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("resume") / "store")
-    write_store(generate(SyntheticConfig(num_users=96, num_items=50, num_events=1500, min_seq_len=5, seed=4)), path)
-    return path
+    return synthetic_store(tmp_path_factory, "resume", num_users=96, num_items=50, num_events=1500, min_seq_len=5, seed=4)
 
 
 def overrides(store_path, out, *extra):

@@ -12,24 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import RETRIEVAL_RECIPE, synthetic_store
 from torchrec_genrec import cli
 from torchrec_genrec.config import ConfigError, load_config
-from torchrec_genrec.data.store import write_store
-from torchrec_genrec.data.synthetic import SyntheticConfig, generate
 from torchrec_genrec.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from torchrec_genrec.train.distributed import init_distributed
 from torchrec_genrec.train.retrieval import RetrievalRecipeConfig, RetrievalTask
 from torchrec_genrec.train.trainer import Trainer, seed_everything
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(ROOT, "apps", "configs", "hstu_ml100k.toml")
+RECIPE = RETRIEVAL_RECIPE
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("trainer") / "store")
-    write_store(generate(SyntheticConfig(num_users=96, num_items=50, num_events=1500, min_seq_len=5, seed=4)), path)
-    return path
+    return synthetic_store(tmp_path_factory, "trainer", num_users=96, num_items=50, num_events=1500, min_seq_len=5, seed=4)
 
 
 def settings(store_path, out, *extra):

@@ -14,19 +14,8 @@ candidates:
   share the history before the window's first event (:meth:`RankingData.requests`), so
   the sequence side — embedding lookups included — is computed once per request.
 
-Every id feature goes through TorchRec tables, so both key sets have one row per
-candidate (a ``KeyedJaggedTensor`` has a single batch size). The sequence features
-(``liked_item``, ...) sit on the request's FIRST candidate row and are empty on the
-others: each history is looked up once, and ``first_candidate`` tells the model where
-to read it. Keys:
-
-- ``sequence`` (for ``EmbeddingCollection``\\s): ``target_item``, ``liked_item``,
-  ``other_item`` (one shared item table), ``liked_rating``, ``other_rating``;
-- ``pooled`` (for ``EmbeddingBagCollection``\\s): the NS-token features ``user_id``,
-  ``user_age``, ``user_gender``, ``user_occupation``, ``user_zip``, ``release_year``,
-  ``event_hour``, ``event_weekday`` (one id each) and the multi-hot ``target_genres``,
-  ``liked_genres``, ``other_genres`` (the genres of the target / of all the sequence's
-  events: a genre profile).
+Every id feature goes through TorchRec tables; the batch's key sets and where the
+sequence features sit are described in :mod:`torchrec_genrec.batch`.
 
 Example::
 

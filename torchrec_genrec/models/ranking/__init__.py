@@ -21,13 +21,7 @@ through the same tables (:mod:`~torchrec_genrec.models.ranking.features`, the ba
 Settings: :class:`RankerConfig` (``model``), with one config per architecture
 (``model.dlrm``, ``model.onetrans``, ``model.hstu``).
 
-Example::
-
-    model = Ranker(RankerConfig(name="onetrans"), vocab_sizes=data.vocab_sizes, num_genres=19,
-                   max_seq_len=50)              # a OneTransRanker
-    dmp = shard(model, ctx, optim, batch_size=256)
-    loss, stats = dmp(batch)                    # training
-    logits = dmp.module.predict(batch)          # (C,) like-logits
+See :class:`~torchrec_genrec.models.ranking.features.Ranker` for an example.
 """
 
 from torchrec_genrec.models.ranking.config import DLRMConfig, HSTURankerConfig, OneTransRankerConfig, RankerConfig

@@ -85,7 +85,7 @@ class Ranker(nn.Module):
         vocab_sizes (Dict[str, int]): :attr:`RankingData.vocab_sizes` (rows per feature).
         num_genres (int): genre vocabulary G (multi-hot width).
         max_seq_len (int): events per behaviour sequence.
-        seed (int): table initialisation seed (see ``train.trainer.seed_embedding_tables``).
+        seed (int): table initialisation seed (see ``train.sharding.seed_embedding_tables``).
         device (torch.device): where the tables are created; ``meta`` lets DMP materialise them.
         side (Optional[Dict[str, torch.Tensor]]): the side-feature sets ``config`` names
             (``train.ranking.load_ranker_side_inputs``): semantic-ID codes, frozen content /
