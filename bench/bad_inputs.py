@@ -52,6 +52,7 @@ def genrec(*argv: str) -> Tuple[int, str]:
 
 
 def write(path: str, text: str, binary: bool = False) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb" if binary else "w") as f:
         f.write(text)
     return path
@@ -193,6 +194,11 @@ def main() -> int:
          tampered(manifest_edit(lambda m: m["versions"].update(torch="1.13.0")))),
         ("artifact", "a directory that is not an artifact", lambda: genrec("serve", tmp, "--port", "1")),
         ("export", "export over the run itself", lambda: genrec("export", run, "--out", run, "--overwrite")),
+        ("export", "export of a directory that is not a run", lambda: genrec("export", store, "--out",
+                                                                           os.path.join(tmp, "x"))),
+        ("export", "export of a run another tool wrote", lambda: genrec(
+            "export", os.path.dirname(write(os.path.join(tmp, "foreign", "metrics.json"), '{"auc": 0.7}')),
+            "--out", os.path.join(tmp, "y"))),
         ("serve", "--max-body-bytes -1", lambda: genrec("serve", artifact, "--port", "1", "--max-body-bytes", "-1")),
     ]
     rows = []

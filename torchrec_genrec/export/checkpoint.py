@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,7 +28,29 @@ from torchrec_genrec.train import storage
 from torchrec_genrec.train.checkpoint import checkpoint_problem
 from torchrec_genrec.train.retrieval import RetrievalRecipeConfig as RecipeConfig
 
-__all__ = ["load_trained_model"]
+__all__ = ["load_trained_model", "read_run_record"]
+
+
+def read_run_record(run_dir: str) -> Dict[str, Any]:
+    """A finished run's ``metrics.json``, checked to be one this library wrote.
+
+    Raises:
+        DataError: no such file, not JSON, or not a run of ``genrec train`` / ``genrec rank``.
+    """
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{run_dir} has no metrics.json: is it a finished run's train.output_dir?")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"not a readable metrics.json ({e}): the run is incomplete or the file was edited",
+                        path=path) from e
+    if (not isinstance(record, dict) or not isinstance(record.get("config"), dict)
+            or not isinstance(record.get("dataset"), dict) or "torchrec_genrec" not in record):
+        raise DataError("not a run of this library (no config, dataset or torchrec_genrec version recorded): export "
+                        "reads runs written by `genrec train` or `genrec rank`", path=path)
+    return record
 
 
 def load_trained_model(run_dir: str, checkpoint: str = "best") -> Tuple[GenerativeRetrieval, RecipeConfig]:
@@ -45,10 +67,7 @@ def load_trained_model(run_dir: str, checkpoint: str = "best") -> Tuple[Generati
         DataError: the run has no metrics.json or no such checkpoint.
     """
     metrics_path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(metrics_path):
-        raise DataError(f"{run_dir} has no metrics.json: is it a finished run's train.output_dir?")
-    with open(metrics_path) as f:
-        record = json.load(f)
+    record = read_run_record(run_dir)
     cfg = from_dict(RecipeConfig, record["config"], metrics_path)
     if cfg.model.name == "mostpop":
         raise DataError(f"{run_dir} is a MostPop run: it has no model checkpoint")

@@ -33,6 +33,7 @@ from torchrec_genrec.config import from_dict, to_dict
 from torchrec_genrec.data.ranking import RankingData
 from torchrec_genrec.data.store import atomic_dir, publish_dir
 from torchrec_genrec.errors import DataError
+from torchrec_genrec.export.checkpoint import read_run_record
 from torchrec_genrec.export.output import check_output_dir, check_output_file, make_readable
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.ranker import FEATURES, RANKER_FORMAT, WEIGHTS, quantize_ranker_tables
@@ -44,11 +45,7 @@ __all__ = ["export_ranker", "is_ranking_run", "load_trained_ranker"]
 
 
 def _run_record(run_dir: str) -> Dict[str, Any]:
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.exists(path):
-        raise DataError(f"{run_dir} has no metrics.json: is it a finished run's train.output_dir?")
-    with open(path) as f:
-        return json.load(f)
+    return read_run_record(run_dir)
 
 
 def is_ranking_run(run_dir: str) -> bool:
