@@ -14,7 +14,7 @@ from torchrec_genrec.data.batching import SequenceDataset
 from torchrec_genrec.data.splits import LeaveOneOut, Split
 from torchrec_genrec.data.store import SequenceStore
 from torchrec_genrec.inference import artifact as art
-from torchrec_genrec.export import export_run, export_torchrec_package, load_trained_model, table_bytes
+from torchrec_genrec.export import export_torchrec_package, load_trained_model, table_bytes
 from torchrec_genrec.inference.layout import lookup_tokens
 from torchrec_genrec.inference.predictor import History, Predictor, RequestError
 from torchrec_genrec.modules.hstu import HSTUConfig, HSTUEncoder

@@ -9,7 +9,6 @@ import pytest
 from torchrec_genrec import cli
 from torchrec_genrec.data import datasets
 from torchrec_genrec.data.errors import DataError
-from torchrec_genrec.data.store import SequenceStore
 
 
 def test_prepare_movielens_100k_counts(ml100k, capsys):

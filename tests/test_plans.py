@@ -5,7 +5,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 
 from torchrec_genrec import cli
-from torchrec_genrec.models.tables import TOKEN_TABLE, content_tables, onetrans_tables, retrieval_tables
+from torchrec_genrec.models.tables import TOKEN_TABLE, onetrans_tables, retrieval_tables
 from torchrec_genrec.plans.planner import cluster_topology, make_sharders, plan_tables
 from torchrec_genrec.plans.spec import PlanError, TableSpec, parameter_constraints, parse_pins
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from torchrec_genrec.data.ranking import RankingConfig, RankingData
-from torchrec_genrec.data.ranking_batching import (NS_FEATURES, RankingDataset, RequestBatchSampler,
-                                                   make_ranking_loader)
+from torchrec_genrec.data.ranking_batching import (NS_FEATURES, RankingDataset, RequestBatchSampler)
 from torchrec_genrec.data.splits import Split
 from torchrec_genrec.models.ranking import (DLRMRanker, HSTURanker, OneTransRanker, OneTransRankerConfig, Ranker,
                                            RankerConfig)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import RETRIEVAL_RECIPE, synthetic_store
 from torchrec_genrec import cli
-from torchrec_genrec.config import ConfigError, load_config
+from torchrec_genrec.config import load_config
 from torchrec_genrec.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from torchrec_genrec.train.distributed import init_distributed
 from torchrec_genrec.train.retrieval import RetrievalRecipeConfig, RetrievalTask

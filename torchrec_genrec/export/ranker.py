@@ -34,7 +34,7 @@ from torchrec_genrec.data.ranking import RankingData
 from torchrec_genrec.data.store import atomic_dir, publish_dir
 from torchrec_genrec.errors import DataError
 from torchrec_genrec.export.checkpoint import read_run_record
-from torchrec_genrec.export.output import check_output_dir, check_output_file, make_readable
+from torchrec_genrec.export.output import check_output_dir, make_readable
 from torchrec_genrec.inference import artifact as art
 from torchrec_genrec.inference.ranker import FEATURES, RANKER_FORMAT, WEIGHTS, quantize_ranker_tables
 from torchrec_genrec.models.ranking import Ranker

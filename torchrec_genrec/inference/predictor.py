@@ -20,8 +20,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np

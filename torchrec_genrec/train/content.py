@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.streamable import Pipelineable
-from tqdm import tqdm
 
 from torchrec_genrec.data.content import behaviour_cutoff, embed_items, save_side_features
 from torchrec_genrec.data.store import SequenceStore

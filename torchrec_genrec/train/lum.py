@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -277,8 +277,12 @@ class Trainer:
         config (TrainConfig): how to train.
         pins (Sequence[str]): manual sharding plan, ``TABLE:SHARDING_TYPE[:KERNEL]``.
         ctx (Optional[DistContext]): the job's ranks; joined here when None.
-        fingerprint_extra (Optional[Mapping[str, Any]]): settings besides the task's that
-            the weights depend on (recorded in the fingerprint).
+
+    Example::
+
+        trainer = Trainer(RetrievalTask(cfg, store_path), cfg.train, pins=cfg.plan.pins)
+        result = trainer.fit()                   # FitResult: history, best epoch, throughput
+        loss, means, units = trainer.train_step(batch)   # one step by hand (tests, benches)
     """
 
     def __init__(self, task: Task, config: TrainConfig, pins: Sequence[str] = (),
