@@ -41,9 +41,10 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 def _combine(*keys: Key) -> torch.Tensor:
     """Hashes a broadcastable tuple of integer keys into one ``[0, 2^32)`` value each."""
-    h = torch.zeros((), dtype=torch.int64)
+    device = next((k.device for k in keys if isinstance(k, torch.Tensor)), None)
+    h = torch.zeros((), dtype=torch.int64, device=device)
     for key in keys:
-        k = torch.as_tensor(key, dtype=torch.int64)
+        k = torch.as_tensor(key, dtype=torch.int64, device=device)
         # Fold the high half in too, so keys >= 2^32 (large steps, ids) stay distinct.
         k = hash32(k ^ (k >> 32))
         h = hash32(h * 31 + k)

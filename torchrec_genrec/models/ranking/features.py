@@ -554,7 +554,7 @@ class Ranker(nn.Module):
         the like-logits."""
         loss = F.binary_cross_entropy_with_logits(self.predict(batch), batch.label)
         return loss, {"bce": loss.detach(), "loss": loss.detach(),
-                      "samples": torch.tensor(float(batch.num_candidates))}
+                      "samples": torch.tensor(float(batch.num_candidates), device=loss.device)}
 
 
 def merged_history(batch: RankingBatch, f: Dict[str, torch.Tensor], tokens: Dict[str, torch.Tensor], merge: str,

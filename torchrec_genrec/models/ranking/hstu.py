@@ -61,7 +61,7 @@ class HSTURanker(Ranker, architecture="hstu"):
             stats["rating_ce"] = rating_loss.detach()
             loss = loss + weight * rating_loss
         stats["loss"] = loss.detach()
-        stats["samples"] = torch.tensor(float(batch.num_candidates))
+        stats["samples"] = torch.tensor(float(batch.num_candidates), device=loss.device)
         return loss, stats
 
     def _heads(self, batch: RankingBatch) -> Tuple[torch.Tensor, torch.Tensor]:
