@@ -201,3 +201,23 @@ def test_serve_refuses_bad_limits_at_start_up(tiny_artifacts, capsys, flag, valu
 
     assert cli.main(["serve", tiny_artifacts["int8"], "--port", "1", flag, value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_device_option_is_checked(tiny_artifacts, capsys):
+    """`--device` serves a retrieval artifact on the CPU or an available GPU; anything else
+    is refused at start-up (CUDA where there is none included)."""
+    import torch
+
+    from torchrec_genrec import cli
+
+    assert cli.main(["serve", tiny_artifacts["int8"], "--port", "1", "--device", "tpu"]) == 2
+    assert "is not a device: use cpu or cuda" in capsys.readouterr().err
+    assert cli.main(["serve", tiny_artifacts["int8"], "--port", "1", "--device", "meta"]) == 2
+    assert "serving runs on cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["serve", tiny_artifacts["int8"], "--port", "1", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    cpu = Predictor.load(tiny_artifacts["int8"], device="cpu")
+    history = _history(cpu)
+    default = Predictor.load(tiny_artifacts["int8"])
+    assert cpu.recommend([history], k=5)[0] == default.recommend([history], k=5)[0]

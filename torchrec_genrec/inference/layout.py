@@ -63,7 +63,7 @@ def lookup_tokens(collection: nn.Module, features: List[str], tokens: torch.Tens
 
     ``lengths`` ``(B,)`` splits ``tokens`` per user (``(1,)`` with the total works too)."""
     zeros = torch.zeros_like(lengths)
-    empty = torch.zeros(0, dtype=torch.int64)
+    empty = torch.zeros(0, dtype=torch.int64, device=tokens.device)
     rest = len(features) - 2
     kjt = KeyedJaggedTensor.from_lengths_sync(
         keys=list(features), values=torch.cat([tokens, added if added is not None else empty] + [empty] * rest),

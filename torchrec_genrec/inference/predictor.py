@@ -45,6 +45,26 @@ def _flat_ids(ids: List[Any]) -> bool:
     return all(isinstance(i, str) for i in ids)
 
 
+def serving_device(device: Union[str, torch.device]) -> torch.device:
+    """A device to serve on, checked: ``cpu`` or an available ``cuda[:N]``.
+
+    Raises:
+        ValueError: an unknown device, or CUDA asked for where there is none.
+    """
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device: use cpu or cuda[:N]") from e
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; serve on cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {device}: serving runs on cpu or cuda")
+    return resolved
+
+
 class RequestError(ValueError):
     """A request the model cannot answer as sent (unknown ids, empty or over-long history,
     k out of range, mismatched fields); the message says which and how to fix it."""
@@ -128,18 +148,18 @@ class _ItemIndex:
             Tuple[torch.Tensor, torch.Tensor]: ``(B, k)`` scores (``-inf`` where fewer than
             k items remain) and dense item ids.
         """
-        b = users.shape[0]
-        ex_rows = torch.from_numpy(np.repeat(np.arange(b), [len(e) for e in exclude]))
-        ex_cols = torch.from_numpy(np.concatenate(exclude) if b else np.zeros(0, np.int64))
+        b, device = users.shape[0], users.device
+        ex_rows = torch.from_numpy(np.repeat(np.arange(b), [len(e) for e in exclude])).to(device)
+        ex_cols = torch.from_numpy(np.concatenate(exclude) if b else np.zeros(0, np.int64)).to(device)
         best_scores = users.new_full((b, 0), float("-inf"))
-        best_ids = torch.zeros((b, 0), dtype=torch.int64)
+        best_ids = torch.zeros((b, 0), dtype=torch.int64, device=device)
         for start in range(0, self.num_items, _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, self.num_items)
             scores = (users @ self.rows(slice(start, stop)).T) * self.inv_norm[start:stop]
             inside = (ex_cols >= start) & (ex_cols < stop)
             scores[ex_rows[inside], ex_cols[inside] - start] = float("-inf")
             merged = torch.cat([best_scores, scores], dim=1)
-            merged_ids = torch.cat([best_ids, torch.arange(start, stop).expand(b, -1)], dim=1)
+            merged_ids = torch.cat([best_ids, torch.arange(start, stop, device=device).expand(b, -1)], dim=1)
             top = torch.topk(merged, min(k, merged.shape[1]), dim=1)
             best_scores, best_ids = top.values, merged_ids.gather(1, top.indices)
         return best_scores, best_ids
@@ -152,6 +172,8 @@ class Predictor:
         directory (str): an artifact written by ``genrec export``.
         check_versions (bool): refuse an artifact exported with another torch / TorchRec /
             fbgemm minor version (default True).
+        device (str): where the model runs: ``cpu`` (default) or ``cuda[:N]``; the artifact
+            is the same whichever device exported or serves it.
 
     Raises:
         ArtifactError: missing, truncated, corrupted, unsafe or incompatible artifact.
@@ -162,11 +184,12 @@ class Predictor:
         recs = predictor.recommend([History(items=[1, 2], actions=[4, 5], timestamps=[10, 20])], k=5)
     """
 
-    def __init__(self, directory: str, check_versions: bool = True) -> None:
+    def __init__(self, directory: str, check_versions: bool = True, device: Union[str, torch.device] = "cpu") -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         self.directory = directory
+        self.device = serving_device(device)
         reader = art.ArtifactReader(directory, art.ARTIFACT_FORMAT, required=(art.ENCODER, art.EMBEDDINGS, art.VOCAB),
                                     check_versions=check_versions)
         self.manifest = m = reader.manifest
@@ -197,6 +220,11 @@ class Predictor:
         encoder_path = reader.path(art.ENCODER)
         program = load_exported_program(reader.bytes(art.ENCODER, art.MAX_PROGRAM_BYTES), encoder_path)
         try:
+            if self.device.type != "cpu":
+                # The graph was traced on the CPU: its device arguments move with it.
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, self.device)
             self._encoder = program.module()
         except Exception as e:  # noqa: BLE001 - any failure here is an unusable artifact
             raise art.ArtifactError(f"the exported program does not run ({type(e).__name__}: {e})",
@@ -210,9 +238,9 @@ class Predictor:
             raise art.ArtifactError(f"token table is {tuple(weight.shape)} {weight.dtype}, the manifest says "
                                     f"{(rows, row_bytes)} uint8", path=embeddings_path)
         self._features = list(features)
-        self._table = build_quant_table(table["name"], rows, dim, self._features, self.precision)
+        self._table = build_quant_table(table["name"], rows, dim, self._features, self.precision, self.device)
         try:
-            self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight}, strict=False)
+            self._table.load_state_dict({f"embeddings.{table['name']}.weight": weight.to(self.device)}, strict=False)
         except RuntimeError as e:
             raise art.ArtifactError(f"the token table does not fit a {self.precision} table of {rows} x {dim} "
                                     f"({e})", path=embeddings_path) from e
@@ -244,9 +272,9 @@ class Predictor:
         self._index = _ItemIndex(self._table, self.precision, self.space.offset("item"), self.num_items, self.dim)
 
     @classmethod
-    def load(cls, directory: str, check_versions: bool = True) -> "Predictor":
+    def load(cls, directory: str, check_versions: bool = True, device: Union[str, torch.device] = "cpu") -> "Predictor":
         """Same as the constructor; reads better at call sites."""
-        return cls(directory, check_versions=check_versions)
+        return cls(directory, check_versions=check_versions, device=device)
 
     # ------------------------------------------------------------------ inputs
     def dense_item_ids(self, raw: Sequence[Any], what: str = "item", unknown: str = "error") -> np.ndarray:
@@ -345,16 +373,19 @@ class Predictor:
         """``(B, D)`` unit user vectors: one table lookup for the batch, then the encoder
         once per length bucket (the exported encoder pads, so mixing 20- and 200-event
         histories in one call would mostly compute padding)."""
-        actions = torch.from_numpy(np.concatenate([p.actions for p in prepared])) if self.uses_actions else None
+        device = self.device
+        actions = (torch.from_numpy(np.concatenate([p.actions for p in prepared])).to(device)
+                   if self.uses_actions else None)
+        host_lengths = np.asarray([len(p.items) for p in prepared], dtype=np.int64)
         tokens, added, times, lengths = layout_tokens(
-            torch.from_numpy(np.concatenate([p.items for p in prepared])), actions,
-            torch.from_numpy(np.concatenate([p.timestamps for p in prepared])),
-            torch.tensor([len(p.items) for p in prepared]), self.action_mode, self.space.offset("item"),
+            torch.from_numpy(np.concatenate([p.items for p in prepared])).to(device), actions,
+            torch.from_numpy(np.concatenate([p.timestamps for p in prepared])).to(device),
+            torch.from_numpy(host_lengths).to(device), self.action_mode, self.space.offset("item"),
             self.space.offset("action") if self.uses_actions else 0)
         x = lookup_tokens(self._table, self._features, tokens, added, lengths, self.dim)
         users = x.new_empty(len(prepared), self.dim)
-        for rows, _ in _length_buckets(lengths.numpy()):
-            rows_t = torch.from_numpy(rows)
+        for rows, _ in _length_buckets(host_lengths):
+            rows_t = torch.from_numpy(rows).to(device)
             index = rows_of(lengths, rows_t)
             padded, padded_times = pad_tokens(x[index], times[index], lengths[rows_t])
             users[rows_t] = self._encoder(padded, lengths[rows_t], padded_times)
@@ -374,7 +405,7 @@ class Predictor:
         scores, ids = self._index.topk(users, max(ks), [p.exclude for p in prepared])
         out = []
         for row, kk in enumerate(ks):
-            s, i = scores[row, :kk], ids[row, :kk]
+            s, i = scores[row, :kk].cpu(), ids[row, :kk].cpu()
             finite = torch.isfinite(s)
             out.append(Recommendation(self.item_ids[i[finite].numpy()].tolist(), s[finite].tolist()))
         return out
@@ -402,7 +433,8 @@ class Predictor:
     def score_prepared(self, prepared: Sequence[PreparedHistory], candidates: Sequence[np.ndarray]) -> List[np.ndarray]:
         """:meth:`score` for several users: one encoder pass for all of them."""
         users = self.user_vectors(prepared)
-        return [self._index.cosine(users[row], torch.from_numpy(c)).numpy() for row, c in enumerate(candidates)]
+        return [self._index.cosine(users[row], torch.from_numpy(c).to(self.device)).cpu().numpy()
+                for row, c in enumerate(candidates)]
 
     def score(self, history: Union[History, Mapping[str, Any]], candidates: Sequence[Any],
               truncate: bool = False) -> np.ndarray:

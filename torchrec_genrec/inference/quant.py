@@ -57,8 +57,9 @@ def quantize_token_table(collection: EmbeddingCollection, precision: str) -> Qua
     return holder.collection
 
 
-def build_quant_table(name: str, rows: int, dim: int, features: List[str], precision: str) -> QuantEmbeddingCollection:
+def build_quant_table(name: str, rows: int, dim: int, features: List[str], precision: str,
+                      device: torch.device = torch.device("cpu")) -> QuantEmbeddingCollection:
     """An empty quantised collection with the layout :func:`quantize_token_table` writes,
     ready for ``load_state_dict`` of an artifact's table."""
     return QuantEmbeddingCollection(tables=[_table_config(name, rows, dim, features, precision)],
-                                    device=torch.device("cpu"), output_dtype=torch.float)
+                                    device=device, output_dtype=torch.float)

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 
 from torchrec_genrec.config import ConfigError
 from torchrec_genrec.inference.artifact import MANIFEST
-from torchrec_genrec.inference.predictor import History, Predictor, RequestError
+from torchrec_genrec.inference.predictor import History, Predictor, RequestError, serving_device
 from torchrec_genrec.inference.ranker import RANKER_FORMAT, RankerPredictor
 
 __all__ = ["ServeConfig", "create_app", "guarded_h11_protocol", "serve"]
@@ -417,9 +417,10 @@ def guarded_h11_protocol(header_timeout: float) -> Any:
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Optional[ServeConfig] = None,
-          check_versions: bool = True, announce: Optional[Any] = None) -> None:
+          check_versions: bool = True, announce: Optional[Any] = None, device: str = "cpu") -> None:
     """Loads ``artifact`` and serves it until interrupted (``announce()`` is called once
-    the artifact has loaded, before the server listens)."""
+    the artifact has loaded, before the server listens); retrieval artifacts run on
+    ``device`` (``cpu`` or ``cuda[:N]``), ranker artifacts on the CPU."""
     import uvicorn  # the server itself (~0.1 s to import): only needed to run one
 
     try:
@@ -430,8 +431,17 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Opti
     config = (config or ServeConfig()).validate()
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {port}")
-    loader = RankerPredictor if kind == RANKER_FORMAT else Predictor
-    predictor = loader.load(artifact, check_versions=check_versions)
+    if kind == RANKER_FORMAT:
+        if device != "cpu":
+            raise ConfigError(f"--device {device}: ranker artifacts are served on the CPU (their quantised tables "
+                              "are rebuilt there); drop --device")
+        predictor: Any = RankerPredictor.load(artifact, check_versions=check_versions)
+    else:
+        try:
+            serving_device(device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        predictor = Predictor.load(artifact, check_versions=check_versions, device=device)
     if announce is not None:
         announce()
     uvicorn.run(create_app(predictor, config), host=host, port=port, log_level="warning", access_log=False,
