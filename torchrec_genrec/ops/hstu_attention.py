@@ -40,6 +40,10 @@ Two kernels compute the same function, forward and backward:
   max 1024), H = 2, D = 64, forward + backward is ~0.13 s against ~18 s for the reference
   (bench/hstu_attention_bench.py).
 
+A third computes it in Triton on CUDA: :func:`~torchrec_genrec.ops.hstu_attention_triton.triton_hstu_attention`
+(``hstu_attention_triton.py``), jagged forward and backward kernels registered as
+``torch.library`` custom ops. It is imported only when selected, so this module needs no triton.
+
 :func:`hstu_attention` dispatches between them by :class:`HSTUAttentionKernel`.
 """
 
@@ -76,10 +80,13 @@ class HSTUAttentionKernel(enum.Enum):
 
     - ``PYTORCH``: :func:`pytorch_hstu_attention`, padded to the batch's longest sequence.
     - ``JAGGED``: :func:`jagged_hstu_attention`, length-bucketed, no batch-wide padding.
+    - ``TRITON``: :func:`~torchrec_genrec.ops.hstu_attention_triton.triton_hstu_attention`,
+      Triton kernels over the jagged layout (CUDA; needs ``pip install triton==3.6.0``).
     """
 
     PYTORCH = "pytorch"
     JAGGED = "jagged"
+    TRITON = "triton"
 
 
 # ----------------------------------------------------------------------------------------
@@ -669,8 +676,8 @@ def hstu_attention(
         timestamps (Optional[torch.Tensor]): ``(T,)`` int64, or None for no time bias.
         pos_weights (Optional[torch.Tensor]): ``(2N - 1,)``, or None.
         ts_weights (Optional[torch.Tensor]): ``(num_buckets + 1,)``, or None.
-        kernel (HSTUAttentionKernel): ``JAGGED`` (default, fast) or ``PYTORCH`` (padded
-            reference).
+        kernel (HSTUAttentionKernel): ``JAGGED`` (default, fast on CPU), ``PYTORCH``
+            (padded reference) or ``TRITON`` (CUDA kernels; needs triton).
 
     Returns:
         torch.Tensor: ``(T, H, Dv)``.
@@ -684,6 +691,9 @@ def hstu_attention(
         fn = pytorch_hstu_attention
     elif kernel == HSTUAttentionKernel.JAGGED:
         fn = jagged_hstu_attention
+    elif kernel == HSTUAttentionKernel.TRITON:
+        # Imported here: that module imports this one (and triton, at its first call).
+        from torchrec_genrec.ops.hstu_attention_triton import triton_hstu_attention as fn
     else:
         raise ValueError(f"unknown HSTU attention kernel {kernel!r}")
     return fn(max_seq_len, q, k, v, offsets, timestamps, pos_weights, ts_weights)
