@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from torchrec_genrec.ops import hstu_attention as hstu
@@ -88,13 +88,22 @@ def fast_path_settings(chunk: int, chunk_above: int, overhead: float) -> Iterato
 
 
 def compare_kernels(max_seq_len: int, inputs: Dict[str, Optional[torch.Tensor]]) -> None:
+    """The fast path against the reference: both against the reference in float64, the
+    fast path allowed 4x the float32 reference's own error on top of the relative bound
+    (a bias gradient sums many terms that cancel, so its float32 error is not relative
+    to its small result)."""
     ref_out, ref_grads = run(pytorch_hstu_attention, max_seq_len, inputs)
+    exact = {n: (x.double() if x is not None and x.is_floating_point() else x) for n, x in inputs.items()}
+    exact_out, exact_grads = run(pytorch_hstu_attention, max_seq_len, exact)
     out, grads = run(jagged_hstu_attention, max_seq_len, inputs)
     assert out.shape == ref_out.shape
-    assert_close(out, ref_out)
     assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        assert_close(grads[name], ref_grads[name])
+    pairs = [("out", out, ref_out, exact_out)] + [(n, grads[n], ref_grads[n], exact_grads[n]) for n in grads]
+    for name, fast, reference, truth in pairs:
+        reference_error = float((reference.double() - truth).abs().max()) if truth.numel() else 0.0
+        scale = float(truth.abs().max()) if truth.numel() else 0.0
+        torch.testing.assert_close(fast.double(), truth, rtol=1e-5,
+                                   atol=1e-5 * max(scale, 1e-6) + 4 * reference_error, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,6 +140,9 @@ def ragged_cases(draw):
 
 @settings(max_examples=60, deadline=None)
 @given(case=ragged_cases())
+# Every pair at relative position 0: the position-bias gradient is one sum of terms that cancel.
+@example(case=dict(max_seq_len=1, lengths=[1, 1, 1, 1, 1], heads=2, dqk=2, dv=3, seed=65536, timestamps=False,
+                   pos=True, ts=False, num_buckets=128, fast=None))
 def test_jagged_matches_reference_forward_and_backward(case) -> None:
     inputs = make_inputs(
         case["lengths"],
