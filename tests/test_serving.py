@@ -195,6 +195,7 @@ def test_idle_half_sent_and_slow_connections_are_not_held(tiny_artifacts):
     ("--max-batch", "0", "--max-batch must be >= 1"),
     ("--header-timeout-s", "0", "--header-timeout-s must be > 0"),
     ("--max-wait-ms", "-5", "--max-wait-ms must be in [0, 10000]"),
+    ("--threads", "-1", "--threads must be >= 0"),
 ])
 def test_serve_refuses_bad_limits_at_start_up(tiny_artifacts, capsys, flag, value, message):
     from torchrec_genrec import cli

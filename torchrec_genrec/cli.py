@@ -403,7 +403,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                          header_timeout_s=args.header_timeout_s, request_timeout_s=args.request_timeout_s,
-                         keep_alive_s=args.keep_alive_s).validate()
+                         keep_alive_s=args.keep_alive_s, threads=args.threads).validate()
     serve(args.artifact, args.host, args.port, config, device=args.device,
           check_versions=not args.ignore_versions,
           announce=lambda: print(f"serving {args.artifact} on http://{args.host}:{args.port} (/recommend /score or "
@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--header-timeout-s", type=float, default=10.0,
                        help="seconds a connection has to send a complete request head (idle and half-sent ones close)")
     serve.add_argument("--request-timeout-s", type=float, default=30.0, help="seconds to receive a body, else 408")
+    serve.add_argument("--threads", type=int, default=0,
+                       help="torch threads for inference (0: every core); fewer keep /healthz fast under load")
     serve.add_argument("--device", default="cpu", help="where a retrieval model runs: cpu (default) or cuda[:N]")
     serve.add_argument("--keep-alive-s", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     serve.add_argument("--ignore-versions", action="store_true",
