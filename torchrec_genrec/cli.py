@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a connection has to send a complete request head (idle and half-sent ones close)")
     serve.add_argument("--request-timeout-s", type=float, default=30.0, help="seconds to receive a body, else 408")
     serve.add_argument("--threads", type=int, default=0,
-                       help="torch threads for inference (0: every core); fewer keep /healthz fast under load")
+                       help="torch threads for inference (0: every core); fewer leave cores to other processes")
     serve.add_argument("--device", default="cpu", help="where a retrieval model runs: cpu (default) or cuda[:N]")
     serve.add_argument("--keep-alive-s", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     serve.add_argument("--ignore-versions", action="store_true",

@@ -41,7 +41,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -70,8 +69,7 @@ class ServeConfig:
     request_timeout_s (float): a request body must arrive within this long, else 408.
     keep_alive_s (int): an idle keep-alive connection is closed after this long.
     threads (int): torch threads for inference (0: torch's default, every core). Fewer
-        leave cores to the event loop, which keeps ``/healthz`` and request parsing fast
-        while a batch computes.
+        leave cores to the event loop and to other processes on the machine.
     """
 
     max_batch: int = 64
@@ -154,11 +152,20 @@ class _Metrics:
         return path if path in self.routes else UNMATCHED
 
 
+def _json_bytes(content: Any) -> bytes:
+    """``content`` as JSONResponse renders it (compact, UTF-8, NaN refused)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
 class _MicroBatcher:
-    """Gathers validated requests into batches for one inference thread."""
+    """Gathers validated requests into batches for one inference thread.
+
+    The thread also renders each answer's JSON body: the event loop then only writes bytes,
+    and the requests a batch wakes are released one loop iteration apart, so ``/healthz``
+    and new connections are served between them instead of after the whole batch."""
 
     def __init__(self, runners: Dict[str, Any], config: ServeConfig, metrics: _Metrics) -> None:
-        # kind -> f(prepared requests, their arguments) -> one result per request
+        # kind -> f(prepared requests, their arguments) -> one JSON-able answer per request
         self.runners = runners
         self.config = config
         self.metrics = metrics
@@ -187,7 +194,7 @@ class _MicroBatcher:
             mine = [i for i, item in enumerate(batch) if item[0] == kind]
             if mine:
                 for i, result in zip(mine, answer([batch[i][1] for i in mine], [batch[i][2] for i in mine])):
-                    results[i] = result
+                    results[i] = _json_bytes(result)
         return results
 
     async def _run(self) -> None:
@@ -215,6 +222,11 @@ class _MicroBatcher:
             for (*_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
+                    await asyncio.sleep(0)  # one woken request per loop iteration: I/O is polled between
+
+
+def _json_response(body: bytes) -> Response:
+    return Response(content=body, media_type="application/json")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -298,8 +310,14 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
     config = (config or ServeConfig()).validate()
     metrics = _Metrics()
     ranking = isinstance(predictor, RankerPredictor)
-    runners = ({"rank": lambda prepared, _: predictor.score_prepared(prepared)} if ranking else
-               {"recommend": predictor.recommend_prepared, "score": predictor.score_prepared})
+    def recommend_answers(prepared: List[Any], ks: List[int]) -> List[Dict[str, Any]]:
+        return [{"items": rec.items, "scores": rec.scores} for rec in predictor.recommend_prepared(prepared, ks)]
+
+    def score_answers(prepared: List[Any], candidates: List[Any]) -> List[Dict[str, Any]]:
+        return [{"scores": scores.tolist()} for scores in predictor.score_prepared(prepared, candidates)]
+
+    runners = ({"rank": lambda prepared, _: [{"scores": s.tolist()} for s in predictor.score_prepared(prepared)]}
+               if ranking else {"recommend": recommend_answers, "score": score_answers})
     batcher = _MicroBatcher(runners, config, metrics)
 
     @asynccontextmanager
@@ -348,29 +366,26 @@ def create_app(predictor: Union[Predictor, RankerPredictor], config: Optional[Se
 
     if ranking:
         @app.post("/rank")
-        async def rank(body: RankIn) -> Dict[str, Any]:
+        async def rank(body: RankIn) -> Response:
             check_candidates(body.candidates)
             prepared = predictor.prepare(body.user, History(**body.history.model_dump()), body.candidates,
                                          body.timestamp)
-            scores: np.ndarray = await batcher.submit("rank", prepared, None)
-            return {"scores": scores.tolist()}
+            return _json_response(await batcher.submit("rank", prepared, None))
 
         return _finish(app, config, metrics)
 
     @app.post("/recommend")
-    async def recommend(body: RecommendIn) -> Dict[str, Any]:
+    async def recommend(body: RecommendIn) -> Response:
         k = predictor.check_k(body.k)
         prepared = predictor.prepare(body.history.model_dump(), exclude=body.exclude)
-        rec = await batcher.submit("recommend", prepared, k)
-        return {"items": rec.items, "scores": rec.scores}
+        return _json_response(await batcher.submit("recommend", prepared, k))
 
     @app.post("/score")
-    async def score(body: ScoreIn) -> Dict[str, Any]:
+    async def score(body: ScoreIn) -> Response:
         check_candidates(body.candidates)
         prepared = predictor.prepare(body.history.model_dump())
         candidates = predictor.dense_item_ids(body.candidates, "candidate")
-        scores: np.ndarray = await batcher.submit("score", prepared, candidates)
-        return {"scores": scores.tolist()}
+        return _json_response(await batcher.submit("score", prepared, candidates))
 
     return _finish(app, config, metrics)
 
