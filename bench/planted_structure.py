@@ -92,14 +92,14 @@ def oracle_ranks(world: SyntheticWorld, store: SequenceStore) -> Tuple[np.ndarra
 
 def train(model: str, store_dir: str, out: str, depth: int, max_len: int, args: argparse.Namespace) -> Dict:
     """Runs ``genrec train`` for one cell of the sweep (or reads its cached result)."""
-    run_dir = os.path.join(out, "runs", f"{model}_d{depth}_l{max_len}_s{args.train_seed}")
+    run_dir = os.path.join(out, "runs", f"{model}_d{depth}_l{max_len}_s{args.train_seed}{args.tag}")
     metrics_path = os.path.join(run_dir, "metrics.json")
     if not os.path.exists(metrics_path):
         overrides = [f"data.dataset={store_dir}", f"data.max_seq_len={max_len}", "data.holdout=1",
                      f"model.num_blocks={depth}", f"model.embedding_dim={args.dim}",
                      f"train.epochs={args.epochs}", f"train.seed={args.train_seed}",
                      f"train.output_dir={run_dir}", "train.progress=false", "train.checkpoint=false",
-                     "train.tensorboard=false", "model.action_loss_weight=0.0"]
+                     "train.tensorboard=false", "model.action_loss_weight=0.0", *args.set]
         command = [os.path.join(os.path.dirname(sys.executable), "genrec"), "train", "--config", RECIPES[model]]
         for o in overrides:
             command += ["--set", o]
@@ -139,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lengths", default="8,16,32,64,128", help="max sequence lengths, at --base-depth")
     parser.add_argument("--base-depth", type=int, default=2)
     parser.add_argument("--base-length", type=int, default=64)
+    parser.add_argument("--set", action="append", default=[],
+                        help="a recipe override for every run, e.g. model.loss=full_softmax (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the run directories (runs of other --set)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 

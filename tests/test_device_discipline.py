@@ -30,9 +30,10 @@ class _FactoryWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         copies_a_tensor = func is torch.as_tensor and args and isinstance(args[0], torch.Tensor)
         if func in _FACTORIES and "device" not in kwargs and not copies_a_tensor:
-            ours = [f for f in traceback.extract_stack()[:-1] if "/torchrec_genrec/" in f.filename]
-            if ours:
-                where = ours[-1]
+            # The direct caller only: a library's own factory calls under our frames (e.g. an
+            # optimiser's CPU step counter on older torch) are the library's to place.
+            where = traceback.extract_stack()[-2]
+            if "/torchrec_genrec/" in where.filename:
                 self.calls[f"{where.filename.split('/torchrec_genrec/')[-1]}:{where.lineno} {func.__name__}"] += 1
         return func(*args, **kwargs)
 

@@ -15,6 +15,7 @@ import sys
 from typing import List
 
 import numpy as np
+import pytest
 import torch
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "hstu_ml100k_loss.json")
@@ -52,6 +53,14 @@ def first_losses(store_path: str, steps: int = STEPS, pipeline: str = "none") ->
     return [h["train_item_loss"] for h in result.history]
 
 
+def _tested_stack() -> bool:
+    from torchrec_genrec.stack import run_checks
+
+    return not any(c.untested for c in run_checks())
+
+
+@pytest.mark.skipif(not _tested_stack(), reason="the golden curve is recorded on the tested torch / fbgemm / "
+                                                "torchrec versions; another stack draws other random numbers")
 def test_default_recipe_matches_golden_losses(ml100k):
     with open(GOLDEN) as f:
         golden = json.load(f)

@@ -32,7 +32,10 @@ def test_unsharded_model_reproduces_the_runs_test_metrics(tmp_path):
     test = SequenceDataset(store, Split.TEST, cfg.data.max_seq_len, LeaveOneOut(cfg.data.holdout), with_seen_items=True)
     again = evaluate_retrieval(model.score, test, cfg.eval.ks, 32, return_ranks=True, progress=False)
     recorded = json.loads((out / "metrics.json").read_text())["metrics"]["test"]
-    assert np.array_equal(again.pop("ranks").numpy(), np.load(out / "test_ranks.npz")["rank"])
+    saved = np.load(out / "test_ranks.npz")
+    assert np.array_equal(again.pop("ranks").numpy(), saved["rank"])
+    assert np.array_equal(again.pop("ranks_other_protocol").numpy(), saved["rank_other_protocol"])
+    assert again.pop("seen_kept") == pytest.approx(recorded.pop("seen_kept"))
     assert again == pytest.approx(recorded)
     with pytest.raises(DataError, match="no checkpoint .step-999."):
         load_trained_model(str(out), checkpoint="step-999")

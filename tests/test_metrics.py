@@ -312,3 +312,32 @@ def test_genrec_compare_paired_runs(tmp_path, capsys):
     np.savez(tmp_path / "c" / "test_ranks.npz", user=users[:400], rank=better[:400])
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "different users" in capsys.readouterr().err
+
+
+def test_genrec_compare_picks_the_seen_item_protocol(tmp_path, capsys):
+    """Every run records ranks under both protocols; `--seen` compares the one asked
+    (whichever the run was trained to report), and a run from before both were kept can
+    only be compared as it was evaluated."""
+    import numpy as np
+
+    from torchrec_genrec import cli
+
+    users = np.arange(300)
+    for name, removed, ranked, exclude in (("a", 0, 40, True), ("b", 3, 5, False)):
+        (tmp_path / name).mkdir()
+        own, other = (removed, ranked) if exclude else (ranked, removed)
+        np.savez(tmp_path / name / "test_ranks.npz", user=users, rank=np.full(300, own),
+                 rank_other_protocol=np.full(300, other), exclude_seen=exclude)
+
+    def ndcg_row(*flags):
+        assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--samples", "100", *flags]) == 0
+        return next(r for r in capsys.readouterr().out.splitlines() if r.startswith("ndcg@10")).split()
+
+    assert float(ndcg_row("--seen", "removed")[1]) == 1.0  # a's rank 0 with seen items removed
+    ranked = ndcg_row("--seen", "ranked")
+    assert float(ranked[1]) == 0.0 and float(ranked[2]) > 0.3  # a: 40 (outside the top 10); b: 5
+    assert float(ndcg_row()[2]) > 0.3  # as run: b reports its ranked protocol (rank 5)
+    (tmp_path / "old").mkdir()
+    np.savez(tmp_path / "old" / "test_ranks.npz", user=users, rank=np.zeros(300))
+    assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "old"), "--seen", "ranked"]) == 2
+    assert "retrain it" in capsys.readouterr().err

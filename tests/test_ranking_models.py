@@ -271,6 +271,15 @@ def test_exported_ranker_scores_like_the_trained_model(ranking_run, tmp_path):
     together = predictor.score(raw_users[0], history, many, int(data.timestamp[e]))
     alone = np.concatenate([predictor.score(raw_users[0], history, [i], int(data.timestamp[e])) for i in many])
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    # The device option: the CPU named is the default; a GPU where there is none is refused.
+    np.testing.assert_array_equal(RankerPredictor.load(out, device="cpu").score(
+        raw_users[0], history, many, int(data.timestamp[e])), together)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            RankerPredictor.load(out, device="cuda")
+    else:
+        on_gpu = RankerPredictor.load(out, device="cuda").score(raw_users[0], history, many, int(data.timestamp[e]))
+        np.testing.assert_allclose(on_gpu, together, rtol=1e-4, atol=1e-5)
     with pytest.raises(RequestError, match="unknown item"):
         predictor.score(raw_users[0], history, ["no-such-item"], int(data.timestamp[e]))
     with pytest.raises(RequestError, match="strictly before"):

@@ -39,12 +39,14 @@ def batches(store_path, split, n=16):
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 @pytest.mark.parametrize("action_mode", ["interleaved", "summed", "none"])
 @pytest.mark.parametrize("loss,negatives", [("sampled_softmax", "uniform"), ("sampled_softmax", "in_batch"),
-                                            ("full_softmax", "uniform")])
+                                            ("sampled_softmax", "mixed"), ("full_softmax", "uniform")])
 def test_every_mode_trains_and_scores(store_path, name, action_mode, loss, negatives):
     store = SequenceStore.open(store_path)
     torch.manual_seed(0)
-    model = GenerativeRetrieval(small_config(name=name, action_mode=action_mode, loss=loss, negatives=negatives),
+    model = GenerativeRetrieval(small_config(name=name, action_mode=action_mode, loss=loss, negatives=negatives,
+                                             label_smoothing=0.1),
                                 store.num_items, store.num_actions, MAX_LEN, device=torch.device("cpu"))
+    model.set_item_frequencies(torch.arange(store.num_items) + 1.0)
     out = model(batches(store_path, Split.TRAIN))
     value = out["item_loss_sum"] / out["queries"]
     assert torch.isfinite(value) and out["queries"] > 0 and out["tokens"] > 0
@@ -159,3 +161,76 @@ def test_tables_are_seeded_independently_of_the_plan(store_path):
     assert torch.equal(a, table("tokens:table_wise", 0))
     assert not torch.equal(a, table("tokens:row_wise", 1))
     assert float(a.abs().max()) <= 0.04 and 0.01 < float(a.std()) < 0.03
+
+
+def test_sampled_cross_entropy_agrees_with_torch_and_leaves_out_accidental_hits():
+    """The sampled loss is plain cross-entropy with the positive in column 0: equal to
+    ``F.cross_entropy`` (label smoothing included) when nothing is excluded, and an excluded
+    candidate (a negative that is the positive) counts as if it were not there."""
+    from torchrec_genrec.models.retrieval import _sampled_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 6, dtype=torch.float64)
+    target = torch.zeros(7, dtype=torch.int64)
+    none = torch.zeros(7, 6, dtype=torch.bool)
+    for eps in (0.0, 0.1, 0.5):
+        torch.testing.assert_close(_sampled_cross_entropy(logits, none, eps),
+                                   torch.nn.functional.cross_entropy(logits, target, reduction="sum",
+                                                                     label_smoothing=eps))
+    excluded = none.clone()
+    excluded[2, 3] = excluded[5, 1] = True
+    keep = [[c for c in range(6) if not excluded[r, c]] for r in range(7)]
+    expected = sum(torch.nn.functional.cross_entropy(logits[r, keep[r]].unsqueeze(0), target[:1], reduction="sum",
+                                                     label_smoothing=0.2) for r in range(7))
+    torch.testing.assert_close(_sampled_cross_entropy(logits, excluded, 0.2), expected)
+
+
+@pytest.mark.parametrize("negatives", ["in_batch", "mixed"])
+def test_logq_correction_subtracts_the_sampling_log_probability(store_path, negatives):
+    """Equal item frequencies shift every candidate of a route by one constant: with in-batch
+    negatives alone (and with uniform ones, whose q is 1/N = the equal frequency) the loss is
+    the uncorrected one. Skewed frequencies change it; no frequencies is a clear error."""
+    store = SequenceStore.open(store_path)
+    batch = batches(store_path, Split.TRAIN)
+
+    def loss(logq, counts):
+        torch.manual_seed(0)
+        model = GenerativeRetrieval(small_config(negatives=negatives, logq_correction=logq), store.num_items,
+                                    store.num_actions, MAX_LEN, device=torch.device("cpu"))
+        if counts is not None:
+            model.set_item_frequencies(counts)
+        torch.manual_seed(1)  # the in-batch draw
+        out = model(batch)
+        return out["item_loss_sum"] / out["queries"]
+
+    plain = loss(False, None)
+    torch.testing.assert_close(loss(True, torch.ones(store.num_items)), plain)
+    skewed = torch.arange(store.num_items, dtype=torch.float32) ** 2 + 1
+    assert not torch.allclose(loss(True, skewed), plain)
+    with pytest.raises(RuntimeError, match="set_item_frequencies"):
+        loss(True, None)
+
+
+def test_both_seen_item_protocols_come_from_one_evaluation(store_path):
+    """``exclude_seen`` picks the protocol reported; the other comes along under
+    ``seen_kept`` / ``seen_excluded`` and equals an evaluation under that protocol. A scorer
+    that puts every seen item first is perfect when they are removed and is not when they
+    are ranked."""
+    from torchrec_genrec.train.evaluate import evaluate_retrieval
+
+    store = SequenceStore.open(store_path)
+    ds = SequenceDataset(store_path, Split.TEST, MAX_LEN, with_seen_items=True)
+
+    def seen_first(batch):
+        scores = torch.zeros(batch.batch_size, store.num_items)
+        seen = batch.seen_items
+        scores[torch.repeat_interleave(torch.arange(batch.batch_size), seen.lengths()), seen.values()] = 2.0
+        scores[torch.arange(batch.batch_size), batch.target_item] = 1.0
+        return scores
+
+    excluded = evaluate_retrieval(seen_first, ds, [10], 16, progress=False, return_ranks=True)
+    kept = evaluate_retrieval(seen_first, ds, [10], 16, progress=False, exclude_seen=False, return_ranks=True)
+    assert excluded["mrr"] == 1.0 and kept["mrr"] < 0.5
+    plain = lambda m: {k: v for k, v in m.items() if not isinstance(v, (dict, torch.Tensor))}  # noqa: E731
+    assert excluded["seen_kept"] == plain(kept) and kept["seen_excluded"] == plain(excluded)
+    assert torch.equal(excluded["ranks_other_protocol"], kept["ranks"])

@@ -1,4 +1,4 @@
-"""The ``genrec`` command: prepare, train, rank, content, lum, compare, plan, export, serve, doctor.
+"""The ``genrec`` command: prepare, train, tune, rank, content, lum, compare, plan, export, serve, doctor.
 
 Each subcommand is a thin wrapper: it parses arguments, calls the library and prints a
 short report. Heavy imports happen inside the subcommand so ``genrec doctor`` works even
@@ -15,19 +15,25 @@ from typing import List, Optional
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    from torchrec_genrec.logging_utils import silence_known_noise
     from torchrec_genrec.stack import run_checks
 
+    silence_known_noise()
     checks = run_checks()
     failed = [c for c in checks if not c.ok]
-    if not args.quiet or failed:
+    untested = [c for c in checks if c.untested]
+    if not args.quiet or failed or untested:
         for c in checks:
-            print(f"{'ok ' if c.ok else 'BAD'}  {c.name:<18} {c.detail}")
+            print(f"{'BAD' if not c.ok else 'untested' if c.untested else 'ok':<8}  {c.name:<18} {c.detail}")
         for c in failed:
             print(f"\nfix ({c.name}): {c.fix}")
     if failed:
         print(f"\n{len(failed)} problem(s) found.", file=sys.stderr)
         return 1
-    if not args.quiet:
+    if untested:
+        print(f"\nThe stack loads and runs, but {', '.join(c.name for c in untested)} differ(s) from the tested "
+              "combination: results are untested. For the tested one, run scripts/bootstrap.sh.")
+    elif not args.quiet:
         print("\nThe stack is the known-good combination.")
     return 0
 
@@ -94,9 +100,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{result['model']} on {ds['source']} ({ds['num_users']} users, {ds['num_items']} items); "
           f"{result['protocol']}")
     for split, metrics in result["metrics"].items():
-        cells = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "count")
+        cells = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "count" and not isinstance(v, dict))
         print(f"  {split:<5} ({int(metrics['count'])} users)  {cells}")
+        for protocol, other in metrics.items():
+            if isinstance(other, dict):  # the other seen-items protocol
+                print(f"        {protocol.replace('_', ' ')}: hr@10 {other['hr@10']:.4f}  ndcg@10 {other['ndcg@10']:.4f}"
+                      f"  mrr {other['mrr']:.4f}")
     print(f"metrics -> {os.path.join(cfg.train.output_dir, 'metrics.json')}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from torchrec_genrec.train.tune import tune
+
+    summary = tune(args.config, args.space, args.trials, args.out, overrides=args.set, seed=args.seed,
+                   startup_trials=args.startup_trials, warmup_evaluations=args.warmup_evaluations)
+    counts = summary["trials"]
+    print(f"{sum(counts.values())} trials in {args.out}: {counts['complete']} complete, {counts['pruned']} pruned, "
+          f"{counts['fail']} failed (see {os.path.join(args.out, 'trials.md')})")
+    best = summary["best"]
+    if best is None:
+        print("no trial completed")
+        return 1
+    print(f"best: trial {best['trial']}, validation NDCG@10 {best['valid_ndcg@10']:.4f} with "
+          + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    print(f"its recipe: {os.path.join(args.out, 'best.toml')} (genrec train --config {os.path.join(args.out, 'best.toml')})")
     return 0
 
 
@@ -332,6 +360,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from torchrec_genrec.data.errors import DataError
     from torchrec_genrec.train.metrics import metrics_from_ranks, paired_bootstrap
 
+    def protocol_ranks(data, run: str):
+        """The ranks under the protocol asked: a run records its own and the other one."""
+        if args.seen == "as-run":
+            return data["rank"]
+        if "exclude_seen" not in data:  # runs from before both protocols were recorded
+            if args.seen == "removed":
+                return data["rank"]
+            raise DataError("this run recorded only the seen-removed protocol (trained before both were kept); "
+                            "retrain it to compare with seen items ranked", path=run)
+        as_run = "removed" if bool(data["exclude_seen"]) else "ranked"
+        return data["rank"] if args.seen == as_run else data["rank_other_protocol"]
+
     def load(runs: str):
         """Per-user metrics of one run, or averaged over comma-separated runs (seeds)."""
         users, per_run = None, []
@@ -343,7 +383,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             if users is not None and not np.array_equal(users, data["user"]):
                 raise DataError(f"{run} was tested on different users than {runs.split(',')[0]}")
             users = data["user"]
-            per_run.append(metrics_from_ranks(torch.from_numpy(data["rank"]), args.ks))
+            per_run.append(metrics_from_ranks(torch.from_numpy(protocol_ranks(data, run)), args.ks))
         mean = {k: torch.stack([m[k] for m in per_run]).mean(0) for k in per_run[0]}
         return users, mean, len(per_run)
 
@@ -352,7 +392,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if not np.array_equal(users_a, users_b):
         raise DataError(f"the runs were tested on different users ({len(users_a)} vs {len(users_b)}); "
                         "compare runs on the same dataset and split")
-    print(f"A = {args.run_a} ({n_a} run(s))\nB = {args.run_b} ({n_b} run(s))\n{len(users_a)} paired test users"
+    protocol = {"as-run": "each run's own protocol", "removed": "seen items removed from the ranking",
+                "ranked": "seen items ranked too"}[args.seen]
+    print(f"A = {args.run_a} ({n_a} run(s))\nB = {args.run_b} ({n_b} run(s))\n{protocol}; {len(users_a)} paired test users"
           f"{' (per-user metrics averaged over runs)' if max(n_a, n_b) > 1 else ''}, "
           f"{args.samples} bootstrap resamples, 95% intervals")
     print(f"{'metric':<10} {'A':>8} {'B':>8} {'A-B':>9} {'95% CI of A-B':>22} {'A/B':>6}")
@@ -413,6 +455,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--report", metavar="FILE", default=None,
+                        help="write the command's exit status, seconds and peak GPU memory to FILE (JSON)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     doctor = sub.add_parser("doctor", help="check the installed torch / fbgemm / torchrec / torchx stack")
@@ -441,6 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.seed=1 (repeatable)")
     train.set_defaults(func=_cmd_train)
+    tune = sub.add_parser("tune", help="search a retrieval recipe's settings on validation NDCG@10 (Optuna TPE, "
+                                       "median pruning; resumable)")
+    tune.add_argument("--config", required=True, help="the base recipe TOML (apps/configs/hstu_ml100k.toml)")
+    tune.add_argument("--space", required=True, help="the search space TOML (apps/search/*.toml)")
+    tune.add_argument("--trials", type=int, required=True, help="finished trials wanted (a resumed search runs the rest)")
+    tune.add_argument("--out", required=True, help="the search directory: trial-NNNN/ runs, trials.md, best.toml")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field for every trial (repeatable)")
+    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    tune.add_argument("--startup-trials", type=int, default=5,
+                      help="random trials before TPE models the space and before pruning starts")
+    tune.add_argument("--warmup-evaluations", type=int, default=2,
+                      help="validations of a trial before the pruner may stop it")
+    tune.set_defaults(func=_cmd_tune)
     rank = sub.add_parser("rank", help="train and test a ranker (DCNv2+DIN, OneTrans, HSTU) on the ranking task")
     rank.add_argument("--config", required=True, help="a ranking recipe TOML file (apps/configs/ranking_ml100k.toml)")
     rank.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -517,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--ks", type=int, nargs="+", default=[10, 50, 200], help="cut-offs")
     compare.add_argument("--samples", type=int, default=10000, help="bootstrap resamples")
     compare.add_argument("--seed", type=int, default=0, help="resampling seed")
+    compare.add_argument("--seen", choices=["as-run", "removed", "ranked"], default="as-run",
+                         help="the protocol compared: each run's own (eval.exclude_seen), seen items removed from "
+                              "the ranking, or ranked too (every run records both)")
     compare.set_defaults(func=_cmd_compare)
 
     export = sub.add_parser("export", help="turn a trained run into an inference artifact")
@@ -545,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout-s", type=float, default=30.0, help="seconds to receive a body, else 408")
     serve.add_argument("--threads", type=int, default=0,
                        help="torch threads for inference (0: every core); fewer leave cores to other processes")
-    serve.add_argument("--device", default="cpu", help="where a retrieval model runs: cpu (default) or cuda[:N]")
+    serve.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda[:N]")
     serve.add_argument("--keep-alive-s", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     serve.add_argument("--ignore-versions", action="store_true",
                        help="load an artifact exported with another torch/TorchRec/fbgemm version")
@@ -554,12 +615,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.report is None:
+        return _run(args)
+    import time
+
+    start, code = time.perf_counter(), 1
+    try:
+        code = _run(args)
+        return code
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    finally:
+        _write_report(args.report, args.command, code, time.perf_counter() - start)
+
+
+def _write_report(path: str, command: str, code: int, seconds: float) -> None:
+    """``--report``: what a driver script (scripts/gpu_check.sh) needs of a finished command."""
+    import json
+
+    report = {"command": command, "exit": code, "seconds": round(seconds, 3)}
+    torch = sys.modules.get("torch")  # only if the command used it: importing it here would cost a second
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        report["device"] = torch.cuda.get_device_name()
+        report["peak_gpu_memory_bytes"] = max(torch.cuda.max_memory_allocated(i)
+                                              for i in range(torch.cuda.device_count()))
+        report["peak_gpu_memory_reserved_bytes"] = max(torch.cuda.max_memory_reserved(i)
+                                                       for i in range(torch.cuda.device_count()))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        # Before anything imports torchrec: the doctor must report a stack that does not load.
+        return args.func(args)
     from torchrec_genrec.config import ConfigError
     from torchrec_genrec.data.errors import DataError
     from torchrec_genrec.plans.spec import PlanError
     from torchrec_genrec.logging_utils import silence_known_noise
 
-    args = build_parser().parse_args(argv)
     silence_known_noise()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("torchrec_genrec").setLevel(logging.INFO)

@@ -24,4 +24,19 @@ def silence_known_noise() -> None:
     warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning)
     # torch.distributed.checkpoint loading into one process (export) says so every time.
     warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+    # An fbgemm older than its compatibility table warns on every library it loads (a dozen
+    # times per process); `genrec doctor` reports the untested combination once instead.
+    if not any(isinstance(f, _DropMessages) for f in logging.getLogger().filters):
+        logging.getLogger().addFilter(_DropMessages("_fbgemm_torch_compat_table has no entry"))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)

@@ -21,14 +21,25 @@ KNOWN_GOOD = {
     "torchx": "0.7.0",
 }
 FIX = "run scripts/bootstrap.sh (or `make setup`), which installs the pinned stack into .venv"
+# Older combinations known to load together (and checked by `scripts/gpu_check.sh` where no
+# index can install the pinned one): the nearest CUDA 13.0 stack to torch 2.11.
+KNOWN_TO_LOAD = [
+    {"torch": "2.11.0", "fbgemm-gpu": "1.6.0", "torchrec": "1.6.1"},
+]
 
 
 @dataclasses.dataclass
 class Check:
+    """One line of ``genrec doctor``: ``ok``, or a problem (``fix`` says what to do).
+
+    ``untested`` marks a version that differs from the tested combination but is not a
+    failure by itself: whether the stack works is decided by the load-and-run checks."""
+
     name: str
     ok: bool
     detail: str
     fix: str = ""
+    untested: bool = False
 
 
 def _dist_version(*names: str) -> Optional[str]:
@@ -61,9 +72,12 @@ def run_checks() -> List[Check]:
         if have is None:
             checks.append(Check(label, False, "not installed", f"{label}=={want} is needed; {FIX}"))
         elif _base(have) != want:
+            known = any(_base(have) == combo.get(name) and all(_base(installed[k]) == v for k, v in combo.items())
+                        for combo in KNOWN_TO_LOAD)
             checks.append(
-                Check(label, False, f"{have} (known good: {want})",
-                      f"this combination is untested and may not load; {FIX}")
+                Check(label, True, f"{have} (tested: {want}; " + ("a combination known to load" if known else
+                                                                   "an untried combination") + ")",
+                      f"untested; {FIX}", untested=True)
             )
         else:
             checks.append(Check(label, True, have))

@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from torchrec_genrec.batch import (SEQUENCES, USER_SIDES, EventSequences, ItemSi
                                    per_second, request_sequences)
 from torchrec_genrec.config import ConfigError, from_dict
 from torchrec_genrec.inference import artifact as art
-from torchrec_genrec.inference.predictor import History, RequestError
+from torchrec_genrec.inference.predictor import History, RequestError, serving_device
 from torchrec_genrec.inference.quant import PRECISIONS, TORCH_DTYPES
 from torchrec_genrec.models.ranking import Ranker, RankerConfig
 from torchrec_genrec.plans.planner import FrozenEmbeddingCollection
@@ -161,11 +161,12 @@ class RankerPredictor:
         model (Ranker): the ranker in eval mode.
         manifest, vocab (Dict[str, Any]): the artifact's.
         features (Dict[str, torch.Tensor]): its side features.
+        device (torch.device): where ``model`` lives; each batch is moved there once.
     """
 
     def __init__(self, model: Ranker, manifest: Dict[str, Any], vocab: Dict[str, Any],
-                 features: Dict[str, torch.Tensor]) -> None:
-        self.model, self.manifest = model.eval(), manifest
+                 features: Dict[str, torch.Tensor], device: torch.device = torch.device("cpu")) -> None:
+        self.model, self.manifest, self.device = model.eval(), manifest, device
         self.max_seq_len = int(manifest["task"]["max_seq_len"])
         self.lifelong_len = int(manifest["task"].get("lifelong_len", 0))
         self.positive_threshold = float(manifest["task"]["positive_threshold"])
@@ -180,8 +181,18 @@ class RankerPredictor:
         self._user_sides = {k: f[f"user_{k}"] for k in USER_SIDES}
 
     @classmethod
-    def load(cls, directory: str, check_versions: bool = True) -> "RankerPredictor":
-        """Verifies (sizes, sha256, versions) and loads an artifact of ``export_ranker``."""
+    def load(cls, directory: str, check_versions: bool = True,
+             device: Union[str, torch.device] = "cpu") -> "RankerPredictor":
+        """Verifies (sizes, sha256, versions) and loads an artifact of ``export_ranker``.
+
+        Args:
+            directory (str): the artifact.
+            check_versions (bool): refuse an artifact exported with another stack.
+            device (str): where the ranker runs, ``cpu`` (default) or ``cuda[:N]``: the model
+                is built and quantised there (fbgemm's inference TBE on the device), so the
+                same artifact serves on either.
+        """
+        target = serving_device(device)
         reader = art.ArtifactReader(directory, RANKER_FORMAT, required=(WEIGHTS, FEATURES, art.VOCAB),
                                     check_versions=check_versions)
         manifest, where = reader.manifest, reader.manifest_path
@@ -203,7 +214,7 @@ class RankerPredictor:
                 shapes[key] = torch.zeros(table["rows"], table["dim"])
         try:
             model = Ranker(config, manifest["vocab_sizes"], num_genres=int(manifest["num_genres"]),
-                           max_seq_len=int(manifest["task"]["max_seq_len"]), device=torch.device("cpu"),
+                           max_seq_len=int(manifest["task"]["max_seq_len"]), device=target,
                            side=Ranker.side_inputs_from_state(shapes, manifest["vocab_sizes"],
                                                               manifest.get("side_widths")))
             quantize_ranker_tables(model, precision)
@@ -219,7 +230,7 @@ class RankerPredictor:
         missing_sides = [k for k in _FEATURE_KEYS if k not in features]
         if missing_sides:
             raise art.ArtifactError(f"side features {missing_sides} are missing", path=reader.path(FEATURES))
-        return cls(model, manifest, vocab, features)
+        return cls(model, manifest, vocab, features, device=target)
 
     def _dense(self, index: Dict[Any, int], raw: Sequence[Any], what: str) -> np.ndarray:
         ids, unknown = [], []
@@ -284,7 +295,7 @@ class RankerPredictor:
                                         for f in ("items", "actions", "seconds", "lengths")))
         batch = assemble_batch(sequences, counts, targets, seconds, ns_ids, self._items, user=users,
                                lifelong=lifelong)
-        probs = torch.sigmoid(self.model.predict(batch)).numpy()
+        probs = torch.sigmoid(self.model.predict(batch.to(self.device))).cpu().numpy()
         return np.split(probs, np.cumsum(counts)[:-1])
 
     def score(self, user: Any, history: History, candidates: Sequence[Any], timestamp: int) -> np.ndarray:

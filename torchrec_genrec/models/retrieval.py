@@ -23,6 +23,8 @@ Actions enter in one of three ways (``action_mode``):
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from functools import partial
 from typing import Dict, List, Literal, Optional, Tuple
@@ -61,11 +63,19 @@ class RetrievalConfig:
     use_time_bias (bool): HSTU relative bias over log-bucketed time deltas.
     kernel (str): HSTU attention kernel, ``jagged`` or ``pytorch``.
     action_mode (str): ``interleaved``, ``summed`` or ``none`` (see module docstring).
-    loss (str): ``sampled_softmax`` or ``full_softmax`` (small catalogues).
-    negatives (str): ``uniform`` (per user, over all items) or ``in_batch`` (drawn
-        from the batch's positives, i.e. by popularity; shared by the batch).
+    loss (str): ``sampled_softmax`` or ``full_softmax`` (one matmul against the whole
+        table: exact, and cheap up to ~1e5 items).
+    negatives (str): sampled softmax's negatives: ``uniform`` (per user, over all items),
+        ``in_batch`` (drawn from the batch's events, i.e. by popularity; shared by the
+        batch) or ``mixed`` (both: ``num_negatives`` of each).
     num_negatives (int): sampled negatives per user (uniform) or per batch (in_batch).
+    logq_correction (bool): subtract each candidate's log sampling probability from its
+        logit (training item frequency for the positive and in-batch negatives, 1/N for
+        uniform ones), so popularity-sampled negatives estimate the full softmax
+        (Yi et al., RecSys 2019). A no-op for ``uniform`` alone.
     temperature (float): softmax temperature on cosine similarities.
+    label_smoothing (float): share of the target mass spread over the other candidates
+        (the catalogue, or the sampled negatives).
     action_loss_weight (float): weight of the next-action loss (0 turns it off).
     """
 
@@ -80,15 +90,18 @@ class RetrievalConfig:
     kernel: Literal["jagged", "pytorch"] = "jagged"
     action_mode: Literal["interleaved", "summed", "none"] = "interleaved"
     loss: Literal["sampled_softmax", "full_softmax"] = "sampled_softmax"
-    negatives: Literal["uniform", "in_batch"] = "uniform"
+    negatives: Literal["uniform", "in_batch", "mixed"] = "uniform"
     num_negatives: int = 128
+    logq_correction: bool = True
     temperature: float = 0.05
+    label_smoothing: float = 0.0
     action_loss_weight: float = 0.1
 
     def __post_init__(self) -> None:
         check_ranges("model", self, {"embedding_dim": (4, None), "num_blocks": (1, None), "num_heads": (1, None),
                                      "attention_dim": (1, None), "linear_dim": (1, None), "dropout": (0.0, 1.0),
                                      "num_negatives": (1, None), "temperature": (1e-6, None),
+                                     "label_smoothing": (0.0, 0.999),
                                      "action_loss_weight": (0.0, None)})
 
 
@@ -105,6 +118,27 @@ class _Tokens:
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
+
+
+def _sampled_cross_entropy(logits: torch.Tensor, excluded: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Summed softmax cross-entropy with the target in column 0 and ``excluded``
+    candidates (accidental hits of the positive) left out of the softmax and of the
+    smoothing mass.
+
+    Args:
+        logits (torch.Tensor): ``(Q, 1 + K)``, the positive first.
+        excluded (torch.Tensor): ``(Q, 1 + K)`` bool.
+        label_smoothing (float): share of the target mass spread evenly over the kept
+            candidates, the positive included (``F.cross_entropy``'s convention, so that
+            with nothing excluded the two agree).
+    """
+    log_p = torch.log_softmax(logits.masked_fill(excluded, float("-inf")), dim=1)
+    nll = -log_p[:, 0]
+    if label_smoothing > 0:
+        kept = (~excluded).to(log_p.dtype)
+        spread = -(log_p.masked_fill(excluded, 0.0) * kept).sum(1) / kept.sum(1)
+        nll = (1 - label_smoothing) * nll + label_smoothing * spread
+    return nll.sum()
 
 
 class GenerativeRetrieval(nn.Module):
@@ -136,6 +170,9 @@ class GenerativeRetrieval(nn.Module):
         # (this is a buffer) resumes the same draws.
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.num_items = num_items
+        # log q of each item for logQ correction (set_item_frequencies); a plain attribute,
+        # not a buffer: it is data, not a weight, and stays out of checkpoints and artifacts.
+        self._item_log_prob: Optional[torch.Tensor] = None
         self.action_mode = config.action_mode if num_actions else "none"
         self.num_actions = num_actions if self.action_mode != "none" else 0
         self.space = TokenSpace.build(num_items=num_items, num_actions=self.num_actions)
@@ -275,17 +312,23 @@ class GenerativeRetrieval(nn.Module):
         query_row = event_row[query_event]
 
         negatives = negative_lengths = None
+        uniform_items = shared_items = None
         if cfg.loss == "sampled_softmax":
             k = cfg.num_negatives
-            if cfg.negatives == "uniform":
-                neg_items = self.uniform_negatives(batch.user, int(self.step))
-                negative_lengths = torch.full((b,), k, dtype=torch.int64, device=items.device)
-            else:  # in-batch negatives depend on the batch by definition
+            # Per-row (uniform) negatives row by row, then the shared in-batch ones as the
+            # last row's extra list: values stay in row order for the jagged lookup.
+            negative_lengths = torch.zeros(b, dtype=torch.int64, device=items.device)
+            parts = []
+            if cfg.negatives in ("uniform", "mixed"):
+                uniform_items = self.uniform_negatives(batch.user, int(self.step))  # (B, K)
+                negative_lengths += k
+                parts.append(uniform_items)
+            if cfg.negatives in ("in_batch", "mixed"):  # in-batch negatives depend on the batch by definition
                 pick = torch.randint(0, num_events, (k,)).to(items.device)
-                neg_items = items[pick].unsqueeze(0)
-                negative_lengths = torch.zeros(b, dtype=torch.int64, device=items.device)
-                negative_lengths[0] = k
-            negatives = self.space.to_tokens("item", neg_items.reshape(-1), validate=False)
+                shared_items = items[pick]  # (K,)
+                negative_lengths[-1] += k
+            neg_items = torch.cat([p.reshape(-1) for p in parts] + ([shared_items] if shared_items is not None else []))
+            negatives = self.space.to_tokens("item", neg_items, validate=False)
         emb = self._lookup(layout, negatives, negative_lengths, catalog=cfg.loss == "full_softmax")
         h = self._encode(layout, emb)
 
@@ -304,26 +347,39 @@ class GenerativeRetrieval(nn.Module):
         if cfg.loss == "full_softmax":
             catalog = _normalize(emb[CATALOG])  # (N, D)
             logits = user @ catalog.T
-            item_loss_sum = F.cross_entropy(logits / cfg.temperature, positive_items, reduction="sum")
+            item_loss_sum = F.cross_entropy(logits / cfg.temperature, positive_items, reduction="sum",
+                                            label_smoothing=cfg.label_smoothing)
         else:
+            k = cfg.num_negatives
             neg = _normalize(emb[NEGATIVES])
-            if cfg.negatives == "uniform":
-                neg_ids = neg_items  # (B, K)
+            columns, masks = [pos_logit / cfg.temperature], []
+            correct = cfg.logq_correction and cfg.negatives != "uniform"
+            if correct:
+                log_q = self._log_prob(items.device)
+                columns[0] = columns[0] - log_q[positive_items].unsqueeze(1)
+            if uniform_items is not None:
                 # Per-row negatives: scatter the queries into (B, Lq, D) and take one batched
                 # matmul; fbgemm's CPU jagged_dense_bmm is several times slower here.
+                row_negatives = neg[:b * k].reshape(b, k, -1)
                 q_counts = torch.bincount(query_row, minlength=b)
                 q_pos = positions_in_sequence(lengths_to_offsets(q_counts), len(query_row))
                 padded = user.new_zeros(b, int(q_counts.max()) if q_counts.numel() else 0, user.shape[1])
                 padded = padded.index_put((query_row, q_pos), user)
-                neg_logits = torch.bmm(padded, neg.reshape(b, cfg.num_negatives, -1).transpose(1, 2))[query_row, q_pos]
-                same = neg_ids[query_row] == positive_items.unsqueeze(1)
-            else:
-                neg_logits = user @ neg.T
-                same = neg_items.reshape(1, -1) == positive_items.unsqueeze(1)
-            neg_logits = neg_logits.masked_fill(same, float("-inf"))  # a negative equal to the positive
-            logits = torch.cat([pos_logit, neg_logits], dim=1) / cfg.temperature
-            item_loss_sum = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.int64, device=logits.device),
-                                            reduction="sum")
+                logits = torch.bmm(padded, row_negatives.transpose(1, 2))[query_row, q_pos] / cfg.temperature
+                if correct:
+                    logits = logits + math.log(self.num_items)  # - log(1/N)
+                columns.append(logits)
+                masks.append(uniform_items[query_row] == positive_items.unsqueeze(1))
+            if shared_items is not None:
+                logits = user @ neg[-k:].T / cfg.temperature
+                if correct:
+                    logits = logits - log_q[shared_items].unsqueeze(0)
+                columns.append(logits)
+                masks.append(shared_items.unsqueeze(0) == positive_items.unsqueeze(1))
+            logits = torch.cat(columns, dim=1)
+            # A negative equal to the positive is not a negative.
+            same = torch.cat([torch.zeros_like(masks[0][:, :1]), *masks], dim=1)
+            item_loss_sum = _sampled_cross_entropy(logits, same, cfg.label_smoothing)
 
         action_loss_sum = action_correct = None
         num_actions_predicted = 0
@@ -346,6 +402,20 @@ class GenerativeRetrieval(nn.Module):
         if action_loss_sum is not None:
             out.update(action_loss_sum=action_loss_sum, action_correct=action_correct, actions=num_actions_predicted)
         return out
+
+    def set_item_frequencies(self, counts: torch.Tensor) -> None:
+        """Training-event count of every item ``(N,)``: the sampling probability of in-batch
+        negatives, for logQ correction (an item never seen counts as half an event)."""
+        counts = counts.to(torch.float64).clamp_min(0.5)
+        self._item_log_prob = (counts / counts.sum()).log().to(torch.float32)
+
+    def _log_prob(self, device: torch.device) -> torch.Tensor:
+        if self._item_log_prob is None:
+            raise RuntimeError("logQ correction needs the training item frequencies: call set_item_frequencies "
+                               "(RetrievalTask does), or set model.logq_correction=false")
+        if self._item_log_prob.device != device:
+            self._item_log_prob = self._item_log_prob.to(device)
+        return self._item_log_prob
 
     def uniform_negatives(self, users: torch.Tensor, step: int) -> torch.Tensor:
         """The ``(B, K)`` item ids sampled as negatives for these users at this training step:

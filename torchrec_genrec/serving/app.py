@@ -441,8 +441,8 @@ def guarded_h11_protocol(header_timeout: float) -> Any:
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Optional[ServeConfig] = None,
           check_versions: bool = True, announce: Optional[Any] = None, device: str = "cpu") -> None:
     """Loads ``artifact`` and serves it until interrupted (``announce()`` is called once
-    the artifact has loaded, before the server listens); retrieval artifacts run on
-    ``device`` (``cpu`` or ``cuda[:N]``), ranker artifacts on the CPU."""
+    the artifact has loaded, before the server listens); the model runs on ``device``
+    (``cpu`` or ``cuda[:N]``), retrieval and ranker artifacts alike."""
     import uvicorn  # the server itself (~0.1 s to import): only needed to run one
 
     try:
@@ -453,16 +453,13 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, config: Opti
     config = (config or ServeConfig()).validate()
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {port}")
+    try:
+        serving_device(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if kind == RANKER_FORMAT:
-        if device != "cpu":
-            raise ConfigError(f"--device {device}: ranker artifacts are served on the CPU (their quantised tables "
-                              "are rebuilt there); drop --device")
-        predictor: Any = RankerPredictor.load(artifact, check_versions=check_versions)
+        predictor: Any = RankerPredictor.load(artifact, check_versions=check_versions, device=device)
     else:
-        try:
-            serving_device(device)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
         predictor = Predictor.load(artifact, check_versions=check_versions, device=device)
     if announce is not None:
         announce()

@@ -54,12 +54,16 @@ class MetricsLogger:
         if self._bar is not None and self.progress:
             self._bar.set_postfix(**values)
 
-    def scalars(self, prefix: str, values: Dict[str, float], step: int) -> None:
-        """Writes ``<prefix>/<name>`` for every value (rank 0, TensorBoard on)."""
+    def scalars(self, prefix: str, values: Dict[str, Any], step: int) -> None:
+        """Writes ``<prefix>/<name>`` for every number (rank 0, TensorBoard on); a nested
+        dict's numbers go under ``<prefix>/<name>/<key>``."""
         if self._writer is None:
             return
         for name, value in values.items():
-            self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
+            if isinstance(value, dict):
+                self.scalars(f"{prefix}/{name}", value, step)
+            elif isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
     def info(self, message: str, *args: Any) -> None:
         if self.is_main:

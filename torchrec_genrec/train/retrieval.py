@@ -29,6 +29,7 @@ from torchrec_genrec.data.batching import SequenceBatch, SequenceDataset, make_d
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.data.splits import LeaveOneOut, Split
 from torchrec_genrec.data.store import SequenceStore
+from torchrec_genrec.models.mostpop import MostPopular
 from torchrec_genrec.models.retrieval import GenerativeRetrieval, RetrievalConfig
 from torchrec_genrec.train.evaluate import evaluate_retrieval
 from torchrec_genrec.train.io import write_json_atomic
@@ -69,10 +70,15 @@ class EvalConfig:
     """Args:
     ks (Tuple[int, ...]): cut-offs for HR@K and NDCG@K (full ranking over all items).
     batch_size (int): users per evaluation batch.
+    exclude_seen (bool): remove the items of each user's history from the ranking (the
+        default, as in SASRec's and HSTU's papers); false ranks them too (RecBole's
+        protocol), so a model must learn not to re-recommend what was consumed. The other
+        protocol's figures are reported too, under ``seen_kept`` / ``seen_excluded``.
     """
 
     ks: Tuple[int, ...] = (10, 50, 200)
     batch_size: int = 256
+    exclude_seen: bool = True
 
     def validate(self) -> "EvalConfig":
         if not self.ks or any(k < 1 for k in self.ks) or 10 not in self.ks:
@@ -161,6 +167,8 @@ class RetrievalTask:
         self.selection = "ndcg@10" if "valid" in self.sets else ""
         self.model = GenerativeRetrieval(cfg.model, store.num_items, store.num_actions, cfg.data.max_seq_len,
                                          seed=cfg.train.seed)
+        if cfg.model.loss == "sampled_softmax" and cfg.model.negatives != "uniform" and cfg.model.logq_correction:
+            self.model.set_item_frequencies(MostPopular.fit(store, protocol).counts)
         self.train_set = SequenceDataset(store_path, Split.TRAIN, cfg.data.max_seq_len, protocol)
         if len(self.train_set) == 0:
             raise ConfigError(f"{store_path}: no user has enough events to train on (a training sequence needs "
@@ -195,7 +203,7 @@ class RetrievalTask:
         scorer = model.module.score if hasattr(model, "module") else model.score
         return evaluate_retrieval(scorer, self.sets[split], c.eval.ks, c.eval.batch_size,
                                   num_workers=c.data.num_workers, desc=split, progress=c.train.progress,
-                                  return_ranks=return_ranks, device=device)
+                                  return_ranks=return_ranks, device=device, exclude_seen=c.eval.exclude_seen)
 
 
 def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
@@ -208,8 +216,6 @@ def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
     results: Dict[str, Any] = {}
     training: Dict[str, Any] = {}
     if cfg.model.name == "mostpop":
-        from torchrec_genrec.models.mostpop import MostPopular
-
         protocol = LeaveOneOut(cfg.data.holdout)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         metrics = MetricsLogger(cfg.train.output_dir, cfg.train.tensorboard, cfg.train.progress)
@@ -220,10 +226,11 @@ def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
         if cfg.data.holdout == 2:
             results["valid"] = evaluate_retrieval(scorer, split(Split.VALID), cfg.eval.ks, cfg.eval.batch_size,
                                                   num_workers=cfg.data.num_workers, desc="valid",
-                                                  progress=cfg.train.progress)
+                                                  progress=cfg.train.progress, exclude_seen=cfg.eval.exclude_seen)
         results["test"] = evaluate_retrieval(scorer, test_set, cfg.eval.ks, cfg.eval.batch_size,
                                              num_workers=cfg.data.num_workers, desc="test",
-                                             progress=cfg.train.progress, return_ranks=True)
+                                             progress=cfg.train.progress, return_ranks=True,
+                                             exclude_seen=cfg.eval.exclude_seen)
         is_main = True
     else:
         task = RetrievalTask(cfg, store_path)
@@ -234,14 +241,21 @@ def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
         training = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
                     "resumed_from": result.resumed_from, "world_size": result.world_size,
                     "train_seconds": round(result.seconds, 2),
-                    "tokens_per_second": round(result.units_per_second, 1), "history": result.history}
+                    "tokens_per_second": round(result.units_per_second, 1), "backend": result.backend,
+                    "device": result.device, "peak_gpu_memory_bytes": result.peak_gpu_memory_bytes,
+                    "history": result.history}
         if "valid" in task.sets and result.best_epoch >= 0:
             (best,) = [r for r in result.history if r["epoch"] == result.best_epoch]
-            results["valid"] = {k[len("valid_"):]: v for k, v in best.items() if k.startswith("valid_")}
+            results["valid"] = {}
+            for key, value in best.items():
+                if key.startswith("valid_"):
+                    group, _, name = key[len("valid_"):].rpartition("/")
+                    (results["valid"].setdefault(group, {}) if group else results["valid"])[name] = value
         results["test"] = task.evaluate(trainer.model, "test", return_ranks=True)
     # Per-user test ranks (users in dense-id order) let two runs on the same split be
     # compared with a paired bootstrap (train.metrics.paired_bootstrap).
     test_ranks = results["test"].pop("ranks")
+    other_ranks = results["test"].pop("ranks_other_protocol")
     for split_name, values in results.items():
         metrics.scalars(f"final/{split_name}", values, 0)
     metrics.close()
@@ -250,7 +264,8 @@ def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
         "dataset": {"path": store_path, "source": store.manifest.get("source"),
                     "num_users": store.num_users, "num_items": store.num_items, "num_events": store.num_events,
                     "num_actions": store.num_actions},
-        "protocol": f"leave-one-out by time, holdout={cfg.data.holdout}, full ranking, seen items excluded",
+        "protocol": f"leave-one-out by time, holdout={cfg.data.holdout}, full ranking, seen items "
+                    f"{'excluded' if cfg.eval.exclude_seen else 'ranked too'}",
         "metrics": results,
         "training": training,
         "seconds": round(time.perf_counter() - start, 2),
@@ -258,6 +273,7 @@ def run_retrieval_recipe(cfg: RetrievalRecipeConfig) -> Dict[str, Any]:
         "torchrec_genrec": __version__,
     }
     if is_main:
-        np.savez(os.path.join(cfg.train.output_dir, "test_ranks.npz"), user=test_set.user, rank=test_ranks.numpy())
+        np.savez(os.path.join(cfg.train.output_dir, "test_ranks.npz"), user=test_set.user, rank=test_ranks.numpy(),
+                 rank_other_protocol=other_ranks.numpy(), exclude_seen=cfg.eval.exclude_seen)
         write_json_atomic(os.path.join(cfg.train.output_dir, "metrics.json"), payload)
     return payload

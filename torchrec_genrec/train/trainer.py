@@ -44,7 +44,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -224,6 +224,9 @@ class FitResult:
     units_per_second: float
     resumed_from: Optional[str] = None
     world_size: int = 1
+    backend: str = ""  # the process group's: nccl on GPUs, gloo on CPUs
+    device: str = "cpu"
+    peak_gpu_memory_bytes: Optional[int] = None  # this rank's, while training and validating
 
 
 def seed_everything(seed: int) -> None:
@@ -432,10 +435,16 @@ class Trainer:
                 sub.init_state()  # AdamW's state is lazy; it must exist to be loaded into
         return self._state()
 
-    def fit(self) -> FitResult:
+    def fit(self, on_validation: Optional[Callable[[int, float], bool]] = None) -> FitResult:
         """Trains with early stopping on the task's selection metric; leaves the best
         weights loaded (the last ones when the task has no validation split or
-        checkpoints are off)."""
+        checkpoints are off).
+
+        Args:
+            on_validation: called after each validation with the epoch and its selection
+                score; returning True stops the run (``stopped = "pruned"``), e.g. a
+                hyper-parameter search's pruner (``genrec tune``).
+        """
         c, ctx, task = self.config, self.ctx, self.task
         data = task.train_data(ctx.rank, ctx.world_size)
         validate = bool(task.selection)
@@ -519,8 +528,11 @@ class Trainer:
             if evaluated:
                 self.dmp.eval()
                 valid = task.evaluate(self.dmp, "valid")
-                record.update({f"valid_{k}": v for k, v in valid.items()})
-                self.metrics.scalars("valid", {k: v for k, v in valid.items() if isinstance(v, (int, float))}, epoch)
+                # History rows are flat: a nested group (another protocol's figures) becomes "group/key".
+                for k, v in valid.items():
+                    record.update({f"valid_{k}/{kk}": vv for kk, vv in v.items()} if isinstance(v, dict)
+                                  else {f"valid_{k}": v})
+                self.metrics.scalars("valid", valid, epoch)
                 score = valid[task.selection]
                 if score > best:
                     best, best_epoch = score, epoch
@@ -532,6 +544,8 @@ class Trainer:
                      if k in ("train_loss", f"valid_{task.selection}") or k.endswith("_per_s")}
             self.metrics.info("epoch %d %s", epoch, shown)
             stop = stop_reason(evaluated and epoch - best_epoch >= c.patience, self._step, c.max_steps)
+            if evaluated and on_validation is not None and on_validation(epoch, float(valid[task.selection])):
+                stop = stop or "pruned"
             if self.checkpointer is not None:
                 save_progress(epoch + 1, 0, _fresh_epoch_sums(), stop)
             if stop:
@@ -540,9 +554,11 @@ class Trainer:
             self.load_checkpoint("best")
         self.dmp.eval()
         last_trained = int(history[-1]["epoch"]) if history else -1
+        peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda" else None
         return FitResult(best_epoch if validate else last_trained, len(history), self._step, history,
                          time.perf_counter() - start, totals["seconds"],
-                         totals["units"] / max(totals["seconds"], 1e-9), resumed_from, ctx.world_size)
+                         totals["units"] / max(totals["seconds"], 1e-9), resumed_from, ctx.world_size,
+                         ctx.backend, str(ctx.device), peak)
 
     def load_checkpoint(self, name: str) -> None:
         """Loads checkpoint ``name``'s model weights (``best``, ``step-...``).
