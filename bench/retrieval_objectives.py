@@ -34,16 +34,15 @@ from torchrec_genrec.train.metrics import paired_bootstrap  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OBJECTIVES = {
-    "sampled, uniform": ["model.loss=sampled_softmax", "model.negatives=uniform"],
-    "sampled, in-batch + logQ": ["model.loss=sampled_softmax", "model.negatives=in_batch",
-                                 "model.logq_correction=true"],
-    "sampled, mixed + logQ": ["model.loss=sampled_softmax", "model.negatives=mixed", "model.logq_correction=true"],
+    "sampled uniform": ["model.loss=sampled_softmax", "model.negatives=uniform"],
+    "sampled in-batch logQ": ["model.loss=sampled_softmax", "model.negatives=in_batch", "model.logq_correction=true"],
+    "sampled mixed logQ": ["model.loss=sampled_softmax", "model.negatives=mixed", "model.logq_correction=true"],
     "full softmax": ["model.loss=full_softmax"],
 }
 
 
 def run(config: str, out: str, name: str, seed: int, extra: List[str]) -> str:
-    run_dir = os.path.join(out, f"{name.replace(', ', '_').replace(' + ', '_').replace(' ', '_')}_s{seed}")
+    run_dir = os.path.join(out, f"{name.replace(' ', '_')}_s{seed}")
     if not os.path.exists(os.path.join(run_dir, "metrics.json")):
         command = [os.path.join(os.path.dirname(sys.executable), "genrec"), "train", "--config", config]
         for o in [*OBJECTIVES[name], *extra, f"train.seed={seed}", f"train.output_dir={run_dir}",
@@ -71,8 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="an override for every run")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
-    names = [n for n in OBJECTIVES if n in set(names)]  # in the table's order
+    asked = {n.strip() for n in args.objectives.split(",") if n.strip()}
+    unknown = asked - set(OBJECTIVES)
+    if unknown:
+        parser.error(f"unknown objectives {sorted(unknown)}; known: {list(OBJECTIVES)}")
+    names = [n for n in OBJECTIVES if n in asked]  # in the table's order
     rows: Dict[str, Dict] = {}
     for name in names:
         per_seed = []

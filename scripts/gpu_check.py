@@ -92,9 +92,25 @@ class Checker:
         if blob is not None:
             entry["output"] = blob
         self.steps.append(entry)
+        self.write_report()
         print(f"=== {name}: {'ok' if entry['ok'] else 'FAILED (' + str(entry['exit']) + ')'} "
               f"in {entry['seconds']} s", flush=True)
         return entry
+
+    def write_report(self, final: bool = False) -> Dict[str, Any]:
+        """The report so far, rewritten after every step (atomically): a check stopped by an
+        outer time limit still leaves the steps it finished."""
+        if not hasattr(self, "_versions"):
+            self._versions = versions()
+        report = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": self.args.device,
+                  "quick": self.args.quick, "finished": final, "versions": self._versions,
+                  "all_ok": final and all(s["ok"] for s in self.steps), "steps": self.steps}
+        path = os.path.abspath(self.args.report)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+        return report
 
     def retrieval(self, name: str, config: str, epochs: int, timeout: float, *extra: str) -> str:
         out = os.path.join(self.work, name)
@@ -187,6 +203,7 @@ def serve_step(checker: Checker, artifact: str, run: str, device: str, timeout: 
     if not entry["ok"]:
         entry.setdefault("error", []).extend(open(log.name, errors="replace").read().strip().splitlines()[-10:])
     checker.steps.append(entry)
+    checker.write_report()
     print(f"=== serve: {'ok' if entry['ok'] else 'FAILED'} in {entry['seconds']} s", flush=True)
 
 
@@ -248,6 +265,8 @@ def check(args: argparse.Namespace) -> int:
     c.run("predictor", [py, os.path.abspath(__file__), "predictor-check", "--artifact", artifact, "--run", hstu, "--store",
                         args.store, "--device", args.device, "--scores", os.path.join(c.work, "scores.npz")],
           240, genrec=False)
+    if args.bring_back:  # now, so that a later step running out of time cannot lose it
+        bring_back(hstu, os.path.join(c.work, "scores.npz"), args.bring_back)
     ranker_artifact = os.path.join(c.work, "artifact_onetrans_int8")
     if ranker is not None:
         c.run("export_onetrans_int8", ["export", ranker, "--out", ranker_artifact, "--precision", "int8",
@@ -264,13 +283,7 @@ def check(args: argparse.Namespace) -> int:
                                "--config", "apps/configs/hstu_ml100k.toml", *overrides], 300, torchx_out,
           genrec=False)
 
-    report = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": args.device, "quick": args.quick,
-              "versions": versions(), "all_ok": all(s["ok"] for s in c.steps), "steps": c.steps}
-    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-    with open(args.report, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    if args.bring_back:
-        bring_back(hstu, os.path.join(c.work, "scores.npz"), args.bring_back)
+    report = c.write_report(final=True)
     print(json.dumps({s["step"]: ("ok" if s["ok"] else f"FAILED {s.get('exit', '')}") for s in c.steps}, indent=1))
     print(f"report: {args.report} (all ok: {report['all_ok']})")
     return 0 if report["all_ok"] else 1

