@@ -150,3 +150,18 @@ def test_declared_compute_kernels():
     assert parameter_constraints([uvm], "cpu")["big"].compute_kernels == ["fused"]
     with pytest.raises(PlanError, match="need CUDA"):
         parameter_constraints([TableSpec("big", 1000, 8, ("f",), compute_kernels=("fused_uvm",))], "cpu")
+
+
+def test_plan_semantic_id_table_against_the_id_table(capsys):
+    """`genrec plan --model hstu-sid`: the single token table holds the code levels, not the
+    items, so at 1e9 items it is a few thousand rows where the ID table is 1e9."""
+    from torchrec_genrec import cli
+    from torchrec_genrec.tokens import TokenSpace
+
+    assert cli.main(["plan", "--model", "hstu-sid", "--num-items", "1e9", "--levels", "4", "--codebook-size",
+                     "1024", "--gpus-per-node", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = TokenSpace.build(num_items=0, num_actions=5).size + 5 * 1024
+    assert f"{rows:,} vs 1,000,000,00" in out and "semantic-ID token table vs the ID token table" in out
+    assert cli.main(["plan", "--model", "hstu-sid", "--levels", "0"]) == 2
+    assert "--levels must be >= 1" in capsys.readouterr().err

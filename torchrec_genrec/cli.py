@@ -339,8 +339,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return int(value)
 
     num_items, num_users = count(args.num_items, "num-items"), count(args.num_users, "num-users")
+    extra = {"levels": args.levels, "codebook_size": args.codebook_size} if args.model == "hstu-sid" else {}
+    if args.model == "hstu-sid" and (args.levels < 1 or args.codebook_size < 2):
+        raise ConfigError(f"--levels must be >= 1 and --codebook-size >= 2, got {args.levels}, {args.codebook_size}")
     tables = MODEL_TABLES[args.model](num_items=num_items, num_users=num_users, embedding_dim=args.embedding_dim,
-                                      max_seq_len=args.max_seq_len, num_actions=args.num_actions)
+                                      max_seq_len=args.max_seq_len, num_actions=args.num_actions, **extra)
     if args.content_dim:
         tables += content_tables(num_items, args.content_dim)
     banks = []
@@ -360,6 +363,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           f"weights; {args.nodes} node(s) x {args.gpus_per_node} {args.compute_device} rank(s), batch "
           f"{args.batch_size} per rank")
     print(format_report(report, tables))
+    if args.model == "hstu-sid":
+        ids = MODEL_TABLES["hstu"](num_items=num_items, num_users=num_users, embedding_dim=args.embedding_dim,
+                                   max_seq_len=args.max_seq_len, num_actions=args.num_actions)
+        sid_rows, id_rows = sum(t.num_embeddings for t in tables), sum(t.num_embeddings for t in ids)
+        sid_bytes, id_bytes = sum(t.num_bytes for t in tables), sum(t.num_bytes for t in ids)
+        print(f"semantic-ID token table vs the ID token table at {num_items:,} items: {sid_rows:,} vs {id_rows:,} rows, "
+              f"{sid_bytes / 1024**2:,.1f} MiB vs {id_bytes / 1024**3:,.1f} GiB of fp32 weights "
+              f"({id_bytes / sid_bytes:,.0f}x smaller); {args.levels}+1 code levels of {args.codebook_size} address "
+              f"{args.codebook_size ** args.levels:,.0f} paths before disambiguation")
     for bank in banks:
         where = ("replicated on every rank (data-parallel)" if bank.placement == "data_parallel"
                  else "held as table ns_token_weights (placed above)")
@@ -569,7 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     lum.add_argument("--conditions", nargs="+", type=int, default=[], help="retrieve: condition values asked")
     lum.set_defaults(func=_cmd_lum)
     plan = sub.add_parser("plan", help="dry-run the sharding planner for a model on a (hypothetical) cluster")
-    plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans"], default="hstu")
+    plan.add_argument("--model", choices=["hstu", "sasrec", "onetrans", "hstu-sid"], default="hstu",
+                      help="hstu-sid: semantic-ID generative retrieval's single token table (--levels, --codebook-size)")
+    plan.add_argument("--levels", type=int, default=4, help="hstu-sid: semantic-ID levels (as genrec content sid)")
+    plan.add_argument("--codebook-size", type=int, default=1024, help="hstu-sid: codes per level")
     plan.add_argument("--num-items", default="1e6", help="catalogue size, e.g. 1e9")
     plan.add_argument("--num-users", default="1e6", help="users (OneTrans's user-id table)")
     plan.add_argument("--num-actions", type=int, default=5, help="action vocabulary (e.g. ratings)")

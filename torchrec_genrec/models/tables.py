@@ -35,6 +35,7 @@ from torchrec_genrec.table_spec import TableSpec, table_width
 from torchrec_genrec.tokens import TokenSpace
 
 __all__ = ["DenseBank", "MODEL_TABLES", "RETRIEVAL_FEATURES", "TOKEN_TABLE", "content_tables", "ns_bank_table",
+           "semantic_id_retrieval_tables",
            "onetrans_dense_banks", "onetrans_tables", "retrieval_tables", "semantic_id_tables", "table_width"]
 
 #: Name of the unified token table of the generative-retrieval models.
@@ -61,6 +62,25 @@ def retrieval_tables(num_items: int, num_actions: int, embedding_dim: int, max_s
         TOKEN_TABLE, TokenSpace.build(num_items=num_items, num_actions=num_actions).size, table_width(embedding_dim), RETRIEVAL_FEATURES,
         sharding_types=("row_wise", "table_wise"), ids_per_sample=float(per_event * max_seq_len + num_negatives),
         description="unified token space: special tokens, items, actions")]
+
+
+def semantic_id_retrieval_tables(num_items: int, num_actions: int, embedding_dim: int, max_seq_len: int,
+                                 levels: int, codebook_size: int, with_item_ids: bool = False,
+                                 num_negatives: int = 128) -> List[TableSpec]:
+    """The single token table of semantic-ID generative retrieval: special tokens, actions,
+    and ``levels`` code levels of ``codebook_size`` codes plus a disambiguation level of
+    as many (items sharing a full code path are told apart by it) — rows independent of
+    the catalogue size. ``with_item_ids`` adds the item-ID tokens too (``item_repr =
+    id+sid``). Every history event looks up ``levels + 1`` code tokens.
+    """
+    space = TokenSpace.build(num_items=num_items if with_item_ids else 0, num_actions=num_actions)
+    rows = space.size + (levels + 1) * codebook_size
+    per_event = levels + 1 + (1 if with_item_ids else 0)
+    return [TableSpec(
+        TOKEN_TABLE, rows, table_width(embedding_dim), RETRIEVAL_FEATURES, sharding_types=("row_wise", "table_wise"),
+        ids_per_sample=float(per_event * max_seq_len + num_negatives),
+        description=f"unified token space: special tokens, actions, {levels}+1 semantic-ID levels of "
+                    f"{codebook_size} codes{', items' if with_item_ids else ''}")]
 
 
 def onetrans_tables(num_items: int, num_users: int, embedding_dim: int, max_seq_len: int,
@@ -183,4 +203,6 @@ MODEL_TABLES: Dict[str, Callable[..., List[TableSpec]]] = {
         num_items, num_actions, embedding_dim, max_seq_len),
     "onetrans": lambda num_items, num_users, embedding_dim, max_seq_len, num_actions: onetrans_tables(
         num_items, num_users, embedding_dim, max_seq_len, num_ratings=num_actions),
+    "hstu-sid": lambda num_items, num_users, embedding_dim, max_seq_len, num_actions, levels=4, codebook_size=1024:
+        semantic_id_retrieval_tables(num_items, num_actions, embedding_dim, max_seq_len, levels, codebook_size),
 }
