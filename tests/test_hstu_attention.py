@@ -306,12 +306,3 @@ def test_no_grad_and_partial_grad() -> None:
         grads.append(q.grad)
     assert_close(grads[1], grads[0])
 
-
-def test_triton_kernel_off_cuda_is_a_clear_error(monkeypatch):
-    """model.kernel=triton on a CPU (without Triton's interpreter) says what to use instead."""
-    from torchrec_genrec.ops.hstu_attention import HSTUAttentionKernel, hstu_attention
-
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    q = k = v = torch.randn(5, 1, 4)
-    with pytest.raises(RuntimeError, match="use model.kernel=jagged"):
-        hstu_attention(4, q, k, v, torch.tensor([0, 2, 5]), kernel=HSTUAttentionKernel.TRITON)

@@ -50,7 +50,6 @@ A third computes it in Triton on CUDA: :func:`~torchrec_genrec.ops.hstu_attentio
 from __future__ import annotations
 
 import enum
-import os
 from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -693,9 +692,6 @@ def hstu_attention(
     elif kernel == HSTUAttentionKernel.JAGGED:
         fn = jagged_hstu_attention
     elif kernel == HSTUAttentionKernel.TRITON:
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("the triton HSTU attention kernel runs on CUDA (on a CPU only under Triton's "
-                               "interpreter, TRITON_INTERPRET=1, for tests): use model.kernel=jagged here")
         # Imported here: that module imports this one (and triton, at its first call).
         from torchrec_genrec.ops.hstu_attention_triton import triton_hstu_attention as fn
     else:

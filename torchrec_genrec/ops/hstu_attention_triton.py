@@ -131,7 +131,7 @@ def _kernels(device: torch.device) -> Tuple[ModuleType, bool]:
         raise RuntimeError(
             f"HSTUAttentionKernel.TRITON runs on CUDA tensors; got {device.type} tensors. On CPU it runs "
             "only under Triton's interpreter (slow, for tests): set TRITON_INTERPRET=1 before triton is "
-            "first imported (importing torch._dynamo imports it)."
+            "first imported (importing torch._dynamo imports it). To train on a CPU, use model.kernel=jagged."
         )
     if _kernels_module is None:
         if interpreted:
