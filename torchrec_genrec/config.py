@@ -163,6 +163,21 @@ def _parse_override(text: str) -> Dict[str, Any]:
     return nested
 
 
+def read_toml(path: str, what: str = "config file") -> Dict[str, Any]:
+    """A TOML file as a dict.
+
+    Raises:
+        ConfigError: the file does not exist (called ``what`` in the message) or is not TOML.
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
     """Builds ``cls()`` and applies a TOML file, then ``key=value`` overrides, in order.
 
@@ -180,14 +195,7 @@ def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[st
     """
     cfg = cls()
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        cfg = _apply(cfg, data, path)
+        cfg = _apply(cfg, read_toml(path), path)
     for text in overrides:
         cfg = _apply(cfg, _parse_override(text), f"--set {text}")
     return cfg

@@ -46,10 +46,9 @@ import json
 import math
 import os
 import time
-import tomllib
 from typing import Any, Dict, List, Optional, Sequence
 
-from torchrec_genrec.config import ConfigError, load_config, to_dict
+from torchrec_genrec.config import ConfigError, load_config, read_toml, to_dict
 from torchrec_genrec.data.datasets import resolve_store
 from torchrec_genrec.train.io import write_json_atomic
 
@@ -91,13 +90,7 @@ def load_space(path: str) -> List[Param]:
     Raises:
         ConfigError: a missing or malformed file or entry, naming the file and the key.
     """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"search space {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    data = read_toml(path, "search space")
     unknown = set(data) - {"params"}
     if unknown or not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError(f"{path}: a search space is a [params.\"KEY\"] table per searched setting"
