@@ -75,8 +75,8 @@ class RetrievalConfig:
         uniform ones), so popularity-sampled negatives estimate the full softmax
         (Yi et al., RecSys 2019). A no-op for ``uniform`` alone.
     temperature (float): softmax temperature on cosine similarities.
-    label_smoothing (float): share of the target mass spread over the other candidates
-        (the catalogue, or the sampled negatives).
+    label_smoothing (float): share of the target mass spread evenly over all candidates
+        (the catalogue, or the positive and its sampled negatives), torch's convention.
     action_loss_weight (float): weight of the next-action loss (0 turns it off).
     """
 
@@ -319,17 +319,17 @@ class GenerativeRetrieval(nn.Module):
             # Per-row (uniform) negatives row by row, then the shared in-batch ones as the
             # last row's extra list: values stay in row order for the jagged lookup.
             negative_lengths = torch.zeros(b, dtype=torch.int64, device=items.device)
-            parts = []
+            chunks = []
             if cfg.negatives in ("uniform", "mixed"):
                 uniform_items = self.uniform_negatives(batch.user, int(self.step))  # (B, K)
                 negative_lengths += k
-                parts.append(uniform_items)
+                chunks.append(uniform_items.reshape(-1))
             if cfg.negatives in ("in_batch", "mixed"):  # in-batch negatives depend on the batch by definition
                 pick = torch.randint(0, num_events, (k,)).to(items.device)
                 shared_items = items[pick]  # (K,)
                 negative_lengths[-1] += k
-            neg_items = torch.cat([p.reshape(-1) for p in parts] + ([shared_items] if shared_items is not None else []))
-            negatives = self.space.to_tokens("item", neg_items, validate=False)
+                chunks.append(shared_items)
+            negatives = self.space.to_tokens("item", torch.cat(chunks), validate=False)
         emb = self._lookup(layout, negatives, negative_lengths, catalog=cfg.loss == "full_softmax")
         h = self._encode(layout, emb)
 
