@@ -84,8 +84,7 @@ class Checker:
         text = open(log, errors="replace").read()
         if not entry["ok"]:
             entry["error"] = text.strip().splitlines()[-15:]
-        if os.path.exists(report):
-            entry.update({k: v for k, v in json.load(open(report)).items() if k.startswith("peak_")})
+        entry.update(peak_memory(report))
         if run_dir is not None:
             entry.update(run_summary(run_dir))
         blob = last_json(text)
@@ -120,6 +119,15 @@ class Checker:
             sets += ["train.max_steps=15"]
         self.run(name, ["train", "--config", config, *[a for s in sets for a in ("--set", s)]], timeout, out)
         return out
+
+
+def peak_memory(report: str) -> Dict[str, Any]:
+    """The peak GPU memory figures of a ``genrec --report`` file (none on a CPU, or when the
+    command never finished)."""
+    if not os.path.exists(report):
+        return {}
+    with open(report) as f:
+        return {k: v for k, v in json.load(f).items() if k.startswith("peak_")}
 
 
 def run_summary(run_dir: str) -> Dict[str, Any]:
@@ -198,8 +206,7 @@ def serve_step(checker: Checker, artifact: str, run: str, device: str, timeout: 
             proc.kill()
         log.close()
     entry["seconds"] = round(time.perf_counter() - start, 1)
-    if os.path.exists(report):
-        entry.update({k: v for k, v in json.load(open(report)).items() if k.startswith("peak_")})
+    entry.update(peak_memory(report))
     if not entry["ok"]:
         entry.setdefault("error", []).extend(open(log.name, errors="replace").read().strip().splitlines()[-10:])
     checker.steps.append(entry)
